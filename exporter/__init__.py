@@ -1,0 +1,3 @@
+"""cpm-mobile exporter: checkpoint -> export-friendly module -> passes -> artifacts."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""Errors that reach the user as one line and a non-zero exit code."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CpmMobileError(Exception):
+    """Base for every error the CLI turns into one line and an exit code."""
+
+    exit_code = 2
+
+
+class InputError(CpmMobileError):
+    """Bad input (a checkpoint, bundle or recipe): names the file and the problem. Exit 2."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ToleranceBreach(CpmMobileError):
+    """An artifact's numbers drifted past the recipe's tolerances. Exit 1."""
+
+    exit_code = 1

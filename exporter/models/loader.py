@@ -1,0 +1,158 @@
+"""Checkpoint -> validated state dict -> CausalLM. Strict: every tensor accounted for."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from exporter.errors import InputError
+from exporter.models.checkpoint import (
+    FLOAT_DTYPES,
+    IGNORED_SUFFIXES,
+    Checkpoint,
+    CheckpointFiles,
+    find_files,
+    read_all_tensors,
+)
+from exporter.models.config import ModelConfig
+from exporter.models.transformer import CausalLM
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+SHOWN_NAMES = 4
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Parameter names and shapes CausalLM holds for this config (built on the meta device: free)."""
+    with torch.device("meta"):
+        module = CausalLM(config, max_seq_len=1)
+    return {_hf_name(name): tensor.shape for name, tensor in module.state_dict().items()}
+
+
+def _hf_name(module_name: str) -> str:
+    # CausalLM mirrors the HF layout under "model." except the head.
+    return module_name if module_name.startswith("lm_head") else f"model.{module_name}"
+
+
+def _module_name(hf_name: str) -> str:
+    return hf_name if hf_name.startswith("lm_head") else hf_name.removeprefix("model.")
+
+
+def canonical_state(
+    raw: dict[str, torch.Tensor], origin: dict[str, Path], config: ModelConfig, expected: dict[str, torch.Size]
+) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Rename the real checkpoints' variants to one naming: fused projections, BlockFFN's bare names.
+
+    Returns the state and, for each canonical name, the file its tensor came from.
+    """
+    state: dict[str, torch.Tensor] = {}
+    state_origin: dict[str, Path] = {}
+    for name, tensor in raw.items():
+        before = set(state)
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name.endswith("self_attn.qkv_proj.weight"):
+            prefix = name.removesuffix("qkv_proj.weight")
+            sizes = [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
+            parts = _split_rows(tensor, sizes, name, origin[name])
+            state.update({f"{prefix}{p}_proj.weight": t for p, t in zip("qkv", parts)})
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            prefix = name.removesuffix("gate_up_proj.weight")
+            sizes = [config.intermediate_size] * 2
+            gate, up = _split_rows(tensor, sizes, name, origin[name])
+            state[f"{prefix}gate_proj.weight"], state[f"{prefix}up_proj.weight"] = gate, up
+        elif name not in expected and f"{name}.weight" in expected:
+            state[f"{name}.weight"] = tensor  # BlockFFN writes mlp.up_proj / mlp.down_proj without ".weight"
+        else:
+            state[name] = tensor
+        state_origin.update({new: origin[name] for new in set(state) - before})
+    return state, state_origin
+
+
+def _split_rows(tensor: torch.Tensor, sizes: list[int], name: str, path: Path) -> tuple[torch.Tensor, ...]:
+    if tensor.dim() != 2 or tensor.shape[0] != sum(sizes):
+        raise InputError(path, f"fused tensor '{name}' has shape {tuple(tensor.shape)}, expected {sum(sizes)} rows")
+    return tuple(tensor.split(sizes, dim=0))
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(sorted(names)[:SHOWN_NAMES])
+    return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
+def validate_state(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Size], config: ModelConfig, files: CheckpointFiles,
+    origin: dict[str, Path],
+) -> bool:
+    """Checks names, shapes, dtypes and finiteness; returns whether the head is tied to the embedding."""
+    where = files.index or (files.weights[0] if len(files.weights) == 1 else files.folder)
+    tied = LM_HEAD not in state
+    if tied and not config.tie_word_embeddings:
+        raise InputError(where, f"missing tensor '{LM_HEAD}' (config.json sets tie_word_embeddings=false)")
+    missing = [n for n in expected if n not in state and not (tied and n == LM_HEAD)]
+    if missing:
+        raise InputError(where, f"missing {len(missing)} tensor(s): {_names(missing)}")
+    unexpected = [n for n in state if n not in expected]
+    if unexpected:
+        raise InputError(where, f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+    for name, tensor in state.items():
+        path = origin.get(name, where)
+        if tensor.shape != expected[name]:
+            raise InputError(
+                path, f"tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
+            )
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise InputError(path, f"tensor '{name}' has dtype {tensor.dtype}, expected bf16, fp16 or fp32")
+        if not torch.isfinite(tensor).all():
+            raise InputError(path, f"tensor '{name}' holds NaN or Inf values")
+    return tied
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    files = find_files(path)
+    config = ModelConfig.from_file(files.config)
+    raw, origin = read_all_tensors(files)
+    expected = expected_shapes(config)
+    state, origin = canonical_state(raw, origin, config, expected)
+    tied = validate_state(state, expected, config, files, origin)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})
+    return Checkpoint(files=files, config=config, state=state, tied=tied, dtypes_on_disk=dtypes)
+
+
+def build_model(checkpoint: Checkpoint, max_seq_len: int = 512, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """CausalLM holding the checkpoint's weights (cast to dtype), in eval mode, caches empty."""
+    with torch.device("meta"):
+        model = CausalLM(checkpoint.config, max_seq_len=max_seq_len, dtype=dtype)
+    weights = {
+        _module_name(name): tensor.to(dtype) for name, tensor in checkpoint.state.items() if name != LM_HEAD or not checkpoint.tied
+    }
+    result = model.load_state_dict(weights, strict=False, assign=True)
+    leftover = [k for k in result.missing_keys if not (checkpoint.tied and k == LM_HEAD)]
+    if leftover or result.unexpected_keys:  # validate_state already ruled this out
+        raise AssertionError(f"state/module mismatch: {leftover} {result.unexpected_keys}")
+    if checkpoint.tied:
+        model.tie_embeddings()
+    model.init_buffers()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_model(path: str | Path, max_seq_len: int = 512, dtype: torch.dtype = torch.float32) -> tuple[CausalLM, Checkpoint]:
+    checkpoint = load_checkpoint(path)
+    return build_model(checkpoint, max_seq_len=max_seq_len, dtype=dtype), checkpoint
+
+
+def checkpoint_state(model: CausalLM) -> dict[str, torch.Tensor]:
+    """The module's weights named as the real checkpoints name them on disk (inverse of loading).
+
+    Tied heads are left out (as MiniCPM writes them); BlockFFN expert matrices lose ".weight".
+    """
+    from exporter.models.synthetic import disk_name
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        hf_name = _hf_name(name)
+        if hf_name == LM_HEAD and model.tied:
+            continue
+        state[disk_name(hf_name, model.config)] = tensor.detach().clone()
+    return state

@@ -1,0 +1,112 @@
+"""CausalLM: one export-friendly decoder for MiniCPM 1B/2B, MiniCPM4, MiniCPM3 (MLA) and BlockFFN.
+
+Contract: forward(tokens int64[1, T], input_pos int64[1]) -> logits float[1, T, V], with a static
+KV cache of max_seq_len held as buffers. No Python-side state and no data-dependent branches,
+so torch.export captures one graph with a dynamic T.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from exporter.errors import InputError
+from exporter.models.attention import Attend, build_attention
+from exporter.models.config import ModelConfig
+from exporter.models.ffn import build_ffn
+from exporter.models.kv_cache import StaticKVCache, causal_mask
+from exporter.models.norm import RMSNorm
+from exporter.models.rope import rope_tables
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = build_attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = build_ffn(config)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attend) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+def max_supported_seq_len(config: ModelConfig) -> int:
+    """Longest cache this module computes exactly as the original model does."""
+    if config.sparse_attention is not None:
+        # InfLLM v2 switches to block-sparse attention above dense_len; we implement the dense part.
+        return min(config.max_position_embeddings, config.sparse_attention.dense_len)
+    return config.max_position_embeddings
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_seq_len: int = 512, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        limit = max_supported_seq_len(config)
+        if not 0 < max_seq_len <= limit:
+            reason = (
+                f"InfLLM v2 sparse attention above dense_len={limit} is not implemented"
+                if config.sparse_attention is not None and max_seq_len > limit
+                else f"must be in 1..{limit}"
+            )
+            raise InputError("max_seq_len", f"{max_seq_len} not supported: {reason}")
+        self.config = config
+        self.max_seq_len = max_seq_len
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tied = False
+        cos, sin = self._rope_tables()
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        scale = config.qk_head_dim**-0.5
+        self.kv_caches = nn.ModuleList(
+            StaticKVCache(config.cache_heads, config.k_head_dim, config.value_head_dim, max_seq_len, scale, dtype)
+            for _ in range(config.num_layers)
+        )
+        self.to(dtype)
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        return rope_tables(config.rope, config.rotary_dim, config.max_position_embeddings, self.max_seq_len)
+
+    def init_buffers(self) -> None:
+        """Real rope tables and empty caches, for a module whose weights were assigned from a checkpoint."""
+        self.rope_cos, self.rope_sin = self._rope_tables()
+        for cache in self.kv_caches:
+            cache.k_cache = torch.zeros(cache.k_cache.shape, dtype=cache.k_cache.dtype)
+            cache.v_cache = torch.zeros(cache.v_cache.shape, dtype=cache.v_cache.dtype)
+
+    def tie_embeddings(self) -> None:
+        self.lm_head.weight = self.embed_tokens.weight
+        self.tied = True
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        positions = input_pos + torch.arange(tokens.shape[1], dtype=input_pos.dtype, device=input_pos.device)
+        mask = causal_mask(positions, self.max_seq_len)
+        attends = [_bind(cache, positions, mask) for cache in self.kv_caches]
+        return self.decode(tokens, positions, attends)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, attends: Sequence[Attend]) -> torch.Tensor:
+        """The stack with an explicit attend per layer: targets pass their own cache forms here."""
+        cos = self.rope_cos.index_select(0, positions)
+        sin = self.rope_sin.index_select(0, positions)
+        h = self.embed_tokens(tokens) * self.config.scale_emb
+        for layer, attend in zip(self.layers, attends):
+            h = layer(h, cos, sin, attend)
+        return self.lm_head(self.norm(h) / self.config.logits_divisor)
+
+    def reset_cache(self) -> None:
+        for cache in self.kv_caches:
+            cache.reset()
+
+
+def _bind(cache: StaticKVCache, positions: torch.Tensor, mask: torch.Tensor) -> Attend:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return cache(q, k, v, positions, mask)
+
+    return attend
