@@ -1,0 +1,96 @@
+"""What a checkpoint is: family, shapes, parameter count, and what its artifacts will weigh."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.models.loader import load_checkpoint
+from exporter.models.transformer import max_supported_seq_len
+
+# Bytes per weight parameter in the artifact, by precision. Quantised forms store per-group
+# scales too (int4: one fp16 scale per 32 weights; int8: per-channel scales, negligible).
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4-g32": 0.5 + 2 / 32}
+
+
+@dataclass
+class CheckpointSummary:
+    path: str
+    family: str
+    attention: str
+    ffn: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    experts: int
+    expert_size: int
+    parameters: int
+    dtype_on_disk: str
+    tied_embeddings: bool
+    vocab: int
+    max_position_embeddings: int
+    max_seq_len: int
+    estimated_bytes: dict[str, int]
+    sparse_attention: str
+
+    def rows(self) -> list[tuple[str, str]]:
+        experts = f"{self.experts} x {self.expert_size}" if self.experts else "-"
+        heads = f"{self.heads} q / {self.kv_heads} kv"
+        rows = [
+            ("path", self.path),
+            ("family", self.family),
+            ("attention", self.attention.upper()),
+            ("ffn", self.ffn),
+            ("layers", str(self.layers)),
+            ("hidden", str(self.hidden)),
+            ("heads", heads),
+            ("experts", experts),
+            ("parameters", f"{self.parameters:,} ({self.parameters / 1e6:.1f} M)"),
+            ("dtype on disk", self.dtype_on_disk),
+            ("tied embeddings", "yes" if self.tied_embeddings else "no"),
+            ("vocab", str(self.vocab)),
+            ("max_seq_len", f"{self.max_seq_len} (config max_position_embeddings {self.max_position_embeddings})"),
+            ("sparse attention", self.sparse_attention),
+        ]
+        rows += [(f"est. size {p}", _human(b)) for p, b in self.estimated_bytes.items()]
+        return rows
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def summarize(path: str | Path) -> CheckpointSummary:
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.config
+    # Tied heads are one tensor in the checkpoint and one constant in each artifact.
+    parameters = sum(t.numel() for t in checkpoint.state.values())
+    sparse = (
+        f"InfLLM v2 (dense below {config.sparse_attention.dense_len} tokens; exported dense, capped there)"
+        if config.sparse_attention
+        else "none"
+    )
+    return CheckpointSummary(
+        path=str(checkpoint.folder),
+        family=config.family,
+        attention=config.attention,
+        ffn="BlockFFN (ReLU router + RMSNorm)" if config.ffn == "blockffn" else "gated SiLU MLP",
+        layers=config.num_layers,
+        hidden=config.hidden_size,
+        heads=config.num_heads,
+        kv_heads=config.num_kv_heads,
+        experts=config.num_experts,
+        expert_size=config.expert_size,
+        parameters=parameters,
+        dtype_on_disk=", ".join(checkpoint.dtypes_on_disk),
+        tied_embeddings=checkpoint.tied,
+        vocab=config.vocab_size,
+        max_position_embeddings=config.max_position_embeddings,
+        max_seq_len=max_supported_seq_len(config),
+        estimated_bytes={p: int(parameters * b) for p, b in BYTES_PER_PARAM.items()},
+        sparse_attention=sparse,
+    )

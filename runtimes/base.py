@@ -1,0 +1,51 @@
+"""One interface over the desktop runtimes: open an artifact, prefill, decode, read logits.
+
+A runtime knows nothing of how its artifact was made: it reads only the bundle's manifest entry
+(ArtifactInfo as a dict: files, entry, io, metadata) and the files themselves.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+class Session(Protocol):
+    """A loaded artifact with its own KV cache of max_seq_len positions."""
+
+    max_seq_len: int
+    verified: str  # what running it proves, e.g. "ExecuTorch runtime verified"
+
+    def reset(self) -> None:
+        """Forget the cache: the next call starts a new sequence at position 0."""
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        """tokens: int64 [T] placed at positions start_pos..start_pos+T-1. Returns float32 logits [T, V]."""
+
+
+SessionOpener = Callable[[Path, dict[str, Any]], Session]
+_OPENERS: dict[str, SessionOpener] = {}
+
+
+def register_runtime(target: str, opener: SessionOpener) -> None:
+    _OPENERS[target] = opener
+
+
+def open_session(bundle_dir: Path, artifact: dict[str, Any]) -> Session:
+    """Open the artifact described by a manifest entry, in the runtime registered for its target."""
+    target = artifact["target"]
+    if target not in _OPENERS:
+        _import_runtime(target)
+    return _OPENERS[target](Path(bundle_dir), artifact)
+
+
+def _import_runtime(target: str) -> None:
+    import importlib
+
+    module = {"executorch": "runtimes.executorch", "onnx": "runtimes.onnx", "coreml": "runtimes.coreml"}.get(target)
+    if module is None:
+        raise KeyError(f"no runtime for target '{target}'")
+    importlib.import_module(module)
+    if target not in _OPENERS:
+        raise KeyError(f"{module} did not register a runtime for '{target}'")

@@ -1,0 +1,23 @@
+"""The PyTorch reference behind the same Session interface as the artifacts' runtimes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from exporter.models.transformer import CausalLM
+
+
+class TorchSession:
+    verified = "PyTorch eager (reference)"
+
+    def __init__(self, model: CausalLM):
+        self.model = model
+        self.max_seq_len = model.max_seq_len
+
+    def reset(self) -> None:
+        self.model.reset_cache()
+
+    @torch.no_grad()
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        logits = self.model(torch.as_tensor(tokens, dtype=torch.int64)[None], torch.tensor([start_pos]))
+        return logits[0].float().numpy()
