@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from exporter.errors import CpmMobileError
@@ -53,6 +55,110 @@ def inspect(
     for field, value in summary.rows():
         table.add_row(field, value)
     console.print(table)
+
+
+TARGET_CHOICES = ("executorch", "onnx", "coreml", "all")
+
+
+def _targets(recipe, target: str) -> list[str]:
+    if target not in TARGET_CHOICES:
+        raise typer.BadParameter(f"choose one of {', '.join(TARGET_CHOICES)}", param_hint="--target")
+    return list(recipe.targets) if target == "all" else [target]
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[str, float | None], None]]:
+    """A rich progress line that library code drives through a plain callback."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=errors, transient=False) as bar:
+        task = bar.add_task("starting", total=1.0)
+
+        def update(description: str, fraction: float | None = None) -> None:
+            bar.update(task, description=description, completed=fraction if fraction is not None else None)
+
+        yield update
+
+
+def _print_report(report: dict) -> None:
+    table = Table(title="check against the PyTorch reference")
+    for column in ("artifact", "verified", "max |dlogit|", "SQNR dB", "KL", "top-1", "greedy prefix", "ppl (ref)", "result"):
+        table.add_column(column)
+    for target, entry in report["artifacts"].items():
+        m = entry["metrics"]
+        ppl = f"{m['ppl']:.3f} ({m['ppl_reference']:.3f})" if "ppl" in m else "-"
+        prefix = f"{sum(m['greedy_prefix_tokens'])}/{sum(m['greedy_tokens'])}"
+        result = "[green]pass[/]" if entry["passed"] else "[red]FAIL[/]"
+        table.add_row(entry["entry"], entry["verified"], f"{m['max_abs_logits']:.2e}", f"{m['sqnr_db']:.1f}",
+                      f"{m['kl']:.2e}", f"{m['top1']:.4f}", prefix, ppl, result)
+    console.print(table)
+    for target, entry in report["artifacts"].items():
+        for breach in entry["breaches"]:
+            console.print(f"[red]{target}[/]: {breach}")
+
+
+@app.command()
+def export(
+    model: Optional[Path] = ModelOption,
+    target: str = typer.Option("all", "--target", "-t", help="executorch | onnx | coreml | all (the recipe's targets)."),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="Folder the bundle is written into."),
+    recipe: str = typer.Option("fp32", "--recipe", "-r", help="Built-in recipe name or path to a recipe YAML."),
+    name: Optional[str] = typer.Option(None, "--name", help="Bundle folder name (default: <model>-<recipe>)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the check as JUnit XML."),
+) -> None:
+    """Export a checkpoint to a checked bundle: artifacts, tokenizer, manifest.json, report.json.
+
+    Exit 0 when every artifact passes its tolerances, 1 on a breach, 2 on bad input.
+    """
+    from exporter.defaults import DEFAULT_MODEL
+    from exporter.pipeline import export_bundle
+    from recipes import load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+        selected = loaded.select(_targets(loaded, target))
+        with _progress_bar() as progress:
+            result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, progress=progress)
+    except CpmMobileError as error:
+        _fail(error)
+    _print_report(result.report)
+    if junit:
+        from runtimes.junit import write_junit
+
+        write_junit(result.report, junit, result.manifest["name"])
+    if not result.passed:
+        errors.print(f"error: check failed; bundle kept for inspection at {result.bundle}", markup=False)
+        raise typer.Exit(1)
+    console.print(f"bundle: {result.bundle}")
+
+
+@app.command()
+def check(
+    bundle: Path = typer.Argument(..., help="A bundle folder written by `cpm-mobile export`."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Source checkpoint, if it moved since export."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the result as JUnit XML."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON."),
+) -> None:
+    """Check an existing bundle again against its source checkpoint. Exit 0 pass, 1 breach, 2 bad input."""
+    from runtimes.bundle_check import check_bundle
+
+    try:
+        with _progress_bar() as progress:
+            result = check_bundle(bundle, model_path=model, progress=progress)
+    except CpmMobileError as error:
+        _fail(error)
+    _print_report(result.report)
+    for breach in result.report.get("bundle_breaches", []):
+        console.print(f"[red]bundle[/]: {breach}")
+    if junit:
+        from runtimes.junit import write_junit
+
+        write_junit(result.report, junit, bundle.name)
+    if report:
+        from exporter.bundle import write_json
+
+        write_json(report, result.report)
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,125 @@
+"""The export flow, one direction: checkpoint -> module -> passes -> artifacts -> check -> bundle."""
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from exporter import __version__
+from exporter.bundle import MANIFEST, REPORT, file_hashes, publish, staging_folder, write_json
+from exporter.defaults import HELDOUT_TEXT
+from exporter.models.loader import build_model, load_checkpoint
+from exporter.passes import apply_passes
+from exporter.targets import ExportContext, Progress, get_target, no_progress
+from exporter.tokenizer import TextTokenizer
+from recipes.schema import Recipe
+
+BUNDLE_FORMAT = "cpm-mobile-bundle/1"
+LIBRARIES = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript", "coremltools", "tokenizers", "numpy")
+
+
+@dataclass
+class ExportResult:
+    bundle: Path  # the published bundle, or the rejected folder when the check failed
+    passed: bool
+    report: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "cpm-mobile": __version__}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def read_heldout(path: Path | None) -> str:
+    path = path or HELDOUT_TEXT
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+def export_bundle(
+    model_path: str | Path,
+    recipe: Recipe,
+    out_dir: str | Path,
+    name: str | None = None,
+    heldout: Path | None = None,
+    progress: Progress = no_progress,
+) -> ExportResult:
+    """Export every target of the recipe into one bundle, check it, and publish it atomically.
+
+    A bundle whose check breaches a tolerance is published as `<name>.rejected` instead, so the
+    report can be read but no app picks it up as a valid bundle.
+    """
+    progress("load checkpoint", None)
+    checkpoint = load_checkpoint(model_path)
+    tokenizer = TextTokenizer.from_folder(checkpoint.folder)
+    reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
+    model = apply_passes(build_model(checkpoint, max_seq_len=recipe.max_seq_len), recipe.passes)
+    name = name or f"{checkpoint.folder.name}-{recipe.name}"
+    final = Path(out_dir) / name
+    config = checkpoint.config
+    with staging_folder(final) as staging:
+        artifacts = []
+        for target_name, spec in recipe.targets.items():
+            context = ExportContext(
+                max_seq_len=recipe.max_seq_len,
+                vocab_size=config.vocab_size,
+                bos_id=tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id,
+                eos_ids=config.eos_token_ids,
+                precision=spec.precision,
+                options={**spec.options, "quantization": spec.quantization},
+            )
+            progress(f"export {target_name}", None)
+            info = get_target(target_name).export(model, staging, context, _prefixed(progress, target_name))
+            artifacts.append(asdict(info))
+        for file in tokenizer.files():
+            shutil.copy2(file, staging / file.name)
+        result = check_staged(reference, tokenizer, recipe, staging, artifacts, read_heldout(heldout), progress)
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "name": name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": recipe.model_dump(mode="json"),
+            "source": {
+                "path": str(checkpoint.folder.resolve()),
+                "sha256": checkpoint.sha256(),
+                "family": config.family,
+                "dtypes_on_disk": checkpoint.dtypes_on_disk,
+            },
+            "model": {
+                "vocab_size": config.vocab_size,
+                "max_seq_len": recipe.max_seq_len,
+                "num_layers": config.num_layers,
+                "bos_id": tokenizer.bos_id,
+                "eos_ids": list(config.eos_token_ids),
+                "contract": "forward(tokens int64[1,T], input_pos int64[1]) -> logits float32[1,T,V]",
+            },
+            "tool": library_versions(),
+            "artifacts": artifacts,
+            "tokenizer": [f.name for f in tokenizer.files()],
+        }
+        write_json(staging / REPORT, result.report)
+        manifest["files"] = file_hashes(staging)
+        write_json(staging / MANIFEST, manifest)
+        destination = final if result.passed else final.with_name(f"{final.name}.rejected")
+        publish(staging, destination)
+    progress("done", 1.0)
+    return ExportResult(destination, result.passed, result.report, manifest)
+
+
+def check_staged(reference, tokenizer, recipe, folder, artifacts, heldout_text, progress):
+    from runtimes.verify import check_artifacts
+
+    return check_artifacts(reference, tokenizer, recipe, folder, artifacts, heldout_text, progress)
+
+
+def _prefixed(progress: Progress, prefix: str) -> Progress:
+    return lambda description, fraction=None: progress(f"{prefix}: {description}", fraction)

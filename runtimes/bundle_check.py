@@ -1,0 +1,82 @@
+"""`cpm-mobile check BUNDLE`: check a published bundle again against its source checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from exporter.bundle import MANIFEST, sha256_file
+from exporter.errors import InputError
+from exporter.models.loader import build_model, load_checkpoint
+from exporter.pipeline import read_heldout
+from exporter.targets.base import Progress, no_progress
+from exporter.tokenizer import TextTokenizer
+from recipes.schema import recipe_from_dict
+from runtimes.verify import CheckResult, check_artifacts
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise InputError(bundle, "no such bundle folder")
+    if not path.is_file():
+        raise InputError(path, "manifest.json not found: not a cpm-mobile bundle")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    for key in ("recipe", "source", "artifacts", "files"):
+        if key not in manifest:
+            raise InputError(path, f"missing key '{key}'")
+    return manifest
+
+
+def integrity_breaches(bundle: Path, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Files whose bytes changed since export, as breaches of the artifact that owns them.
+
+    A missing file is bad input (exit 2); changed bytes are a failed check (exit 1), reported
+    beside the numbers those bytes now produce.
+    """
+    breaches: dict[str, list[str]] = {}
+    owners = {f: a["target"] for a in manifest["artifacts"] for f in _artifact_files(bundle, a)}
+    for relative, expected in manifest["files"].items():
+        path = bundle / relative
+        if not path.is_file():
+            raise InputError(path, "file listed in manifest.json is missing")
+        if sha256_file(path) != expected:
+            target = owners.get(relative, "bundle")
+            breaches.setdefault(target, []).append(f"{relative}: sha256 differs from manifest.json")
+    return breaches
+
+
+def _artifact_files(bundle: Path, artifact: dict[str, Any]) -> list[str]:
+    files = []
+    for name in artifact["files"]:
+        path = bundle / name
+        files += [p.relative_to(bundle).as_posix() for p in path.rglob("*") if p.is_file()] if path.is_dir() else [name]
+    return files
+
+
+def check_bundle(
+    bundle: str | Path,
+    model_path: str | Path | None = None,
+    heldout: Path | None = None,
+    progress: Progress = no_progress,
+) -> CheckResult:
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    recipe = recipe_from_dict(manifest["recipe"], bundle / MANIFEST)
+    breaches = integrity_breaches(bundle, manifest)
+    source = Path(model_path or manifest["source"]["path"])
+    checkpoint = load_checkpoint(source)
+    if checkpoint.sha256() != manifest["source"]["sha256"]:
+        raise InputError(source, "checkpoint differs from the one this bundle was exported from (sha256 mismatch)")
+    reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
+    tokenizer = TextTokenizer.from_folder(bundle)
+    result = check_artifacts(
+        reference, tokenizer, recipe, bundle, manifest["artifacts"], read_heldout(heldout), progress, breaches
+    )
+    if "bundle" in breaches:
+        result.report["passed"] = False
+        result.report["bundle_breaches"] = breaches["bundle"]
+    return result
