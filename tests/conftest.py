@@ -12,3 +12,48 @@ TINY_MLA = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num
                 q_lora_rank=64, kv_lora_rank=32,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 TINY_BLOCKFFN = dict(TINY_MLA, num_experts=8, expert_size=16)
+
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+TOKENIZER_TEXT = (
+    "The interpreter reads a program and executes it. A list comprehension builds a list. "
+    "Exceptions are raised when an error occurs; the except clause handles them. "
+    "Functions, classes and modules are objects. Names are bound to objects in namespaces. "
+) * 20
+
+
+def train_test_tokenizer(folder: Path, vocab_size: int = 320) -> Path:
+    """A small byte-level BPE tokenizer with MiniCPM's special ids (<unk>=0, <s>=1, </s>=2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator([TOKENIZER_TEXT], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096,
+    }))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return train_test_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def with_tokenizer(checkpoint: Path, tokenizer_folder: Path) -> Path:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_folder / name, checkpoint / name)
+    return checkpoint

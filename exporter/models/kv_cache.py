@@ -40,7 +40,9 @@ class StaticKVCache(nn.Module):
     ) -> torch.Tensor:
         self.k_cache.index_copy_(2, positions, k.transpose(1, 2).to(self.k_cache.dtype))
         self.v_cache.index_copy_(2, positions, v.transpose(1, 2).to(self.v_cache.dtype))
-        return grouped_sdpa(q.transpose(1, 2), self.k_cache, self.v_cache, mask, self.scale)
+        # A cache stored narrower than the compute (Core ML states are fp16) is widened to read it.
+        k_all, v_all = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
+        return grouped_sdpa(q.transpose(1, 2), k_all, v_all, mask, self.scale)
 
     def reset(self) -> None:
         self.k_cache.zero_()

@@ -1,0 +1,157 @@
+"""The export command end to end: bundle contents, atomicity, exit codes, re-check, tamper detection."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli import app
+from exporter.bundle import sha256_file
+from exporter.models import write_synthetic_checkpoint
+from recipes import load_recipe
+from tests.conftest import TINY_GQA, with_tokenizer
+
+runner = CliRunner()
+
+
+def _fast_recipe(tmp_path: Path, **changes) -> Path:
+    """The built-in fp32 recipe with a shorter check, so the test stays quick."""
+    data = load_recipe("fp32").model_dump(mode="json")
+    data["max_seq_len"] = 64
+    data["check"].update(max_new_tokens=16, heldout_windows=1, heldout_tokens=48)
+    for key, value in changes.items():
+        data[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_dir):
+    folder = write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-gqa", "minicpm4-0.5b",
+                                        vocab_size=400, **TINY_GQA)
+    return with_tokenizer(folder, tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    work = tmp_path_factory.mktemp("export")
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--target", "onnx",
+                                 "--recipe", str(_fast_recipe(work)), "--out", str(work / "out"), "--name", "b"])
+    assert result.exit_code == 0, result.output
+    return work / "out" / "b"
+
+
+def test_bundle_holds_artifact_tokenizer_manifest_report(bundle):
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
+            "manifest.json", "report.json"} <= names
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    hashed = set(manifest["files"])
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert hashed == on_disk
+    for relative, digest in manifest["files"].items():
+        assert sha256_file(bundle / relative) == digest
+    assert manifest["tool"]["torch"].startswith("2.13.0") and manifest["tool"]["onnxruntime"]
+    assert [a["target"] for a in manifest["artifacts"]] == ["onnx"]
+    assert manifest["artifacts"][0]["io"]  # the I/O contract travels with the bundle
+    report = json.loads((bundle / "report.json").read_text())
+    entry = report["artifacts"]["onnx"]
+    assert report["passed"] and entry["passed"]
+    assert entry["metrics"]["max_abs_logits"] <= 1e-4
+    assert entry["metrics"]["greedy_prefix"] == 1.0
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_check_passes_again_and_writes_junit(bundle, tmp_path):
+    junit = tmp_path / "check.xml"
+    result = runner.invoke(app, ["check", str(bundle), "--junit", str(junit)])
+    assert result.exit_code == 0, result.output
+    xml = junit.read_text()
+    assert 'tests="1"' in xml and 'failures="0"' in xml
+
+
+def test_flipped_weight_bytes_fail_the_check_with_exit_1(bundle, tmp_path):
+    tampered = tmp_path / "tampered"
+    import shutil
+
+    shutil.copytree(bundle, tampered)
+    onnx_file = tampered / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0x40 for b in data[middle : middle + 4096])
+    onnx_file.write_bytes(bytes(data))
+    report_path = tmp_path / "report.json"
+    result = runner.invoke(app, ["check", str(tampered), "--report", str(report_path)])
+    assert result.exit_code == 1, result.output
+    breaches = json.loads(report_path.read_text())["artifacts"]["onnx"]["breaches"]
+    assert any("sha256 differs" in b for b in breaches)
+    assert any(b.startswith(("max_abs_logits", "sqnr_db", "kl")) for b in breaches), breaches
+
+
+def test_missing_file_exits_2_naming_it(bundle, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "tokenizer.json").unlink()
+    result = runner.invoke(app, ["check", str(broken)])
+    assert result.exit_code == 2
+    assert str(broken / "tokenizer.json") in result.stderr and "missing" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_not_a_bundle_exits_2(tmp_path):
+    result = runner.invoke(app, ["check", str(tmp_path)])
+    assert result.exit_code == 2 and "manifest.json not found" in result.stderr
+
+
+def test_tolerance_breach_exits_1_and_publishes_only_a_rejected_folder(checkpoint, tmp_path):
+    recipe = load_recipe("fp32").model_dump(mode="json")
+    recipe["targets"]["onnx"]["tolerances"]["min_sqnr_db"] = 1000.0  # above the metric's ceiling: cannot pass
+    recipe_path = _fast_recipe(tmp_path, targets={"onnx": recipe["targets"]["onnx"]})
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--target", "onnx",
+                                 "--recipe", str(recipe_path), "--out", str(tmp_path / "out"), "--name", "b"])
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "out" / "b").exists()
+    rejected = tmp_path / "out" / "b.rejected"
+    assert json.loads((rejected / "report.json").read_text())["passed"] is False
+
+
+def test_bad_recipe_exits_2_naming_the_file(checkpoint, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**load_recipe("fp32").model_dump(mode="json"), "max_sq_len": 64}))
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--recipe", str(path), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert str(path) in result.stderr and "max_sq_len" in result.stderr
+
+
+def test_checkpoint_without_tokenizer_exits_2(tmp_path):
+    folder = write_synthetic_checkpoint(tmp_path / "m", "minicpm4-0.5b", vocab_size=400, **TINY_GQA)
+    result = runner.invoke(app, ["export", "--model", str(folder), "--target", "onnx", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "tokenizer.json not found" in result.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_sigint_during_export_leaves_nothing_behind(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cli", "export", "--model", str(checkpoint), "--target", "onnx",
+               "--recipe", str(_fast_recipe(tmp_path)), "--out", str(out), "--name", "b"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
+        time.sleep(0.05)
+    assert out.exists() and any(p.name.startswith(".b.partial-") for p in out.iterdir()), "export never started"
+    time.sleep(1.0)  # inside the export proper
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert list(out.iterdir()) == [], (list(out.iterdir()), stderr.decode()[-2000:])
