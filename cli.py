@@ -161,6 +161,41 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command()
+def sparsity(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="BlockFFN checkpoint (default: the embedded one)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text to profile (default: the embedded held-out text)."),
+    out: Path = typer.Option(Path("out/sparsity"), "--out", "-o", help="Folder for sparsity.json and the PNGs."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Profile the first N tokens of the text."),
+    layer: int = typer.Option(0, "--layer", help="Layer shown in expert_firing.png."),
+) -> None:
+    """BlockFFN token-level (TLS) and s-token chunk-level (CLS) sparsity per layer: table, JSON, PNGs."""
+    from exporter.analysis.sparsity import (
+        profile_sparsity, render_table, write_expert_firing_png, write_heatmap_png,
+    )
+    from exporter.bundle import publish, staging_folder
+    from exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+    from exporter.errors import InputError
+
+    model_dir = model or DEFAULT_SPARSE_MODEL
+    text_path = text or HELDOUT_TEXT
+    try:
+        if not text_path.is_file():
+            raise InputError(text_path, "text file not found")
+        passage = text_path.read_text(encoding="utf-8")
+        with errors.status("profiling router activity"):
+            profile = profile_sparsity(model_dir, passage, max_tokens=max_tokens)
+            with staging_folder(out) as staging:
+                (staging / "sparsity.json").write_text(profile.to_json())
+                write_heatmap_png(profile, staging / "sparsity_heatmap.png")
+                write_expert_firing_png(model_dir, passage, staging / "expert_firing.png", layer=layer)
+                publish(staging, out)
+    except CpmMobileError as error:
+        _fail(error)
+    console.print(render_table(profile))
+    console.print(f"written: {out / 'sparsity.json'}, {out / 'sparsity_heatmap.png'}, {out / 'expert_firing.png'}")
+
+
 def main() -> None:
     app()
 

@@ -208,7 +208,8 @@ class MILInterpreter:
 
     def predict(self, inputs: dict[str, np.ndarray],
                 state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Run the function once; ``state`` (from ``make_state``) is updated in place."""
+        """Run the function once. ``state`` (from ``make_state``) is updated in place; with
+        ``None`` a fresh zero state is used and discarded. Outputs have their declared dtypes."""
         states = self._checked_states(state)
         env = dict(self._consts)
         env.update(self._bind_inputs(inputs))
@@ -239,10 +240,7 @@ class MILInterpreter:
         self._steps: list[_Step] = []
         for op in self.function.operations:
             step = _make_step(op)
-            if op.op_type == "const":
-                out = step.outputs[0]
-                self._consts[out.name] = _finalize(op.outputs[0].val, out, step.describe())
-            elif op.op_type.startswith("constexpr_"):
+            if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 _run_step(step, self._consts, {})
             else:
                 self._steps.append(step)

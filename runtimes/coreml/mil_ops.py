@@ -97,8 +97,11 @@ def opset_of(op: Any) -> int:
 
 
 def _int(value: Any) -> int:
-    """Python int from a 0-d or 1-element array without numpy's scalar-conversion pitfalls."""
-    return int(np.asarray(value).reshape(-1)[0])
+    """Python int from a 0-d or 1-element array (numpy 2 refuses int() on 1-element arrays)."""
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise ValueError(f"expected a single integer, got {flat.size} values")
+    return int(flat[0])
 
 
 def _ints(value: Any) -> list[int]:
@@ -125,7 +128,7 @@ def _axes(axes: Any, rank: int) -> tuple[int, ...] | None:
 
 
 def _float(x: np.ndarray) -> np.ndarray:
-    """Float32 view of an operand (ints/bools are promoted) for transcendental math."""
+    """The operand as float32 (ints/bools promoted) for transcendental math."""
     x = np.asarray(x)
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
@@ -633,6 +636,8 @@ def flatten2d(call: OpCall) -> ArrayOut:
 @register("concat")
 def concat(call: OpCall) -> ArrayOut:
     values = [np.asarray(v) for v in call["values"]]
+    if values[0].ndim == 0:  # MIL concatenates scalars into a vector (see concat type inference)
+        return np.stack(values)
     axis = _axis(call["axis"], values[0].ndim)
     if not bool(call.get("interleave", False)):
         return np.concatenate(values, axis=axis)
@@ -877,8 +882,10 @@ def cumsum(call: OpCall) -> ArrayOut:
     if reverse_:
         x = np.flip(x, axis)
     out = np.cumsum(x, axis=axis)
-    if bool(call.get("exclusive", False)):
-        out = out - x
+    if bool(call.get("exclusive", False)):  # shift by one: out[0] = 0, out[i] = sum(x[:i])
+        head = np.zeros_like(np.take(out, [0], axis=axis))
+        out = np.concatenate([head, np.take(out, np.arange(x.shape[axis] - 1), axis=axis)],
+                             axis=axis)
     return np.flip(out, axis) if reverse_ else out
 
 
