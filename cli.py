@@ -57,6 +57,7 @@ def inspect(
     console.print(table)
 
 
+HeldoutOption = typer.Option(None, "--heldout", help="Held-out text for perplexity (default: the embedded one).")
 TARGET_CHOICES = ("executorch", "onnx", "coreml", "all")
 
 
@@ -85,6 +86,9 @@ def _print_report(report: dict) -> None:
         table.add_column(column)
     for target, entry in report["artifacts"].items():
         m = entry["metrics"]
+        if not m:
+            table.add_row(entry["entry"], entry["verified"], *["-"] * 6, "[red]FAIL[/]")
+            continue
         ppl = f"{m['ppl']:.3f} ({m['ppl_reference']:.3f})" if "ppl" in m else "-"
         prefix = f"{sum(m['greedy_prefix_tokens'])}/{sum(m['greedy_tokens'])}"
         result = "[green]pass[/]" if entry["passed"] else "[red]FAIL[/]"
@@ -104,6 +108,7 @@ def export(
     recipe: str = typer.Option("fp32", "--recipe", "-r", help="Built-in recipe name or path to a recipe YAML."),
     name: Optional[str] = typer.Option(None, "--name", help="Bundle folder name (default: <model>-<recipe>)."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the check as JUnit XML."),
+    heldout: Optional[Path] = HeldoutOption,
 ) -> None:
     """Export a checkpoint to a checked bundle: artifacts, tokenizer, manifest.json, report.json.
 
@@ -117,7 +122,7 @@ def export(
         loaded = load_recipe(recipe)
         selected = loaded.select(_targets(loaded, target))
         with _progress_bar() as progress:
-            result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, progress=progress)
+            result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, heldout=heldout, progress=progress)
     except CpmMobileError as error:
         _fail(error)
     _print_report(result.report)
@@ -137,13 +142,14 @@ def check(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Source checkpoint, if it moved since export."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the result as JUnit XML."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON."),
+    heldout: Optional[Path] = HeldoutOption,
 ) -> None:
     """Check an existing bundle again against its source checkpoint. Exit 0 pass, 1 breach, 2 bad input."""
     from runtimes.bundle_check import check_bundle
 
     try:
         with _progress_bar() as progress:
-            result = check_bundle(bundle, model_path=model, progress=progress)
+            result = check_bundle(bundle, model_path=model, heldout=heldout, progress=progress)
     except CpmMobileError as error:
         _fail(error)
     _print_report(result.report)

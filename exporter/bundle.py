@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,8 +37,20 @@ def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[st
     return hashes
 
 
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as strings: strict JSON has no literal for them, and a reader must see them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+    """Write strict JSON atomically (temp file in the same folder, then rename)."""
+    data = json_safe(data)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

@@ -12,6 +12,7 @@ from typing import Any
 from exporter import __version__
 from exporter.bundle import MANIFEST, REPORT, file_hashes, publish, staging_folder, write_json
 from exporter.defaults import HELDOUT_TEXT
+from exporter.errors import InputError
 from exporter.models.loader import build_model, load_checkpoint
 from exporter.passes import apply_passes
 from exporter.targets import ExportContext, Progress, get_target, no_progress
@@ -41,8 +42,13 @@ def library_versions() -> dict[str, str]:
 
 
 def read_heldout(path: Path | None) -> str:
-    path = path or HELDOUT_TEXT
-    return path.read_text(encoding="utf-8") if path.is_file() else ""
+    path = Path(path or HELDOUT_TEXT)
+    if not path.is_file():
+        raise InputError(path, "held-out text not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"held-out text is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def export_bundle(

@@ -15,6 +15,8 @@ def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     ref = reference.astype(np.float64)
     noise = float(np.sum((actual.astype(np.float64) - ref) ** 2))
     signal = float(np.sum(ref**2))
+    if not np.isfinite(noise):
+        return float("nan")
     if noise == 0.0:
         return SQNR_CAP_DB
     return min(SQNR_CAP_DB, 10.0 * np.log10(signal / noise)) if signal > 0 else -SQNR_CAP_DB

@@ -57,13 +57,20 @@ def check_artifacts(
     for index, artifact in enumerate(artifacts):
         target = artifact["target"]
         progress(f"check: {target}", index / max(len(artifacts), 1))
-        session = open_session(bundle_dir, artifact)
-        measured = compare(reference, teacher_forced_runs(session, plan, reference), plan)
         tolerances = recipe.targets[target].tolerances.model_dump()
-        breaches = list((extra_breaches or {}).get(target, [])) + judge(measured, tolerances)
+        breaches = list((extra_breaches or {}).get(target, []))
+        try:
+            session = open_session(bundle_dir, artifact)
+            measured = compare(reference, teacher_forced_runs(session, plan, reference), plan)
+            verified = session.verified
+            breaches += judge(measured, tolerances)
+            breaches += [f"structure: {s['name']}: {s['detail']}" for s in getattr(session, "structure", []) if not s["passed"]]
+        except Exception as exc:  # an artifact its runtime cannot load or run has failed its check
+            measured, verified = {}, "not run"
+            breaches.append(f"runtime error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         entries[target] = {
             "entry": artifact["entry"],
-            "verified": session.verified,
+            "verified": verified,
             "precision": recipe.targets[target].precision,
             "metrics": measured,
             "tolerances": tolerances,

@@ -17,7 +17,7 @@ from cli import app
 from exporter.bundle import sha256_file
 from exporter.models import write_synthetic_checkpoint
 from recipes import load_recipe
-from tests.conftest import TINY_GQA, with_tokenizer
+from tests.conftest import TINY_GQA, TOKENIZER_TEXT, with_tokenizer
 
 runner = CliRunner()
 
@@ -35,6 +35,13 @@ def _fast_recipe(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "heldout.txt"
+    path.write_text(TOKENIZER_TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer_dir):
     folder = write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-gqa", "minicpm4-0.5b",
                                         vocab_size=400, **TINY_GQA)
@@ -42,10 +49,11 @@ def checkpoint(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
+def bundle(checkpoint, heldout, tmp_path_factory):
     work = tmp_path_factory.mktemp("export")
     result = runner.invoke(app, ["export", "--model", str(checkpoint), "--target", "onnx",
-                                 "--recipe", str(_fast_recipe(work)), "--out", str(work / "out"), "--name", "b"])
+                                 "--recipe", str(_fast_recipe(work)), "--out", str(work / "out"), "--name", "b",
+                                 "--heldout", str(heldout)])
     assert result.exit_code == 0, result.output
     return work / "out" / "b"
 
@@ -71,15 +79,15 @@ def test_bundle_holds_artifact_tokenizer_manifest_report(bundle):
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_check_passes_again_and_writes_junit(bundle, tmp_path):
+def test_check_passes_again_and_writes_junit(bundle, heldout, tmp_path):
     junit = tmp_path / "check.xml"
-    result = runner.invoke(app, ["check", str(bundle), "--junit", str(junit)])
+    result = runner.invoke(app, ["check", str(bundle), "--junit", str(junit), "--heldout", str(heldout)])
     assert result.exit_code == 0, result.output
     xml = junit.read_text()
     assert 'tests="1"' in xml and 'failures="0"' in xml
 
 
-def test_flipped_weight_bytes_fail_the_check_with_exit_1(bundle, tmp_path):
+def test_flipped_weight_bytes_fail_the_check_with_exit_1(bundle, heldout, tmp_path):
     tampered = tmp_path / "tampered"
     import shutil
 
@@ -90,20 +98,20 @@ def test_flipped_weight_bytes_fail_the_check_with_exit_1(bundle, tmp_path):
     data[middle : middle + 4096] = bytes(b ^ 0x40 for b in data[middle : middle + 4096])
     onnx_file.write_bytes(bytes(data))
     report_path = tmp_path / "report.json"
-    result = runner.invoke(app, ["check", str(tampered), "--report", str(report_path)])
+    result = runner.invoke(app, ["check", str(tampered), "--report", str(report_path), "--heldout", str(heldout)])
     assert result.exit_code == 1, result.output
     breaches = json.loads(report_path.read_text())["artifacts"]["onnx"]["breaches"]
     assert any("sha256 differs" in b for b in breaches)
     assert any(b.startswith(("max_abs_logits", "sqnr_db", "kl")) for b in breaches), breaches
 
 
-def test_missing_file_exits_2_naming_it(bundle, tmp_path):
+def test_missing_file_exits_2_naming_it(bundle, heldout, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
     (broken / "tokenizer.json").unlink()
-    result = runner.invoke(app, ["check", str(broken)])
+    result = runner.invoke(app, ["check", str(broken), "--heldout", str(heldout)])
     assert result.exit_code == 2
     assert str(broken / "tokenizer.json") in result.stderr and "missing" in result.stderr
     assert "Traceback" not in result.output
@@ -114,12 +122,13 @@ def test_not_a_bundle_exits_2(tmp_path):
     assert result.exit_code == 2 and "manifest.json not found" in result.stderr
 
 
-def test_tolerance_breach_exits_1_and_publishes_only_a_rejected_folder(checkpoint, tmp_path):
+def test_tolerance_breach_exits_1_and_publishes_only_a_rejected_folder(checkpoint, heldout, tmp_path):
     recipe = load_recipe("fp32").model_dump(mode="json")
     recipe["targets"]["onnx"]["tolerances"]["min_sqnr_db"] = 1000.0  # above the metric's ceiling: cannot pass
     recipe_path = _fast_recipe(tmp_path, targets={"onnx": recipe["targets"]["onnx"]})
     result = runner.invoke(app, ["export", "--model", str(checkpoint), "--target", "onnx",
-                                 "--recipe", str(recipe_path), "--out", str(tmp_path / "out"), "--name", "b"])
+                                 "--recipe", str(recipe_path), "--out", str(tmp_path / "out"), "--name", "b",
+                                 "--heldout", str(heldout)])
     assert result.exit_code == 1, result.output
     assert not (tmp_path / "out" / "b").exists()
     rejected = tmp_path / "out" / "b.rejected"
@@ -141,10 +150,10 @@ def test_checkpoint_without_tokenizer_exits_2(tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_sigint_during_export_leaves_nothing_behind(checkpoint, tmp_path):
+def test_sigint_during_export_leaves_nothing_behind(checkpoint, heldout, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cli", "export", "--model", str(checkpoint), "--target", "onnx",
-               "--recipe", str(_fast_recipe(tmp_path)), "--out", str(out), "--name", "b"]
+               "--recipe", str(_fast_recipe(tmp_path)), "--out", str(out), "--name", "b", "--heldout", str(heldout)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):

@@ -1,0 +1,366 @@
+"""ONNX target: one graph with explicit past/present KV under onnxruntime-genai's names.
+
+    inputs   input_ids int64 [1, T], attention_mask int64 [1, P+T], position_ids int64 [1, T],
+             past_key_values.N.key [1, Hc, P, Dk], past_key_values.N.value [1, Hc, P, Dv]
+    outputs  logits [1, T, V], present.N.key [1, Hc, P+T, Dk], present.N.value [1, Hc, P+T, Dv]
+
+present = concat(past, new) (genai's past_present_share_buffer=false form); P and T are dynamic
+and P may be 0. The stages are separate functions (build_onnx -> [quantise] -> save_onnx) so a
+post-export step that rewrites the onnx_ir model can slot in between.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporter.errors import InputError
+from exporter.models.attention import Attend
+from exporter.models.kv_cache import grouped_sdpa
+from exporter.models.transformer import CausalLM
+from exporter.targets.base import ArtifactInfo, ExportContext, Progress
+from exporter.targets.genai_config import GENAI_CONFIG_FILE, genai_config
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+DEFAULT_OPSET = 20
+# Weights go to model.onnx.data above 1 GiB. protobuf cannot serialise a message over 2 GiB, and
+# the graph, names and per-tensor overhead ride on top of the weights, so the limit must sit well
+# below 2 GiB. Below 1 GiB one file is simpler to ship and every consumer (netron, onnx.checker,
+# onnx.load) handles it; above, external data also lets ORT memory-map the weights (tensors over
+# 1 MiB are 64 KiB-aligned for that) instead of holding a parsed protobuf copy during load.
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+SEQ, PAST, TOTAL = "sequence_length", "past_sequence_length", "total_sequence_length"
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What the graph's past/present tensors hold: [1, heads, length, dim] per layer.
+
+    value_dim is the stored width; for MLA it is padded with zeros up to key_dim when
+    pad_values is set (genai sizes keys and values with one head_size). The padding is exact:
+    zero value columns give zero output columns, which the graph slices off.
+    """
+
+    layers: int
+    heads: int
+    key_dim: int
+    value_dim: int
+    model_value_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model: CausalLM, dtype: torch.dtype, pad_values: bool) -> "CacheLayout":
+        config = model.config
+        key_dim, value_dim = config.k_head_dim, config.value_head_dim
+        stored = max(key_dim, value_dim) if pad_values else value_dim
+        return cls(config.num_layers, config.cache_heads, key_dim, stored, value_dim, dtype)
+
+
+class PastPresentLM(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, past) -> (logits, present k/v per layer).
+
+    Wraps the caller's CausalLM without changing it: the stack runs through model.decode with one
+    attend per layer that concatenates past and new keys/values and masks causally over P+T.
+    """
+
+    def __init__(self, model: CausalLM, layout: CacheLayout):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        self.scales = [cache.scale for cache in model.kv_caches]
+        # Inference graph; set on the wrapper alone, since .eval() would recurse into the caller's model.
+        self.training = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    ) -> tuple[torch.Tensor, ...]:
+        new_len = input_ids.shape[1]
+        past_len = past_key_values[0][0].shape[2]
+        # Row t is the token in cache slot past_len + t; it sees slots 0..past_len + t that the
+        # attention mask keeps (all of them for genai's batch-1 generation).
+        query_slots = torch.arange(new_len, dtype=torch.int64) + past_len
+        key_slots = torch.arange(past_len + new_len, dtype=torch.int64)
+        mask = (key_slots[None, :] <= query_slots[:, None]) & attention_mask[0].bool()[None, :]
+        presents: list[torch.Tensor] = []
+        attends = [
+            self._attend(past_k, past_v, mask, scale, presents)
+            for (past_k, past_v), scale in zip(past_key_values, self.scales)
+        ]
+        logits = self.model.decode(input_ids, position_ids[0], attends)
+        return (logits, *presents)
+
+    def _attend(
+        self, past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, scale: float, presents: list[torch.Tensor]
+    ) -> Attend:
+        layout = self.layout
+        pad = layout.value_dim - layout.model_value_dim
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if pad:
+                v = F.pad(v, (0, pad))
+            key = torch.cat((past_k, k.transpose(1, 2).to(past_k.dtype)), dim=2)
+            value = torch.cat((past_v, v.transpose(1, 2).to(past_v.dtype)), dim=2)
+            presents.extend((key, value))
+            out = grouped_sdpa(q.transpose(1, 2), key.to(q.dtype), value.to(q.dtype), mask, scale)
+            return out[..., : layout.model_value_dim] if pad else out
+
+        return attend
+
+
+def example_inputs(layout: CacheLayout, new_len: int = 5, past_len: int = 7) -> tuple[Any, ...]:
+    """Tracing inputs. T and P differ (and exceed 1) so torch.export neither merges nor specialises them."""
+    past = tuple(
+        (
+            torch.zeros(1, layout.heads, past_len, layout.key_dim, dtype=layout.dtype),
+            torch.zeros(1, layout.heads, past_len, layout.value_dim, dtype=layout.dtype),
+        )
+        for _ in range(layout.layers)
+    )
+    input_ids = torch.zeros(1, new_len, dtype=torch.int64)
+    attention_mask = torch.ones(1, past_len + new_len, dtype=torch.int64)
+    position_ids = torch.arange(past_len, past_len + new_len, dtype=torch.int64)[None]
+    return input_ids, attention_mask, position_ids, past
+
+
+def input_names(layers: int) -> list[str]:
+    caches = [name % i for i in range(layers) for name in (PAST_KEY, PAST_VALUE)]
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *caches]
+
+
+def output_names(layers: int) -> list[str]:
+    return [LOGITS, *(name % i for i in range(layers) for name in (PRESENT_KEY, PRESENT_VALUE))]
+
+
+def build_onnx(model: CausalLM, layout: CacheLayout, opset: int = DEFAULT_OPSET) -> ir.Model:
+    """torch.export + the dynamo ONNX exporter; the model is only read."""
+    max_len = model.max_seq_len
+    seq = torch.export.Dim(SEQ, min=1, max=max_len)
+    past = torch.export.Dim(PAST, min=0, max=max_len - 1)
+    dynamic_shapes = {
+        INPUT_IDS: {1: seq},
+        ATTENTION_MASK: {1: torch.export.Dim.AUTO},
+        POSITION_IDS: {1: seq},
+        "past_key_values": tuple(({2: past}, {2: past}) for _ in range(layout.layers)),
+    }
+    with torch.no_grad(), warnings.catch_warnings():
+        # input_ids and position_ids share the sequence dim by design; the exporter warns about it.
+        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
+        program = torch.onnx.export(
+            PastPresentLM(model, layout),
+            example_inputs(layout),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names(layout.layers),
+            output_names=output_names(layout.layers),
+            verbose=False,
+        )
+    onnx_model = program.model
+    _name_total_length(onnx_model)
+    return onnx_model
+
+
+def _name_total_length(onnx_model: ir.Model) -> None:
+    """The exporter names P+T 'past_sequence_length + sequence_length' (and the mask's length
+    an opaque 's..'); give graph inputs and outputs genai's dimension names."""
+    graph = onnx_model.graph
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.name == ATTENTION_MASK:
+            value.shape = ir.Shape([1, TOTAL])
+        elif value.name.startswith("present."):
+            dims = list(value.shape)
+            dims[2] = TOTAL
+            value.shape = ir.Shape(dims)
+
+
+def save_onnx(onnx_model: ir.Model, folder: Path, external_data: bool, progress: Progress | None = None) -> list[str]:
+    """Write model.onnx (+ model.onnx.data) into folder; returns the file names written."""
+    path = folder / MODEL_FILE
+    if not external_data:
+        ir.save(onnx_model, path)
+        return [MODEL_FILE]
+    callback = None
+    if progress is not None:
+        written = 0
+
+        def callback(tensor: ir.TensorProtocol, info: Any) -> None:
+            nonlocal written  # callbacks may arrive out of index order: count them
+            written += 1
+            progress(f"onnx: writing {DATA_FILE}", 0.6 + 0.35 * written / max(info.total, 1))
+
+    ir.save(onnx_model, path, external_data=DATA_FILE, callback=callback, alignment=1 << 16)
+    return [MODEL_FILE, DATA_FILE]
+
+
+def initializer_bytes(onnx_model: ir.Model) -> int:
+    return sum(value.const_value.nbytes for value in onnx_model.graph.initializers.values() if value.const_value)
+
+
+def io_contract(layout: CacheLayout, vocab_size: int, max_seq_len: int) -> dict[str, Any]:
+    cache_dtype = DTYPE_NAMES[layout.dtype]
+
+    def cache(name: str, index: int, length: str, dim: int) -> dict[str, Any]:
+        return {"name": name % index, "dtype": cache_dtype, "shape": [1, layout.heads, length, dim]}
+
+    inputs = [
+        {"name": INPUT_IDS, "dtype": "int64", "shape": [1, SEQ]},
+        {"name": ATTENTION_MASK, "dtype": "int64", "shape": [1, TOTAL]},
+        {"name": POSITION_IDS, "dtype": "int64", "shape": [1, SEQ]},
+    ]
+    outputs = [{"name": LOGITS, "dtype": cache_dtype, "shape": [1, SEQ, vocab_size]}]
+    for i in range(layout.layers):
+        inputs += [cache(PAST_KEY, i, PAST, layout.key_dim), cache(PAST_VALUE, i, PAST, layout.value_dim)]
+        outputs += [cache(PRESENT_KEY, i, TOTAL, layout.key_dim), cache(PRESENT_VALUE, i, TOTAL, layout.value_dim)]
+    return {
+        "inputs": inputs,
+        "outputs": outputs,
+        "names": {
+            "input_ids": INPUT_IDS,
+            "attention_mask": ATTENTION_MASK,
+            "position_ids": POSITION_IDS,
+            "past_key": PAST_KEY,
+            "past_value": PAST_VALUE,
+            "logits": LOGITS,
+            "present_key": PRESENT_KEY,
+            "present_value": PRESENT_VALUE,
+        },
+        "cache": {
+            "form": "past_present",  # present = concat(past, new); the caller feeds it back as past
+            "layers": layout.layers,
+            "heads": layout.heads,
+            "key_dim": layout.key_dim,
+            "value_dim": layout.value_dim,
+            "model_value_dim": layout.model_value_dim,  # < value_dim: zero padding, see CacheLayout
+            "dtype": cache_dtype,
+        },
+        "vocab_size": vocab_size,
+        "max_seq_len": max_seq_len,
+    }
+
+
+class OnnxTarget:
+    """Options (context.options): opset (>= 20), external_data_threshold_bytes, pad_mla_values
+    (default true: MLA value heads zero-padded to the key width so onnxruntime-genai can run it)."""
+
+    name = "onnx"
+
+    def export(self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress) -> ArtifactInfo:
+        out_dir = Path(out_dir)
+        options = context.options
+        if options.get("quantization"):
+            # The step would slot in between build_onnx and save_onnx; never ship fp32 in its place.
+            raise InputError("quantization", "the onnx target does not quantise yet")
+        opset = int(options.get("opset", DEFAULT_OPSET))
+        if opset < DEFAULT_OPSET:
+            raise InputError("recipe", f"onnx opset {opset} is not supported (need >= {DEFAULT_OPSET})")
+        if context.precision not in TORCH_DTYPES:
+            known = ", ".join(TORCH_DTYPES)
+            raise InputError("recipe", f"onnx precision '{context.precision}' is not supported ({known})")
+        if context.max_seq_len != model.max_seq_len:
+            problem = f"max_seq_len {context.max_seq_len} differs from the model's {model.max_seq_len}"
+            raise InputError("recipe", problem)
+        threshold = int(options.get("external_data_threshold_bytes", DEFAULT_EXTERNAL_DATA_THRESHOLD))
+        dtype = TORCH_DTYPES[context.precision]
+        layout = CacheLayout.of(model, dtype, pad_values=bool(options.get("pad_mla_values", True)))
+
+        progress("onnx: exporting graph (torch.export + dynamo)", 0.0)
+        onnx_model = build_onnx(_in_dtype(model, dtype), layout, opset)
+        size = initializer_bytes(onnx_model)
+        external = size > threshold
+        progress("onnx: saving", 0.6)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        io = io_contract(layout, model.config.vocab_size, model.max_seq_len)
+        genai, genai_note = _genai_config(model, context, io)
+        staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=out_dir))
+        try:
+            files = save_onnx(onnx_model, staging, external, progress)
+            if genai is not None:
+                (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=4) + "\n")
+                files.append(GENAI_CONFIG_FILE)
+            _move_into(staging, out_dir, files, stale=[DATA_FILE, GENAI_CONFIG_FILE])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        progress("onnx: done", 1.0)
+        return ArtifactInfo(
+            target=self.name,
+            files=files,
+            entry=MODEL_FILE,
+            io=io,
+            metadata={
+                "opset": opset,
+                "precision": context.precision,
+                "external_data": external,
+                "external_data_threshold_bytes": threshold,
+                "size_bytes": sum((out_dir / name).stat().st_size for name in files),
+                "genai_config": GENAI_CONFIG_FILE if genai is not None else None,
+                "genai": genai_note,
+                "value_padding": layout.value_dim - layout.model_value_dim,
+                "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+            },
+        )
+
+
+def _in_dtype(model: CausalLM, dtype: torch.dtype) -> CausalLM:
+    """The model itself when it already has the dtype (read, never changed), else a converted copy."""
+    if model.embed_tokens.weight.dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _genai_config(model: CausalLM, context: ExportContext, io: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    cache = io["cache"]
+    if cache["key_dim"] != cache["value_dim"]:
+        return None, (
+            f"not supported: onnxruntime-genai sizes key and value caches with one head_size, but keys are "
+            f"{cache['key_dim']} wide and values {cache['value_dim']} (MLA); export with pad_mla_values=true"
+        )
+    config = model.config
+    genai = genai_config(
+        model_file=MODEL_FILE,
+        io=io,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_heads,
+        context_length=model.max_seq_len,
+        vocab_size=config.vocab_size,  # the logits' width, which is what genai reads it as
+        bos_id=context.bos_id,
+        eos_ids=context.eos_ids,
+    )
+    padded = cache["value_dim"] - cache["model_value_dim"]
+    note = "supported (model.type llama, past_present_share_buffer false)"
+    if padded:
+        note += f"; value heads zero-padded {cache['model_value_dim']} -> {cache['value_dim']} to match head_size"
+    return genai, note
+
+
+def _move_into(staging: Path, out_dir: Path, files: Sequence[str], stale: Sequence[str]) -> None:
+    """Atomic per file: each name appears complete or not at all. A companion file this export did
+    not write (an old model.onnx.data) is removed so it cannot be mistaken for ours."""
+    for name in stale:
+        if name not in files and (out_dir / name).exists():
+            (out_dir / name).unlink()
+    # Data first: a model.onnx that is visible always finds its weights.
+    for name in sorted(files, key=lambda n: n != DATA_FILE):
+        os.replace(staging / name, out_dir / name)

@@ -1,0 +1,96 @@
+"""The ONNX artifact in onnxruntime (CPU EP), behind the Session interface.
+
+The graph takes the past keys/values as inputs and returns present = past + new ones; the session
+holds the present arrays between calls and feeds them back as the next call's past.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from exporter.errors import InputError
+from runtimes.base import register_runtime
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class OnnxSession:
+    verified = "onnxruntime verified (CPUExecutionProvider)"
+
+    def __init__(self, model_path: Path, io: dict[str, Any], session_options: ort.SessionOptions | None = None):
+        self.names = io["names"]
+        cache = io["cache"]
+        self.layers = int(cache["layers"])
+        self.max_seq_len = int(io["max_seq_len"])
+        dtype = NUMPY_DTYPES[cache["dtype"]]
+        self._empty_past = {}
+        for i in range(self.layers):
+            self._empty_past[self.names["past_key"] % i] = np.zeros((1, cache["heads"], 0, cache["key_dim"]), dtype)
+            self._empty_past[self.names["past_value"] % i] = np.zeros((1, cache["heads"], 0, cache["value_dim"]), dtype)
+        self.session = _inference_session(model_path, session_options)
+        _check_inputs(model_path, self.session, [io["names"]["input_ids"], *self._empty_past])
+        self._past: dict[str, np.ndarray] = dict(self._empty_past)
+        self._outputs = [self.names["logits"]]
+        for i in range(self.layers):
+            self._outputs += [self.names["present_key"] % i, self.names["present_value"] % i]
+
+    @property
+    def cached_len(self) -> int:
+        return next(iter(self._past.values())).shape[2] if self._past else 0
+
+    def reset(self) -> None:
+        self._past = dict(self._empty_past)
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if not 0 <= start_pos <= self.cached_len:
+            raise ValueError(f"start_pos {start_pos} leaves a gap: the cache holds {self.cached_len} positions")
+        end = start_pos + len(tokens)
+        if end > self.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed max_seq_len {self.max_seq_len}")
+        # Going back (start_pos < cached length) rewinds: the cache keeps only positions < start_pos.
+        past = {name: array[:, :, :start_pos] for name, array in self._past.items()}
+        feed = {
+            self.names["input_ids"]: tokens[None],
+            self.names["attention_mask"]: np.ones((1, end), dtype=np.int64),
+            self.names["position_ids"]: np.arange(start_pos, end, dtype=np.int64)[None],
+            **past,
+        }
+        logits, *presents = self.session.run(self._outputs, feed)
+        self._past = dict(zip(self._empty_past, presents))
+        return logits[0].astype(np.float32, copy=False)
+
+
+def _inference_session(model_path: Path, options: ort.SessionOptions | None) -> ort.InferenceSession:
+    if not model_path.is_file():
+        raise InputError(model_path, "ONNX model file not found")
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind exception types for every load failure
+        raise InputError(model_path, f"onnxruntime cannot load it ({str(exc).strip().splitlines()[0]})") from None
+
+
+def _check_inputs(model_path: Path, session: ort.InferenceSession, expected: list[str]) -> None:
+    present = {value.name for value in session.get_inputs()}
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise InputError(model_path, f"graph lacks the inputs the manifest names: {', '.join(missing[:4])}")
+
+
+def open_onnx(bundle_dir: Path, artifact: dict[str, Any], threads: int | None = None) -> OnnxSession:
+    """The registered opener. threads: onnxruntime's intra-op threads (None: its default, one per core)."""
+    bundle_dir = Path(bundle_dir)
+    for name in artifact["files"]:
+        if not (bundle_dir / name).is_file():
+            raise InputError(bundle_dir / name, "file listed in the manifest is missing")
+    options = None
+    if threads is not None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+    return OnnxSession(bundle_dir / artifact["entry"], artifact["io"], options)
+
+
+register_runtime("onnx", open_onnx)
