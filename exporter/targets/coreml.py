@@ -1,0 +1,256 @@
+"""Core ML target: CausalLM -> model.mlpackage, an ML Program for iOS 18 / macOS 15 with the KV cache as states.
+
+One function, `main(tokens int32[1, T], input_pos int32[1]) -> logits float32[1, T, V]`, serves both
+prefill (T > 1) and decode (T = 1); the keys and values live in fp16 Core ML states (one pair per
+layer, [1, heads, max_seq_len, dim]) written with `slice_update` at `input_pos`.
+
+Choices:
+- One function, not prefill/decode functions: the weights and the states are declared once, an
+  app makes one `MLState` and calls one function for every step, and the I/O contract matches the
+  other targets' `forward(tokens, input_pos)`. Two functions would only pay off on the Neural
+  Engine, which wants fixed shapes per function; a decode function is the same graph with T = 1.
+- T is a flexible `RangeDim(1, max_seq_len)`, not `EnumeratedShapes`: a prompt of any length is
+  prefilled as it is, with no padding (padded rows would be written into the cache and computed
+  for nothing) and no choice of buckets; CPU and GPU run flexible shapes natively. Enumerated
+  shapes would mainly help the Neural Engine, which is not what this artifact is checked on.
+- Integer inputs are int32: Core ML has no int64 model inputs (vocab and positions fit easily).
+- The module is captured with torch.export (strict=False, dynamic T) and converted with
+  `ct.convert(exported_program)`; mutated buffers become states. `index_copy_`, which the
+  reference cache uses, has no Core ML conversion, so `CoreMLKVCache` (a slice update at
+  input_pos) is swapped into a copy of the module that shares the caller's weights.
+- Gather indices: coremltools' `add_int16_cast` pass narrows gather indices to (u)int16 in fp16
+  programs, but (in coremltools 9.0) not for a gather over an axis longer than int16's range, so
+  the embedding lookup over a vocabulary of 73448 keeps int32 indices; `structural_checks`
+  verifies every gather of the saved program so a change of that rule cannot go unnoticed.
+- Compute precision from `context.precision`: the fp32 module is traced, coremltools stores fp16
+  weights and computes in fp16 for "fp16". Logits are returned as float32 either way.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+from exporter.errors import InputError
+from exporter.models.transformer import CausalLM
+from exporter.targets.base import ArtifactInfo, ExportContext, Progress, no_progress
+from exporter.targets.coreml_cache import CoreMLKVCache
+
+PACKAGE_NAME = "model.mlpackage"
+FUNCTION = "main"
+TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
+SEQ = "T"
+DEPLOYMENT_TARGETS = ("iOS18",)
+PRECISIONS = ("fp32", "fp16")
+
+
+class CoreMLTarget:
+    """Options (context.options): deployment_target ("iOS18", the only one with states)."""
+
+    name = "coreml"
+
+    def export(
+        self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress = no_progress
+    ) -> ArtifactInfo:
+        deployment_target = check_context(model, context)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        progress("torch.export with dynamic sequence length", 0.0)
+        program = capture(coreml_ready(model), context.max_seq_len)
+        progress("ct.convert to an ML Program", 0.3)
+        mlmodel = convert(program, context, deployment_target)
+        describe(mlmodel, model, context)
+        progress(f"save: {PACKAGE_NAME}", 0.8)
+        size = save_package(mlmodel, out_dir / PACKAGE_NAME)
+        progress("done", 1.0)
+        return ArtifactInfo(
+            target=self.name,
+            files=[PACKAGE_NAME],
+            entry=PACKAGE_NAME,
+            io=io_contract(mlmodel, model, context),
+            metadata=artifact_metadata(mlmodel, context, deployment_target, size),
+        )
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def check_context(model: CausalLM, context: ExportContext) -> str:
+    """The deployment target name, once the context is known to be exportable."""
+    if context.precision not in PRECISIONS:
+        raise InputError("precision", f"'{context.precision}' is not supported by the coreml target "
+                                      f"(supported: {', '.join(PRECISIONS)})")
+    if context.max_seq_len != model.max_seq_len:
+        raise InputError("max_seq_len", f"context says {context.max_seq_len} but the model's KV cache holds "
+                                        f"{model.max_seq_len} positions")
+    if context.vocab_size != model.config.vocab_size:
+        raise InputError("vocab_size", f"context says {context.vocab_size} but the model has {model.config.vocab_size}")
+    if context.options.get("quantization"):
+        raise InputError("quantization", "the coreml target does not quantise yet")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        # coremltools casts an fp32 graph to fp16 itself (compute_precision); it is given fp32.
+        raise InputError("precision", f"the coreml target converts an fp32 module, got parameters of "
+                                      f"{sorted(map(str, dtypes))}")
+    deployment_target = str(context.options.get("deployment_target", DEPLOYMENT_TARGETS[0]))
+    if deployment_target not in DEPLOYMENT_TARGETS:
+        raise InputError("options.deployment_target", f"'{deployment_target}' is not supported "
+                                                      f"(supported: {', '.join(DEPLOYMENT_TARGETS)}; "
+                                                      "Core ML states need iOS18)")
+    return deployment_target
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def coreml_ready(model: CausalLM) -> CausalLM:
+    """A copy of the model with Core ML caches, sharing the caller's weights (no weight copy).
+
+    A shallow copy with its own module table: assigning `kv_caches` on it leaves the caller's
+    model untouched, and nothing else on it is written (torch.export only reads the weights).
+    """
+    ready = copy.copy(model)
+    ready._modules = dict(model._modules)
+    ready.kv_caches = nn.ModuleList(CoreMLKVCache.like(cache) for cache in model.kv_caches)
+    ready.training = False
+    return ready
+
+
+def capture(module: CausalLM, max_seq_len: int) -> ExportedProgram:
+    """torch.export with a dynamic token count T in 1..max_seq_len, decomposed to core ATen."""
+    tokens = torch.zeros(1, min(2, max_seq_len), dtype=torch.int64)
+    input_pos = torch.zeros(1, dtype=torch.int64)
+    seq = Dim(SEQ, min=1, max=max_seq_len)
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        program = torch.export.export(module, (tokens, input_pos), dynamic_shapes=({1: seq}, None), strict=False)
+    return program.run_decompositions({})
+
+
+def convert(program: ExportedProgram, context: ExportContext, deployment_target: str):
+    import coremltools as ct
+
+    inputs = [
+        ct.TensorType(name=TOKENS, shape=(1, ct.RangeDim(1, context.max_seq_len, default=1, symbol=SEQ)), dtype=np.int32),
+        ct.TensorType(name=INPUT_POS, shape=(1,), dtype=np.int32),
+    ]
+    with warnings.catch_warnings():
+        # Buffer names become state names with '_' for '.'; io_contract lists the names used.
+        warnings.filterwarnings("ignore", message=r"Input, 'kv_caches\.", category=UserWarning)
+        return ct.convert(
+            program,
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, deployment_target),
+            compute_precision={"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[context.precision],
+            inputs=inputs,
+            outputs=[ct.TensorType(name=LOGITS, dtype=np.float32)],
+            skip_model_load=True,  # Core ML cannot compile it off macOS; the check loads the saved package
+        )
+
+
+def describe(mlmodel, model: CausalLM, context: ExportContext) -> None:
+    """What an app needs to drive the model, in the package's own metadata."""
+    mlmodel.short_description = f"{model.config.family} causal LM: logits for tokens at input_pos, KV cache in states"
+    mlmodel.input_description[TOKENS] = f"token ids [1, T], T in 1..{context.max_seq_len}"
+    mlmodel.input_description[INPUT_POS] = "position of tokens[0, 0]; input_pos + T <= max_seq_len"
+    mlmodel.output_description[LOGITS] = f"next-token logits [1, T, {context.vocab_size}]"
+    mlmodel.user_defined_metadata.update({
+        "max_seq_len": str(context.max_seq_len),
+        "vocab_size": str(context.vocab_size),
+        "bos_id": "" if context.bos_id is None else str(context.bos_id),
+        "eos_ids": ",".join(map(str, context.eos_ids)),
+        "precision": context.precision,
+    })
+
+
+def save_package(mlmodel, path: Path) -> int:
+    """Write through a temporary name in the same folder so a failed save never leaves a package."""
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        mlmodel.save(str(temporary))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary.parent, ignore_errors=True)
+    return package_size(path)
+
+
+def package_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# -- description ---------------------------------------------------------------------------------
+
+def array_dtype_name(array_type: Any) -> str:
+    """'float16', 'int32', ... for a multiArray/state description's data type."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    name = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(array_type.dataType)
+    return {"DOUBLE": "float64"}.get(name, name.lower())
+
+
+def _array_entry(name: str, array_type: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "dtype": array_dtype_name(array_type)}
+    shape: list[Any] = list(array_type.shape)
+    if array_type.WhichOneof("ShapeFlexibility") == "shapeRange":
+        ranges = array_type.shapeRange.sizeRanges
+        shape = [r.lowerBound if r.lowerBound == r.upperBound else SEQ for r in ranges]
+    entry["shape"] = shape
+    return entry
+
+
+def io_contract(mlmodel, model: CausalLM, context: ExportContext) -> dict[str, Any]:
+    spec = mlmodel.get_spec()
+    description = spec.description
+    states = [_array_entry(s.name, s.type.stateType.arrayType) for s in description.state]
+    config = model.config
+    return {
+        "function": FUNCTION,
+        "inputs": [
+            {"name": TOKENS, "dtype": "int32", "shape": [1, SEQ]},
+            {"name": INPUT_POS, "dtype": "int32", "shape": [1], "meaning": "position of tokens[0, 0]"},
+        ],
+        "outputs": [{"name": LOGITS, "dtype": "float32", "shape": [1, SEQ, context.vocab_size]}],
+        "states": states,
+        "dynamic_dims": {SEQ: {"min": 1, "max": context.max_seq_len, "kind": "RangeDim"}},
+        "max_seq_len": context.max_seq_len,
+        "vocab_size": context.vocab_size,
+        "constraint": "input_pos + T <= max_seq_len",
+        "kv_cache": {
+            "form": "coreml_states",  # one MLState per sequence; slice_update at input_pos
+            "layers": config.num_layers,
+            "heads": config.cache_heads,
+            "key_dim": config.k_head_dim,
+            "value_dim": config.value_head_dim,
+            "max_seq_len": model.max_seq_len,
+            "dtype": "float16",
+            "names": {"key": "kv_caches_%d_k_cache", "value": "kv_caches_%d_v_cache"},
+        },
+    }
+
+
+def artifact_metadata(mlmodel, context: ExportContext, deployment_target: str, size: int) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    spec = mlmodel.get_spec()
+    return {
+        "format": "mlprogram",
+        "deployment_target": deployment_target,
+        "compute_precision": context.precision,
+        "spec_version": int(spec.specificationVersion),
+        "opset": spec.mlProgram.functions[FUNCTION].opset,
+        "functions": list(spec.mlProgram.functions),
+        "size_bytes": size,
+        "coremltools_version": version("coremltools"),
+        "converter": "torch.export (strict=False) + ct.convert(ExportedProgram)",
+    }
