@@ -61,6 +61,12 @@ HeldoutOption = typer.Option(None, "--heldout", help="Held-out text for perplexi
 TARGET_CHOICES = ("executorch", "onnx", "coreml", "all")
 
 
+def _target_list(target: str) -> list[str] | None:
+    if target not in TARGET_CHOICES:
+        raise typer.BadParameter(f"choose one of {', '.join(TARGET_CHOICES)}", param_hint="--target")
+    return None if target == "all" else [target]
+
+
 def _targets(recipe, target: str) -> list[str]:
     if target not in TARGET_CHOICES:
         raise typer.BadParameter(f"choose one of {', '.join(TARGET_CHOICES)}", param_hint="--target")
@@ -143,13 +149,15 @@ def check(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the result as JUnit XML."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON."),
     heldout: Optional[Path] = HeldoutOption,
+    target: str = typer.Option("all", "--target", "-t", help="executorch | onnx | coreml | all (the bundle's artifacts)."),
 ) -> None:
     """Check an existing bundle again against its source checkpoint. Exit 0 pass, 1 breach, 2 bad input."""
     from runtimes.bundle_check import check_bundle
 
     try:
         with _progress_bar() as progress:
-            result = check_bundle(bundle, model_path=model, heldout=heldout, progress=progress)
+            result = check_bundle(bundle, model_path=model, heldout=heldout, targets=_target_list(target),
+                                  progress=progress)
     except CpmMobileError as error:
         _fail(error)
     _print_report(result.report)

@@ -61,11 +61,20 @@ def check_bundle(
     bundle: str | Path,
     model_path: str | Path | None = None,
     heldout: Path | None = None,
+    targets: list[str] | None = None,
     progress: Progress = no_progress,
 ) -> CheckResult:
+    """Check the bundle's artifacts (or only `targets`) again; integrity first, then numbers."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     recipe = recipe_from_dict(manifest["recipe"], bundle / MANIFEST)
+    artifacts = manifest["artifacts"]
+    if targets is not None:
+        present = [a["target"] for a in artifacts]
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise InputError(bundle, f"bundle has no {', '.join(missing)} artifact (has {', '.join(present)})")
+        artifacts = [a for a in artifacts if a["target"] in targets]
     breaches = integrity_breaches(bundle, manifest)
     source = Path(model_path or manifest["source"]["path"])
     checkpoint = load_checkpoint(source)
@@ -74,7 +83,7 @@ def check_bundle(
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
     tokenizer = TextTokenizer.from_folder(bundle)
     result = check_artifacts(
-        reference, tokenizer, recipe, bundle, manifest["artifacts"], read_heldout(heldout), progress, breaches
+        reference, tokenizer, recipe, bundle, artifacts, read_heldout(heldout), progress, breaches
     )
     if "bundle" in breaches:
         result.report["passed"] = False

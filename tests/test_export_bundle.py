@@ -164,3 +164,24 @@ def test_sigint_during_export_leaves_nothing_behind(checkpoint, heldout, tmp_pat
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
     assert list(out.iterdir()) == [], (list(out.iterdir()), stderr.decode()[-2000:])
+
+
+def test_all_targets_in_one_bundle_then_check_again(checkpoint, heldout, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--target", "all",
+                                 "--recipe", str(_fast_recipe(tmp_path)), "--out", str(out), "--name", "all",
+                                 "--heldout", str(heldout)])
+    assert result.exit_code == 0, result.output
+    bundle = out / "all"
+    assert {"model.pte", "model.onnx", "model.mlpackage", "genai_config.json"} <= {p.name for p in bundle.iterdir()}
+    report = json.loads((bundle / "report.json").read_text())
+    assert set(report["artifacts"]) == {"executorch", "onnx", "coreml"}
+    verified = {t: e["verified"] for t, e in report["artifacts"].items()}
+    assert verified["coreml"].startswith(("ML Program semantics verified", "Core ML runtime verified"))
+    assert verified["executorch"].startswith("ExecuTorch runtime verified")
+    for target in ("executorch", "onnx"):
+        assert report["artifacts"][target]["metrics"]["max_abs_logits"] <= 1e-4
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert any(name.startswith("model.mlpackage/") for name in manifest["files"])  # package contents hashed
+    again = runner.invoke(app, ["check", str(bundle), "--target", "coreml", "--heldout", str(heldout)])
+    assert again.exit_code == 0, again.output
