@@ -1,0 +1,1 @@
+"""Training of the embedded fixture models (corpus, tokenizer, BlockFFN sparsity losses, the run)."""

@@ -17,8 +17,10 @@ Determinism: documents come in a fixed order (topics sorted by key, split at the
 headings; then a fixed, sorted list of stdlib modules, each one document holding the module's own
 docstring and the docstrings its public classes, functions and methods define themselves, in sorted
 name order). Only ``__doc__`` strings defined on the object itself are read (no inherited
-docstrings, no signatures or reprs, which could hold memory addresses). The corpus depends on the
-Python version only; :func:`build_corpus` records it and the corpus sha256.
+docstrings, no signatures or reprs, which could hold memory addresses). The documents are read in a
+fresh ``python -I -S`` child process, because libraries imported earlier can patch the stdlib (torch
+replaces ``inspect.getfile``), so the corpus depends on the Python version only; :func:`build_corpus`
+records it and the corpus sha256. A module this Python lacks is skipped and listed in ``sources``.
 
 Split: held-out documents are every ``HELDOUT_EVERY``-th document (index % 10 == 9); they are whole
 documents the training loop never sees.
@@ -28,59 +30,109 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import json
+import os
 import platform
 import re
+import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 HELDOUT_EVERY = 10
 
 # Fixed and sorted. Pure-Python or well-documented modules whose import has no side effects.
 STDLIB_MODULES: tuple[str, ...] = (
+    "_pyio",
     "abc",
     "argparse",
+    "array",
     "ast",
+    "asyncio.base_events",
+    "asyncio.events",
+    "asyncio.futures",
+    "asyncio.locks",
+    "asyncio.queues",
+    "asyncio.streams",
+    "asyncio.tasks",
     "base64",
+    "binascii",
     "bisect",
+    "builtins",
+    "bz2",
     "calendar",
+    "cmath",
     "cmd",
+    "code",
     "codecs",
+    "codeop",
     "collections",
+    "collections.abc",
+    "compileall",
+    "concurrent.futures._base",
+    "concurrent.futures.process",
     "configparser",
     "contextlib",
+    "contextvars",
     "copy",
     "csv",
     "dataclasses",
     "datetime",
     "decimal",
     "difflib",
+    "dis",
     "doctest",
+    "email.headerregistry",
     "email.message",
+    "email.parser",
+    "email.policy",
+    "email.utils",
     "enum",
+    "faulthandler",
+    "fcntl",
+    "filecmp",
     "fileinput",
     "fnmatch",
     "fractions",
     "ftplib",
     "functools",
+    "gc",
     "getopt",
+    "getpass",
     "gettext",
     "glob",
+    "graphlib",
     "gzip",
+    "hashlib",
     "heapq",
     "hmac",
     "html.parser",
     "http.client",
     "http.cookiejar",
+    "http.cookies",
     "http.server",
     "imaplib",
+    "importlib.abc",
+    "importlib.metadata",
+    "importlib.resources",
+    "importlib.util",
     "inspect",
+    "io",
     "ipaddress",
+    "itertools",
     "json",
+    "json.decoder",
+    "json.encoder",
+    "locale",
     "logging",
+    "logging.config",
     "logging.handlers",
+    "lzma",
     "mailbox",
+    "math",
     "mimetypes",
+    "multiprocessing.managers",
     "numbers",
     "operator",
     "optparse",
@@ -88,45 +140,77 @@ STDLIB_MODULES: tuple[str, ...] = (
     "pathlib",
     "pdb",
     "pickle",
+    "pickletools",
     "pkgutil",
     "platform",
+    "plistlib",
     "poplib",
     "pprint",
+    "profile",
+    "pstats",
+    "py_compile",
+    "pyclbr",
     "queue",
     "random",
     "re",
+    "rlcompleter",
+    "runpy",
     "sched",
     "secrets",
+    "select",
     "selectors",
     "shelve",
     "shlex",
     "shutil",
+    "signal",
+    "site",
     "smtplib",
     "socket",
     "socketserver",
+    "sqlite3",
     "statistics",
     "string",
+    "struct",
     "subprocess",
+    "symtable",
+    "sys",
+    "sysconfig",
     "tarfile",
     "tempfile",
     "textwrap",
     "threading",
+    "time",
     "timeit",
     "tokenize",
     "trace",
     "traceback",
+    "tracemalloc",
     "types",
     "typing",
+    "unicodedata",
     "unittest.case",
+    "unittest.loader",
     "unittest.mock",
     "urllib.parse",
     "urllib.request",
+    "urllib.robotparser",
     "uuid",
     "warnings",
     "wave",
     "weakref",
+    "wsgiref.handlers",
+    "wsgiref.util",
+    "wsgiref.validate",
     "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "xml.sax.handler",
+    "xml.sax.saxutils",
+    "xmlrpc.client",
+    "xmlrpc.server",
+    "zipapp",
     "zipfile",
+    "zipimport",
+    "zlib",
 )
 
 
@@ -136,7 +220,7 @@ class Corpus:
     heldout_docs: list[str]
     python_version: str
     sha256: str  # of the whole corpus (every document, in order, NUL-separated)
-    sources: dict[str, int] = field(default_factory=dict)  # documents per source
+    sources: dict = field(default_factory=dict)  # documents per source (and modules this Python lacks)
 
     @property
     def train_text(self) -> str:
@@ -250,21 +334,45 @@ def _normalise(text: str) -> str:
 
 
 def all_documents() -> tuple[list[str], dict[str, int]]:
+    """The documents, read in THIS interpreter (see :func:`build_corpus` for the isolated form)."""
     docs = topic_documents()
-    sources = {"pydoc_data.topics": len(docs)}
+    sources: dict = {"pydoc_data.topics": len(docs)}
     seen: set[str] = set()
-    count = 0
+    count, missing = 0, []
     for name in STDLIB_MODULES:
-        doc = module_document(name, seen)
+        try:
+            doc = module_document(name, seen)
+        except ImportError:  # optional or removed in another Python version: recorded, not fatal
+            missing.append(name)
+            continue
         if doc:
             docs.append(doc)
             count += 1
     sources["stdlib docstrings"] = count
+    if missing:
+        sources["missing modules"] = missing
     return docs, sources
 
 
-def build_corpus() -> Corpus:
-    docs, sources = all_documents()
+def isolated_documents() -> tuple[list[str], dict[str, int]]:
+    """all_documents() run in a fresh interpreter (-I -S: stdlib only, no site hooks).
+
+    Libraries imported before the corpus is read can change what it reads: torch, for one, replaces
+    inspect.getfile with its own function, whose docstring is then not inspect's. A clean child
+    process makes the corpus depend on the Python version only.
+    """
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--dump"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},  # -I ignores the PYTHON* variables
+    )
+    data = json.loads(result.stdout.decode("utf-8"))
+    return data["docs"], data["sources"]
+
+
+def build_corpus(isolated: bool = True) -> Corpus:
+    docs, sources = isolated_documents() if isolated else all_documents()
     digest = hashlib.sha256("\0".join(docs).encode("utf-8")).hexdigest()
     train = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     heldout = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
@@ -273,6 +381,8 @@ def build_corpus() -> Corpus:
 
 
 if __name__ == "__main__":
-    import json
-
-    print(json.dumps(build_corpus().summary(), indent=2))
+    if sys.argv[1:] == ["--dump"]:
+        docs, sources = all_documents()
+        sys.stdout.buffer.write(json.dumps({"docs": docs, "sources": sources}).encode("utf-8"))
+    else:
+        print(json.dumps(build_corpus().summary(), indent=2))
