@@ -15,7 +15,7 @@ from rich.table import Table
 from exporter.errors import CpmMobileError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = Console(width=max(Console().width, 120))
 errors = Console(stderr=True)
 
 ModelOption = typer.Option(None, "--model", "-m", help="Checkpoint folder (default: the embedded MiniCPM model).")
@@ -88,17 +88,18 @@ def _progress_bar() -> Iterator[Callable[[str, float | None], None]]:
 
 def _print_report(report: dict) -> None:
     table = Table(title="check against the PyTorch reference")
-    for column in ("artifact", "verified", "max |dlogit|", "SQNR dB", "KL", "top-1", "greedy prefix", "ppl (ref)", "result"):
+    for column in ("target", "verified", "max|dlogit|", "SQNR dB", "KL", "top-1", "greedy", "ppl (ref)", "result"):
         table.add_column(column)
     for target, entry in report["artifacts"].items():
         m = entry["metrics"]
+        verified = entry["verified"].split(" (")[0]
         if not m:
-            table.add_row(entry["entry"], entry["verified"], *["-"] * 6, "[red]FAIL[/]")
+            table.add_row(target, verified, *["-"] * 6, "[red]FAIL[/]")
             continue
-        ppl = f"{m['ppl']:.3f} ({m['ppl_reference']:.3f})" if "ppl" in m else "-"
+        ppl = f"{m['ppl']:.2f} ({m['ppl_reference']:.2f})" if "ppl" in m else "-"
         prefix = f"{sum(m['greedy_prefix_tokens'])}/{sum(m['greedy_tokens'])}"
         result = "[green]pass[/]" if entry["passed"] else "[red]FAIL[/]"
-        table.add_row(entry["entry"], entry["verified"], f"{m['max_abs_logits']:.2e}", f"{m['sqnr_db']:.1f}",
+        table.add_row(target, verified, f"{m['max_abs_logits']:.2e}", f"{m['sqnr_db']:.1f}",
                       f"{m['kl']:.2e}", f"{m['top1']:.4f}", prefix, ppl, result)
     console.print(table)
     for target, entry in report["artifacts"].items():
