@@ -55,15 +55,20 @@ class SparsityProfile:
         return sum(layer.cls[chunk_size] for layer in self.layers) / len(self.layers)
 
     def to_dict(self) -> dict:
+        """Plain JSON types; chunk sizes as string keys; NaN (no complete chunk) as null."""
         data = asdict(self)
         data["chunk_sizes"] = list(self.chunk_sizes)
         for layer in data["layers"]:
-            layer["cls"] = {str(s): v for s, v in layer["cls"].items()}
-        data["mean"] = {"tls": self.mean_tls, "cls": {str(s): self.mean_cls(s) for s in self.chunk_sizes}}
+            layer["cls"] = {str(s): _finite(v) for s, v in layer["cls"].items()}
+        data["mean"] = {"tls": self.mean_tls, "cls": {str(s): _finite(self.mean_cls(s)) for s in self.chunk_sizes}}
         return data
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+
+def _finite(value: float) -> float | None:
+    return None if value != value else value
 
 
 def sparsity_metrics(active: torch.Tensor, chunk_sizes: Sequence[int] = DEFAULT_CHUNK_SIZES) -> tuple[float, dict[int, float]]:
