@@ -45,3 +45,18 @@ class Target(Protocol):
     name: str
 
     def export(self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress) -> ArtifactInfo: ...
+
+
+def check_context_matches(model: CausalLM, context: ExportContext, target: str, precisions) -> None:
+    """The checks every target makes before exporting: a precision it supports, and a context that
+    describes this model (a cache of the recipe's length, the checkpoint's vocabulary)."""
+    from exporter.errors import InputError
+
+    if context.precision not in precisions:
+        raise InputError("precision", f"'{context.precision}' is not supported by the {target} target "
+                                      f"(supported: {', '.join(precisions)})")
+    if context.max_seq_len != model.max_seq_len:
+        raise InputError("max_seq_len", f"context says {context.max_seq_len} but the model's KV cache holds "
+                                        f"{model.max_seq_len} positions")
+    if context.vocab_size != model.config.vocab_size:
+        raise InputError("vocab_size", f"context says {context.vocab_size} but the model has {model.config.vocab_size}")

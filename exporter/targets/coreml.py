@@ -42,7 +42,7 @@ from torch.export import Dim, ExportedProgram
 
 from exporter.errors import InputError
 from exporter.models.transformer import CausalLM
-from exporter.targets.base import ArtifactInfo, ExportContext, Progress, no_progress
+from exporter.targets.base import ArtifactInfo, ExportContext, Progress, check_context_matches, no_progress
 from exporter.targets.coreml_cache import CoreMLKVCache
 
 PACKAGE_NAME = "model.mlpackage"
@@ -87,14 +87,7 @@ class CoreMLTarget:
 
 def check_context(model: CausalLM, context: ExportContext) -> str:
     """The deployment target name, once the context is known to be exportable."""
-    if context.precision not in PRECISIONS:
-        raise InputError("precision", f"'{context.precision}' is not supported by the coreml target "
-                                      f"(supported: {', '.join(PRECISIONS)})")
-    if context.max_seq_len != model.max_seq_len:
-        raise InputError("max_seq_len", f"context says {context.max_seq_len} but the model's KV cache holds "
-                                        f"{model.max_seq_len} positions")
-    if context.vocab_size != model.config.vocab_size:
-        raise InputError("vocab_size", f"context says {context.vocab_size} but the model has {model.config.vocab_size}")
+    check_context_matches(model, context, "coreml", PRECISIONS)
     if context.options.get("quantization"):
         raise InputError("quantization", "the coreml target does not quantise yet")
     dtypes = {p.dtype for p in model.parameters()}

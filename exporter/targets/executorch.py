@@ -27,7 +27,7 @@ from torch.export import Dim, ExportedProgram
 from exporter.errors import InputError
 from exporter.models.kv_cache import StaticKVCache
 from exporter.models.transformer import CausalLM
-from exporter.targets.base import ArtifactInfo, ExportContext, Progress, no_progress
+from exporter.targets.base import ArtifactInfo, ExportContext, Progress, check_context_matches, no_progress
 
 PTE_NAME = "model.pte"
 METHOD = "forward"
@@ -74,14 +74,7 @@ class ExecuTorchTarget:
 
 
 def check_context(model: CausalLM, context: ExportContext) -> None:
-    if context.precision not in PRECISIONS:
-        raise InputError("precision", f"'{context.precision}' is not supported by the executorch target "
-                                      f"(supported: {', '.join(PRECISIONS)})")
-    if context.max_seq_len != model.max_seq_len:
-        raise InputError("max_seq_len", f"context says {context.max_seq_len} but the model's KV cache holds "
-                                        f"{model.max_seq_len} positions")
-    if context.vocab_size != model.config.vocab_size:
-        raise InputError("vocab_size", f"context says {context.vocab_size} but the model has {model.config.vocab_size}")
+    check_context_matches(model, context, "executorch", PRECISIONS)
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {PRECISIONS[context.precision]}:
         raise InputError("precision", f"{context.precision} export needs a {context.precision} model, "

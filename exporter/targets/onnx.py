@@ -29,7 +29,7 @@ from exporter.errors import InputError
 from exporter.models.attention import Attend
 from exporter.models.kv_cache import grouped_sdpa
 from exporter.models.transformer import CausalLM
-from exporter.targets.base import ArtifactInfo, ExportContext, Progress
+from exporter.targets.base import ArtifactInfo, ExportContext, Progress, check_context_matches
 from exporter.targets.genai_config import GENAI_CONFIG_FILE, genai_config
 
 MODEL_FILE = "model.onnx"
@@ -276,12 +276,7 @@ class OnnxTarget:
         opset = int(options.get("opset", DEFAULT_OPSET))
         if opset < DEFAULT_OPSET:
             raise InputError("recipe", f"onnx opset {opset} is not supported (need >= {DEFAULT_OPSET})")
-        if context.precision not in TORCH_DTYPES:
-            known = ", ".join(TORCH_DTYPES)
-            raise InputError("recipe", f"onnx precision '{context.precision}' is not supported ({known})")
-        if context.max_seq_len != model.max_seq_len:
-            problem = f"max_seq_len {context.max_seq_len} differs from the model's {model.max_seq_len}"
-            raise InputError("recipe", problem)
+        check_context_matches(model, context, "onnx", TORCH_DTYPES)
         threshold = int(options.get("external_data_threshold_bytes", DEFAULT_EXTERNAL_DATA_THRESHOLD))
         dtype = TORCH_DTYPES[context.precision]
         layout = CacheLayout.of(model, dtype, pad_values=bool(options.get("pad_mla_values", True)))
