@@ -32,3 +32,7 @@ def apply_passes(model: CausalLM, passes: list[Any], source: str = "recipe") -> 
             raise InputError(source, f"unknown pass '{spec.name}' (known: {known})")
         model = PASSES[spec.name](model, dict(spec.options))
     return model
+
+
+# Passes register themselves on import; importing them here makes every pass name known.
+import exporter.passes.blockffn_sparse  # noqa: E402,F401

@@ -88,6 +88,10 @@ class CoreMLTarget:
 def check_context(model: CausalLM, context: ExportContext) -> str:
     """The deployment target name, once the context is known to be exportable."""
     check_context_matches(model, context, "coreml", PRECISIONS)
+    from exporter.passes.blockffn_sparse import unsupported_reason
+
+    if reason := unsupported_reason(model, "coreml"):
+        raise InputError("recipe", reason)
     if context.options.get("quantization"):
         raise InputError("quantization", "the coreml target does not quantise yet")
     dtypes = {p.dtype for p in model.parameters()}
