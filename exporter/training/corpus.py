@@ -19,7 +19,8 @@ docstring and the docstrings its public classes, functions and methods define th
 name order). Only ``__doc__`` strings defined on the object itself are read (no inherited
 docstrings, no signatures or reprs, which could hold memory addresses). The documents are read in a
 fresh ``python -I -S`` child process, because libraries imported earlier can patch the stdlib (torch
-replaces ``inspect.getfile``), so the corpus depends on the Python version only; :func:`build_corpus`
+replaces ``inspect.getfile``), so the corpus depends on the Python version (and, for a few modules
+such as os and fcntl, the platform) only; :func:`build_corpus`
 records it and the corpus sha256. A module this Python lacks is skipped and listed in ``sources``.
 
 Split: held-out documents are every ``HELDOUT_EVERY``-th document (index % 10 == 9); they are whole
