@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-ct = pytest.importorskip("coremltools")
+import coremltools as ct  # noqa: E402
 
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA  # noqa: E402
 from exporter.errors import InputError  # noqa: E402

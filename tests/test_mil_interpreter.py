@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-ct = pytest.importorskip("coremltools")
+import torch  # noqa: E402
+import coremltools as ct  # noqa: E402
 
 from runtimes.coreml import (  # noqa: E402
     SUPPORTED_OPS,
