@@ -17,9 +17,3 @@ class InputError(CpmMobileError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
-
-
-class ToleranceBreach(CpmMobileError):
-    """An artifact's numbers drifted past the recipe's tolerances. Exit 1."""
-
-    exit_code = 1

@@ -18,6 +18,7 @@ from exporter.passes import apply_passes
 from exporter.targets import ExportContext, Progress, get_target, no_progress
 from exporter.tokenizer import TextTokenizer
 from recipes.schema import Recipe
+from runtimes.verify import check_artifacts
 
 BUNDLE_FORMAT = "cpm-mobile-bundle/1"
 LIBRARIES = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript", "coremltools", "tokenizers", "numpy")
@@ -88,7 +89,7 @@ def export_bundle(
             artifacts.append(asdict(info))
         for file in tokenizer.files():
             shutil.copy2(file, staging / file.name)
-        result = check_staged(reference, tokenizer, recipe, staging, artifacts, read_heldout(heldout), progress)
+        result = check_artifacts(reference, tokenizer, recipe, staging, artifacts, read_heldout(heldout), progress)
         manifest = {
             "format": BUNDLE_FORMAT,
             "name": name,
@@ -119,12 +120,6 @@ def export_bundle(
         publish(staging, destination)
     progress("done", 1.0)
     return ExportResult(destination, result.passed, result.report, manifest)
-
-
-def check_staged(reference, tokenizer, recipe, folder, artifacts, heldout_text, progress):
-    from runtimes.verify import check_artifacts
-
-    return check_artifacts(reference, tokenizer, recipe, folder, artifacts, heldout_text, progress)
 
 
 def _prefixed(progress: Progress, prefix: str) -> Progress:
