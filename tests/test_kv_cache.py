@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.models import greedy_generate, load_model, prompt_logits, write_synthetic_checkpoint
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA, TINY_MLA
@@ -67,3 +69,27 @@ def test_greedy_generation_uses_the_cache_consistently(model):
 def test_max_seq_len_is_enforced(model):
     with pytest.raises(Exception):
         model(torch.zeros(1, 97, dtype=torch.int64), torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory):
+    folder = write_synthetic_checkpoint(tmp_path_factory.mktemp("prop"), "minicpm4-0.5b", dtype="float32",
+                                        vocab_size=1000, **TINY_GQA)
+    return load_model(folder, max_seq_len=64)[0]
+
+
+@settings(max_examples=20, deadline=None)
+@given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8), seed=st.integers(0, 2**16))
+def test_any_split_into_prefill_and_decode_chunks_equals_one_forward(gqa_model, chunks, seed):
+    total = min(sum(chunks), 64)
+    tokens = torch.randint(0, 1000, (total,), generator=torch.Generator().manual_seed(seed)).tolist()
+    full = prompt_logits(gqa_model, tokens)
+    gqa_model.reset_cache()
+    rows, start = [], 0
+    for size in chunks:
+        if start >= total:
+            break
+        piece = tokens[start:start + size]
+        rows.append(gqa_model(torch.tensor([piece]), torch.tensor([start]))[0])
+        start += len(piece)
+    assert (torch.cat(rows) - full).abs().max().item() <= 1e-5
