@@ -78,7 +78,7 @@ def gqa_model(tmp_path_factory):
     return load_model(folder, max_seq_len=64)[0]
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8), seed=st.integers(0, 2**16))
 def test_any_split_into_prefill_and_decode_chunks_equals_one_forward(gqa_model, chunks, seed):
     total = min(sum(chunks), 64)
@@ -92,4 +92,6 @@ def test_any_split_into_prefill_and_decode_chunks_equals_one_forward(gqa_model, 
         piece = tokens[start:start + size]
         rows.append(gqa_model(torch.tensor([piece]), torch.tensor([start]))[0])
         start += len(piece)
-    assert (torch.cat(rows) - full).abs().max().item() <= 1e-5
+    # Chunk shapes change the GEMM blocking, so fp32 sums run in other orders: a few ulps of the
+    # logits (|z| ~ 4 here), not the 1e-5 of the fixed 16 + 32 schedule above; a cache bug is O(1).
+    assert (torch.cat(rows) - full).abs().max().item() <= 5e-5
