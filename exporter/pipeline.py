@@ -69,7 +69,8 @@ def export_bundle(
     checkpoint = load_checkpoint(model_path)
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
-    model = apply_passes(build_model(checkpoint, max_seq_len=recipe.max_seq_len), recipe.passes)
+    # Passes return new modules and targets never mutate theirs, so the plain module stays the reference.
+    model = apply_passes(reference, recipe.passes)
     name = name or f"{checkpoint.folder.name}-{recipe.name}"
     final = Path(out_dir) / name
     config = checkpoint.config

@@ -199,6 +199,14 @@ def _figure(width: float, height: float):
     return figure
 
 
+def _save(figure, path: str | Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
 def write_heatmap_png(profile: SparsityProfile, path: str | Path) -> Path:
     """Heatmap of sparsity, layers (rows) x [TLS, CLS_s for each chunk size] (columns), in percent."""
     import numpy as np
@@ -219,11 +227,7 @@ def write_heatmap_png(profile: SparsityProfile, path: str | Path) -> Path:
             if value == value:
                 axes.text(col, row, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black", fontsize=8)
     figure.colorbar(image, ax=axes, label="sparsity %")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
 
 
 def write_expert_firing_png(
@@ -252,8 +256,4 @@ def write_expert_firing_png(
     tls, cls = sparsity_metrics(torch.from_numpy(active.T.copy()), (8,))
     axes.set_title(f"layer {layer}: experts firing per token (TLS {100 * tls:.0f}%, CLS_8 {100 * cls[8]:.0f}%)")
     figure.colorbar(image, ax=axes, label="router score |r|")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
