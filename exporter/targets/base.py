@@ -52,6 +52,10 @@ def check_context_matches(model: CausalLM, context: ExportContext, target: str, 
     describes this model (a cache of the recipe's length, the checkpoint's vocabulary)."""
     from exporter.errors import InputError
 
+    if context.options.get("quantization"):
+        # A quantisation step slots in per target; exporting fp32 in its place would pass the check
+        # while ignoring the recipe.
+        raise InputError("quantization", f"the {target} target does not quantise yet")
     if context.precision not in precisions:
         raise InputError("precision", f"'{context.precision}' is not supported by the {target} target "
                                       f"(supported: {', '.join(precisions)})")

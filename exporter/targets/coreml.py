@@ -92,8 +92,6 @@ def check_context(model: CausalLM, context: ExportContext) -> str:
 
     if reason := unsupported_reason(model, "coreml"):
         raise InputError("recipe", reason)
-    if context.options.get("quantization"):
-        raise InputError("quantization", "the coreml target does not quantise yet")
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {torch.float32}:
         # coremltools casts an fp32 graph to fp16 itself (compute_precision); it is given fp32.

