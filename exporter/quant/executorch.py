@@ -1,0 +1,204 @@
+"""Quantise a CausalLM the way its .pte will run it: torchao weights for XNNPACK and ExecuTorch's embedding kernels.
+
+`quantize_for_executorch(model, scheme)` returns a variant (exporter/models/variant.py) whose linears,
+embedding and lm_head hold torchao `IntxUnpackedToInt8Tensor` weights; the source model is untouched.
+The variant is both what the ExecuTorch target exports (torch.export sees torchao's dequantize +
+dynamic-activation pattern, which XNNPACK's partitioner turns into its integer GEMMs and
+ExecuTorch's quant fusion into quantized_decomposed::embedding_*) and, run eagerly, the twin.
+
+Two details make the twin exact rather than approximate:
+- ExecuTorch serialises the scales of XNNPACK's 4-bit linears as bf16 (per-channel-group quant params,
+  backends/xnnpack/operators/node_visitor.py; a per-channel 4-bit weight is one group of the whole row),
+  so those scales are rounded to bf16 here and the codes recomputed with them; 8-bit per-channel
+  scales stay fp32 as XNNPACK keeps them. With that, one linear in XNNPACK matches the eager
+  torchao module to 132 dB SQNR (fp32 rounding), against 54 dB with fp32 scales.
+- Weights are symmetric: XNNPACK 1.5.1 accepts asymmetric 4-bit weights but ignores their zero point.
+
+A tied embedding gets two quantised copies: the gather (weight-only, ExecuTorch embedding kernel)
+and the lm_head (a dynamic-activation linear through XNNPACK). They share no tensor in the .pte.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from exporter.errors import InputError
+from exporter.models.transformer import CausalLM
+from exporter.models.variant import derive
+from recipes.quant_executorch import Int4Scheme, Int8Scheme, TernaryScheme
+
+Scheme = Int8Scheme | Int4Scheme | TernaryScheme
+BITS = {"int8": 8, "int4": 4}
+TERNARY_CODE_BITS = 4  # the narrowest weight XNNPACK runs; ternary codes -1/0/+1 fill 3 of its 16 values
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torchao's import logs a warning per CUDA extension it cannot load on a CPU-only machine."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantize_for_executorch(model: CausalLM, scheme: Scheme) -> CausalLM:
+    """The variant of `model` with the weights the .pte will store, as torchao tensors (see the module docstring)."""
+    check_fits(model, scheme)
+    with _quiet(), torch.no_grad():
+        plan = _plan(model, scheme)
+
+        def replace(name: str, module: nn.Module) -> Optional[nn.Module]:
+            if name not in plan:
+                return None
+            return plan[name](module)
+
+        return derive(model, replace)
+
+
+def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
+    """Module name -> function building its quantised replacement."""
+    linear_bits = TERNARY_CODE_BITS if scheme.scheme == "ternary" else BITS[scheme.scheme]
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            if scheme.scheme == "ternary":
+                plan[name] = lambda m, g=scheme.group_size: _linear(m, _ternary(m.weight, g))
+            else:
+                plan[name] = lambda m: _linear(m, _intx(m.weight, linear_bits, scheme.group_size, scheme.rounding,
+                                                        dynamic_activations=True))
+    if scheme.lm_head != "fp32":
+        bits = BITS[scheme.lm_head]
+        group = scheme.group_size if bits == 4 else None
+        rounding = "rtn" if scheme.scheme == "ternary" else scheme.rounding
+        plan["lm_head"] = lambda m, b=bits, g=group, r=rounding: _linear(m, _intx(m.weight, b, g, r,
+                                                                                  dynamic_activations=True))
+    if scheme.embedding != "fp32":
+        bits = BITS[scheme.embedding]
+        group = getattr(scheme, "embedding_group_size", None) if bits == 4 else None
+        rounding = "rtn" if scheme.scheme == "ternary" else scheme.rounding
+        plan["embed_tokens"] = lambda m, b=bits, g=group, r=rounding: _embedding(m, _intx(m.weight, b, g, r,
+                                                                                          dynamic_activations=False))
+    return plan
+
+
+def check_fits(model: CausalLM, scheme: Scheme) -> None:
+    """Every group size divides the input dim it splits, before any work."""
+    group = scheme.group_size
+    if group is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and (name != "lm_head" or BITS.get(scheme.lm_head) == 4):
+                if module.in_features % group:
+                    raise InputError("quantization.group_size", f"{group} does not divide the input dim "
+                                                                f"{module.in_features} of {name}")
+    embedding_group = getattr(scheme, "embedding_group_size", None)
+    if scheme.embedding == "int4" and embedding_group is not None and model.config.hidden_size % embedding_group:
+        raise InputError("quantization.embedding_group_size", f"{embedding_group} does not divide the embedding "
+                                                              f"width {model.config.hidden_size}")
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+
+def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: str, dynamic_activations: bool):
+    """torchao's symmetric intx weight (round to nearest or HQQ's scale search), block scales made bf16."""
+    from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    weight = weight.detach().to(torch.float32)
+    block = (1, group_size or weight.shape[1])
+    quantised = IntxUnpackedToInt8Tensor.from_hp(
+        weight, block, getattr(torch, f"int{bits}"),
+        mapping_type=MappingType.SYMMETRIC,
+        activation_quantization="int8_asym_per_token" if dynamic_activations else None,
+        intx_choose_qparams_algorithm="hqq_scale_only" if rounding == "hqq" else "affine",
+    )
+    if bits == 4 and dynamic_activations:  # XNNPACK runs every 4-bit linear, per channel too, with bf16 scales
+        quantised = _with_bf16_scales(quantised, weight)
+    return quantised
+
+
+def _with_bf16_scales(quantised, weight: torch.Tensor):
+    """The same quantisation with its block scales rounded to bf16 (what XNNPACK stores) and codes redone to match."""
+    from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, quantize_affine
+
+    scale = quantised.scale.to(torch.bfloat16).to(torch.float32)
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[quantised.target_dtype]
+    codes = quantize_affine(weight, quantised.block_size, scale, quantised.zero_point,
+                            output_dtype=torch.int8, quant_min=qmin, quant_max=qmax)
+    return type(quantised)(codes, scale, quantised.zero_point, quantised.target_dtype, quantised.block_size,
+                           quantised.dtype, quantised.activation_quantization)
+
+
+def _ternary(weight: torch.Tensor, group_size: Optional[int]):
+    """BitCPM-style ternary weights {-1, 0, +1} x (mean |W| of the group), as torchao 4-bit codes.
+
+    No library rounds to ternary (torchao's choose_qparams would spread the codes over all 16
+    int4 values), so the rounding is ours: the absmean scale of BitNet b1.58 / BitCPM, rounded to
+    bf16 like every XNNPACK block scale, then codes round(W / scale) clipped to [-1, 1].
+    """
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    weight = weight.detach().to(torch.float32)
+    out_features, in_features = weight.shape
+    group = group_size or in_features
+    blocks = weight.reshape(out_features, in_features // group, group)
+    scale = blocks.abs().mean(dim=-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, any scale
+    scale = scale.to(torch.bfloat16).to(torch.float32)
+    codes = torch.clamp(torch.round(blocks / scale.unsqueeze(-1)), -1, 1).reshape(out_features, in_features)
+    return IntxUnpackedToInt8Tensor(codes.to(torch.int8), scale, torch.zeros_like(scale, dtype=torch.int8),
+                                    getattr(torch, f"int{TERNARY_CODE_BITS}"), (1, group), torch.float32,
+                                    "int8_asym_per_token")
+
+
+# -- modules ---------------------------------------------------------------------------------------
+
+
+def _linear(source: nn.Linear, weight) -> nn.Linear:
+    linear = nn.Linear(source.in_features, source.out_features, bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if source.bias is not None:
+        linear.bias = nn.Parameter(source.bias.detach().clone(), requires_grad=False)
+    return linear
+
+
+def _embedding(source: nn.Embedding, weight) -> nn.Embedding:
+    embedding = nn.Embedding(source.num_embeddings, source.embedding_dim, device="meta")
+    embedding.weight = nn.Parameter(weight, requires_grad=False)
+    return embedding
+
+
+# -- description -----------------------------------------------------------------------------------
+
+
+def quantised_weights(model: CausalLM) -> dict[str, object]:
+    """Name -> torchao weight tensor of every quantised module of a variant."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    return {name: module.weight for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor)}
+
+
+def expected_size_bytes(model: CausalLM) -> int:
+    """The formula: codes x bits / 8 + scales (bf16 for XNNPACK's 4-bit linears, fp32 otherwise) + unquantised tensors."""
+    quantised = quantised_weights(model)
+    total = 0
+    for name, weight in quantised.items():
+        bits = int(str(weight.target_dtype).removeprefix("torch.int"))
+        bf16_scales = bits == 4 and weight.activation_quantization is not None
+        total += weight.qdata.numel() * bits // 8 + weight.scale.numel() * (2 if bf16_scales else 4)
+    quantised_params = {f"{name}.weight" for name in quantised}
+    for name, parameter in model.named_parameters():
+        if name not in quantised_params:
+            total += parameter.numel() * parameter.element_size()
+    return total
