@@ -6,7 +6,11 @@ The quantisers that carry these schemes out live in exporter/quant/.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from pydantic import BaseModel, ConfigDict
+
+from recipes import quant_executorch
 
 
 class Strict(BaseModel):
@@ -14,6 +18,6 @@ class Strict(BaseModel):
 
 
 # Filled in by the quantisation work: e.g. Annotated[Int8Scheme | Int4Scheme, Field(discriminator="scheme")].
-ExecuTorchQuantization = None
+ExecuTorchQuantization = Optional[quant_executorch.ExecuTorchQuantization]
 OnnxQuantization = None
 CoreMLQuantization = None

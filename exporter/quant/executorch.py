@@ -181,6 +181,14 @@ def _embedding(source: nn.Embedding, weight) -> nn.Embedding:
 # -- description -----------------------------------------------------------------------------------
 
 
+def describe(scheme: Scheme) -> str:
+    """What the twin is, for the report."""
+    linears = "ternary {-1,0,+1} x absmean" if scheme.scheme == "ternary" else f"{BITS[scheme.scheme]}-bit symmetric"
+    group = f"blocks of {scheme.group_size}" if scheme.group_size else "per channel"
+    return (f"eager torchao variant: int8 dynamic activations x {linears} weights ({group}, {scheme.rounding}), "
+            f"embedding {scheme.embedding}, lm_head {scheme.lm_head}")
+
+
 def quantised_weights(model: CausalLM) -> dict[str, object]:
     """Name -> torchao weight tensor of every quantised module of a variant."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
@@ -201,4 +209,7 @@ def expected_size_bytes(model: CausalLM) -> int:
     for name, parameter in model.named_parameters():
         if name not in quantised_params:
             total += parameter.numel() * parameter.element_size()
+    for name, buffer in model.named_buffers():
+        if not name.startswith("kv_caches."):  # the caches are mutable: only their shapes are stored
+            total += buffer.numel() * buffer.element_size()
     return total

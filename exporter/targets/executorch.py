@@ -72,8 +72,13 @@ class ExecuTorchTarget:
 
     def twin(self, model: CausalLM, spec: ExecuTorchSpec) -> tuple[CausalLM, str]:
         """What the .pte computes: the model itself in fp32 (its export caches, custom_sdpa included,
-        compute the same attention up to fp32 summation order). A quantisation step slots in here."""
-        return model, "eager fp32 model"
+        compute the same attention up to fp32 summation order), or with the recipe's quantisation the
+        torchao variant, whose eager run is what XNNPACK's integer kernels compute."""
+        if spec.quantization is None:
+            return model, "eager fp32 model"
+        from exporter.quant.executorch import describe, quantize_for_executorch
+
+        return quantize_for_executorch(model, spec.quantization), describe(spec.quantization)
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -209,6 +214,7 @@ def artifact_metadata(model: CausalLM, spec: ExecuTorchSpec, methods: dict[str, 
         "backend": spec.options.backend,
         "attention": attention,
         "precision": spec.precision,
+        "quantization": spec.quantization.model_dump() if spec.quantization is not None else None,
         "constant_methods": methods,
         "size_bytes": size,
         "executorch_version": version("executorch"),
