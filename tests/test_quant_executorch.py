@@ -6,8 +6,9 @@ torchao's dequantise-then-matmul computes, once block scales are bf16 as XNNPACK
 whole model drifts further only because a last-bit fp32 difference upstream (attention, norms) can
 move an activation across an int8 rounding boundary; measured on these models and on the embedded
 ones: 50-60 dB. TWIN_MIN_SQNR_DB = 40 sits below that floor and far above what a wrong artifact
-gives: the XNNPACK zero-point trap (asymmetric weights) ~20 dB, one block scale with its sign
-flipped, and an fp32 program against a quantised twin (the "silently fp32" case) <= 37 dB.
+gives: the XNNPACK zero-point trap (asymmetric weights) ~20 dB, one 4-bit code sent to the other
+end of its range ~34 dB, and an fp32 program against a quantised twin (the "silently fp32" case):
+37 dB for int8 on the embedded model, 12-20 dB for int4.
 """
 from __future__ import annotations
 
@@ -236,14 +237,17 @@ def test_twin_gate_fails_a_silently_fp32_program(int4_gqa, fp32_gqa, gqa_model):
     assert metrics.sqnr_db(eager_logits(variant, tokens), pte_logits(fp32_gqa, tokens)) < TWIN_MIN_SQNR_DB
 
 
-def test_twin_gate_fails_a_program_with_one_flipped_scale(int4_gqa, gqa_model, tmp_path):
+def test_twin_gate_fails_a_program_with_one_flipped_code(int4_gqa, gqa_model, tmp_path):
+    """One 4-bit code of 9.4M sent to the other end of its range (eagerly: 34 dB against the twin).
+
+    (A flipped scale sign is no test: XNNPACK refuses negative scales when it loads the program.)"""
     from exporter.models.variant import derive
 
     variant, _ = int4_gqa
     weight = quantised_weights(variant)["layers.0.self_attn.o_proj"]
-    scale = weight.scale.clone()
-    scale[0, 0] = -scale[0, 0]
-    flipped = type(weight)(weight.qdata, scale, weight.zero_point, weight.target_dtype, weight.block_size,
+    codes = weight.qdata.clone()
+    codes[0, 0] = 7 if codes[0, 0] < 0 else -8
+    flipped = type(weight)(codes, weight.scale, weight.zero_point, weight.target_dtype, weight.block_size,
                            weight.dtype, weight.activation_quantization)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(flipped, requires_grad=False)
