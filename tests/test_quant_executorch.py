@@ -113,7 +113,7 @@ def test_a_group_that_does_not_divide_a_layer_is_an_input_error_before_work(gqa_
     with pytest.raises(InputError, match=r"quantization.group_size: 256 does not divide the input dim 128 of "):
         quantize_for_executorch(gqa_model, scheme(scheme="int4", group_size=256))
     with pytest.raises(InputError, match=r"quantization.embedding_group_size: 96 does not divide .* 128"):
-        quantize_for_executorch(gqa_model, scheme(scheme="int4", embedding_group_size=96))
+        quantize_for_executorch(gqa_model, scheme(scheme="int4", embedding="int4", embedding_group_size=96))
 
 
 # -- the variant -----------------------------------------------------------------------------------
