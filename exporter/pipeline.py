@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -68,6 +67,7 @@ def export_bundle(
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
+    tokenizer.check_fits(checkpoint.config.vocab_size, checkpoint.files.config)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
     # Passes return new modules and targets never mutate theirs, so the plain module stays the reference.
     model = apply_passes(reference, recipe.passes)
@@ -88,8 +88,7 @@ def export_bundle(
             progress(f"export {target_name}", None)
             info = get_target(target_name).export(model, staging, context, _prefixed(progress, target_name))
             artifacts.append(asdict(info))
-        for file in tokenizer.files():
-            shutil.copy2(file, staging / file.name)
+        tokenizer_files = tokenizer.write_bundle_files(staging, recipe.max_seq_len)
         result = check_artifacts(reference, tokenizer, recipe, staging, artifacts, read_heldout(heldout), progress)
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -112,7 +111,7 @@ def export_bundle(
             },
             "tool": library_versions(),
             "artifacts": artifacts,
-            "tokenizer": [f.name for f in tokenizer.files()],
+            "tokenizer": tokenizer_files,
         }
         write_json(staging / REPORT, result.report)
         manifest["files"] = file_hashes(staging)
