@@ -145,3 +145,12 @@ def test_minicpm5_shape_counts_its_published_parameters():
     total = sum(torch.Size(s).numel() for s in shapes.values())
     embedding = sum(shapes[n].numel() for n in ("model.embed_tokens.weight", "lm_head.weight"))
     assert (total, total - embedding) == (1_080_632_832, 679_552_512)
+
+
+def test_inspect_names_rope_and_biases(tmp_path):
+    from exporter.inspect import summarize
+
+    facts = summarize(_checkpoint(tmp_path / "ckpt", "yarn", bias=True))
+    assert facts.family == "llama" and facts.biases == "attention, mlp"
+    assert facts.rope == "yarn, theta 10000, factor 4, original context 64"
+    assert facts.max_seq_len == 256 and facts.tied_embeddings is False
