@@ -34,11 +34,12 @@ def _halves() -> tuple[str, str]:
     return text[: len(text) // 2], text[len(text) // 2 :]
 
 
-def write_sentencepiece_tokenizer(folder: Path) -> Path:
+def write_sentencepiece_tokenizer(folder: Path, user_defined: tuple[str, ...] = ()) -> Path:
     """A real LlamaTokenizer-style sentencepiece BPE (Llama's trainer settings) in MiniCPM's file layout."""
     train, _ = _halves()
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
+        user_defined_symbols=list(user_defined),
         sentence_iterator=iter(train.splitlines()), model_writer=model, vocab_size=BASE_VOCAB, model_type="bpe",
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, add_dummy_prefix=True, character_coverage=0.9995,
@@ -133,6 +134,17 @@ def test_bundle_tokenizer_files_encode_alike_in_every_loader(tmp_path, spm_folde
         assert plain.encode(text).ids == expected  # post-processor adds the same single BOS
         assert runner_json.encode(text, 1, 0) == expected, text
         assert runner_spm.encode(text, 1, 0) == expected, text
+
+
+def test_user_defined_pieces_convert_exactly(tmp_path):
+    """sentencepiece emits user-defined pieces whole, with no dummy prefix after them; so does the conversion."""
+    folder = write_sentencepiece_tokenizer(tmp_path / "spm", user_defined=("<reserved_0>", "<reserved_1>"))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    ours = TextTokenizer.from_folder(folder)
+    texts = _heldout_texts()[:150] + ["a<reserved_0>b", " <reserved_1> x<reserved_0><reserved_1>"]
+    mismatched = [t for t in texts if ours.encode(t) != [1, *sp.encode(t)]]
+    assert not mismatched, mismatched[:3]
+    assert sp.piece_to_id("<reserved_0>") in ours.encode("a<reserved_0>b")
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
