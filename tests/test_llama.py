@@ -154,3 +154,18 @@ def test_inspect_names_rope_and_biases(tmp_path):
     assert facts.family == "llama" and facts.biases == "attention, mlp"
     assert facts.rope == "yarn, theta 10000, factor 4, original context 64"
     assert facts.max_seq_len == 256 and facts.tied_embeddings is False
+
+
+def test_llama_checkpoint_exports_with_the_default_recipe(tmp_path, tokenizer_dir):
+    """A Llama layout with biases, GQA, explicit head_dim and yarn rope through every target, check passed."""
+    from exporter.pipeline import export_bundle
+    from recipes import load_recipe
+    from tests.conftest import with_tokenizer
+
+    folder = with_tokenizer(_checkpoint(tmp_path / "ckpt", "yarn", bias=True), tokenizer_dir)
+    result = export_bundle(folder, load_recipe("fp32"), tmp_path / "out")
+    assert result.passed, {t: a["breaches"] for t, a in result.report["artifacts"].items()}
+    assert set(result.report["artifacts"]) == {"executorch", "onnx", "coreml"}
+    assert result.manifest["source"]["family"] == "llama"
+    for target in ("executorch", "onnx"):
+        assert result.report["artifacts"][target]["metrics"]["max_abs_logits"] <= 1e-4
