@@ -169,3 +169,15 @@ def test_llama_checkpoint_exports_with_the_default_recipe(tmp_path, tokenizer_di
     assert result.manifest["source"]["family"] == "llama"
     for target in ("executorch", "onnx"):
         assert result.report["artifacts"][target]["metrics"]["max_abs_logits"] <= 1e-4
+
+
+def test_rope_types_differ_from_plain_rope(tmp_path):
+    """Control for the parity tests: each scaling type moves the logits (dynamic is plain by design here)."""
+    plain, _ = load_model(_checkpoint(tmp_path / "default", "default"), max_seq_len=32)
+    base = prompt_logits(plain, PROMPT)
+    for rope_type in ROPE_TYPES:
+        if rope_type == "default":
+            continue
+        ours, _ = load_model(_checkpoint(tmp_path / rope_type, rope_type), max_seq_len=32)
+        moved = (prompt_logits(ours, PROMPT) - base).abs().max().item()
+        assert (moved == 0.0) if rope_type == "dynamic" else (moved > 1e-3), (rope_type, moved)
