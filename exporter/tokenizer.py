@@ -113,7 +113,10 @@ class TextTokenizer:
         template = self.chat_template()
         if template is not None:
             config["chat_template"] = template
-        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        # tokenizer.json is the definition: transformers 5 rebuilds a "LlamaTokenizer" from its vocab
+        # with its own pre-tokenizer (which splits leading spaces unlike sentencepiece), but loads a
+        # PreTrainedTokenizerFast from the file as it is.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
         (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return sorted([*written, TOKENIZER_CONFIG])
 

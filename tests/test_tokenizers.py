@@ -126,12 +126,15 @@ def test_bundle_tokenizer_files_encode_alike_in_every_loader(tmp_path, spm_folde
     runner_spm.load(str(tmp_path / "tokenizer.model"))
     assert (runner_json.bos_tok(), runner_spm.bos_tok()) == (1, 1)
     from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
 
     plain = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     for text in _heldout_texts()[:150] + EXTRA_TEXTS:
         expected = ours.encode(text)
         assert shipped.encode(text) == expected
         assert plain.encode(text).ids == expected  # post-processor adds the same single BOS
+        assert hf.encode(text) == expected, text
         assert runner_json.encode(text, 1, 0) == expected, text
         assert runner_spm.encode(text, 1, 0) == expected, text
 
