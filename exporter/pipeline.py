@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -71,6 +70,7 @@ def export_bundle(
     checkpoint = load_checkpoint(model_path)
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
     config = checkpoint.config
+    tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
     plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len, config.eos_token_ids,
                       heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
@@ -89,8 +89,7 @@ def export_bundle(
             exported = get_target(target_name).export(model, staging, spec, context, _prefixed(progress, target_name))
             artifacts.append(asdict(exported.info))
             twins[target_name] = Twin(exported.twin, exported.twin_description)
-        for file in tokenizer.files():
-            shutil.copy2(file, staging / file.name)
+        tokenizer_files = tokenizer.write_bundle_files(staging, recipe.max_seq_len)
         result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress)
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -113,7 +112,7 @@ def export_bundle(
             },
             "tool": library_versions(),
             "artifacts": artifacts,
-            "tokenizer": [f.name for f in tokenizer.files()],
+            "tokenizer": tokenizer_files,
         }
         write_json(staging / REPORT, result.report)
         manifest["files"] = file_hashes(staging)
