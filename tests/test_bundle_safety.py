@@ -124,16 +124,25 @@ def test_force_keeps_the_old_bundle_until_the_new_one_is_complete(setup, first_e
     assert tree(out) == before
 
 
-def test_force_replaces_the_bundle_once_complete(setup, first_export, tmp_path):
+def test_force_replaces_the_bundle_once_complete_and_a_killed_exports_staging_goes(setup, first_export, tmp_path):
+    """SIGKILL cannot be caught: its staging stays, and the next export into the folder removes it."""
     out = tmp_path / "out"
     shutil.copytree(first_export[0], out / "b")
     old_manifest = json.loads((out / "b" / "manifest.json").read_text())
+    process = subprocess.Popen(export_command(setup, out, "--force"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(out.iterdir())) < 2:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert any(p.name.startswith(".b.partial-") for p in out.iterdir())
     result = runner.invoke(app, export_args(setup, out, "--force"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "b" / "manifest.json").read_text())
     assert sorted(a["target"] for a in old_manifest["artifacts"]) == ["coreml", "executorch", "onnx"]
     assert [a["target"] for a in manifest["artifacts"]] == ["onnx"]  # the new one-target bundle, whole
-    assert sorted(p.name for p in out.iterdir()) == ["b"]  # no retired or staging folder left
+    assert sorted(p.name for p in out.iterdir()) == ["b"]  # no retired, staging or killed export's folder left
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -185,21 +194,6 @@ def test_dead_exports_leftovers_are_removed_and_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
-
-
-def test_next_export_cleans_a_killed_exports_staging(setup, tmp_path):
-    """SIGKILL cannot be caught: the staging stays, and the next export into the folder removes it."""
-    out = tmp_path / "out"
-    process = subprocess.Popen(export_command(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (out.is_dir() and any(out.iterdir())):
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    assert [p.name for p in out.iterdir()][0].startswith(".b.partial-")
-    result = runner.invoke(app, export_args(setup, out))
-    assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
 
 
 @pytest.mark.parametrize("case", ["proc", "under_a_file", "out_is_a_file", "name_is_a_file", "not_a_bundle"])
