@@ -379,9 +379,12 @@ def generate(
     if system is not None and not chat:
         raise typer.BadParameter("--system goes with --chat", param_hint="--system")
     with _running(verbose):
-        from exporter.generate import Chat, ChatTemplate, Sampling, Timings, complete, make_sampler, open_bundle_model
+        from exporter.generate import (
+            Chat, ChatTemplate, Sampling, Timings, complete, make_sampler, open_bundle_model, select_artifact,
+        )
         from exporter.tokenizer import TextTokenizer
 
+        select_artifact(bundle, target.value if target else None)  # a bad bundle or target: before anything loads
         tokenizer = TextTokenizer.from_folder(bundle)
         template = ChatTemplate.from_folder(bundle) if chat else None
         sample = make_sampler(Sampling(temperature, top_p, seed))

@@ -327,8 +327,8 @@ RUNTIME_NAMES = {
 INTERPRETER_NAME = "the numpy ML Program interpreter (Core ML itself runs only on macOS)"
 
 
-def open_bundle_model(folder: str | Path, target: str | None = None) -> BundleModel:
-    """Open `target`'s artifact (default: the bundle's first) in the runtime the check uses."""
+def select_artifact(folder: str | Path, target: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bundle's manifest and `target`'s entry in it (default: the first artifact); InputError if absent."""
     from runtimes.bundle_check import read_manifest
 
     folder = Path(folder)
@@ -340,7 +340,15 @@ def open_bundle_model(folder: str | Path, target: str | None = None) -> BundleMo
         target = next(iter(artifacts))
     elif target not in artifacts:
         raise InputError(folder, f"bundle has no {target} artifact (has {', '.join(artifacts)})")
-    session = open_session(folder, artifacts[target])
+    return manifest, artifacts[target]
+
+
+def open_bundle_model(folder: str | Path, target: str | None = None) -> BundleModel:
+    """Open `target`'s artifact (default: the bundle's first) in the runtime the check uses."""
+    folder = Path(folder)
+    manifest, artifact = select_artifact(folder, target)
+    target = artifact["target"]
+    session = open_session(folder, artifact)
     runtime = RUNTIME_NAMES.get(target, target)
     if getattr(session, "runtime", None) == "interpreter":
         runtime = INTERPRETER_NAME
