@@ -307,7 +307,8 @@ def sparsity(
                 write_expert_firing_png(model_dir, passage, staging / "expert_firing.png", layer=layer)
                 publish(staging, out)
     console.print(render_table(profile))
-    console.print(f"written: {', '.join(str(out / name) for name in SPARSITY_OUTPUTS)}")
+    for name in SPARSITY_OUTPUTS:
+        console.print(f"written: {out / name}", markup=False, highlight=False, soft_wrap=True)
 
 
 recipes_app = typer.Typer(help="The built-in export recipes.", no_args_is_help=False, rich_markup_mode=None)
