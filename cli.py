@@ -95,7 +95,7 @@ def _table(title: str | None = None, **options) -> Table:
 
 @app.command()
 def inspect(
-    path: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the embedded minicpm-tiny)."),
+    path: Optional[Path] = typer.Argument(None, metavar="PATH", help="Checkpoint folder (default: the embedded minicpm-tiny)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     verbose: bool = VerboseOption,
 ) -> None:
@@ -233,7 +233,7 @@ def export(
 
 @app.command()
 def check(
-    bundle: Path = typer.Argument(..., help="A bundle folder written by `cpm-mobile export`."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A bundle folder written by `cpm-mobile export`."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Source checkpoint, if it moved since export."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the result as JUnit XML to this file."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON to this file."),
@@ -333,7 +333,7 @@ def recipes_list(ctx: typer.Context) -> None:
 
 
 @recipes_app.command("show")
-def recipes_show(name: str = typer.Argument(..., help="A recipe name from `cpm-mobile recipes`.")) -> None:
+def recipes_show(name: str = typer.Argument(..., metavar="NAME", help="A recipe name from `cpm-mobile recipes`.")) -> None:
     """Print a built-in recipe's YAML: targets, passes, tolerances and the check's prompts."""
     from exporter.errors import InputError
     from recipes.schema import RECIPES_DIR
@@ -353,7 +353,7 @@ def _first_sentence(text: str) -> str:
 
 @app.command()
 def generate(
-    bundle: Path = typer.Argument(..., help="A bundle folder written by `cpm-mobile export`."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A bundle folder written by `cpm-mobile export`."),
     target: Optional[Target] = typer.Option(None, "--target", "-t", case_sensitive=False,
                                             help="Which artifact to run (default: the bundle's first)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue."),
