@@ -81,8 +81,9 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     (out / "provenance.json").write_text(json.dumps(context, indent=2) + "\n")
     header = "| model | runtime | decode tok/s | x eager | prefill tok/s | x eager | peak RSS MB | artifact MB |"
     versions = context["versions"]
-    lines = [f"`{context['command']}` on {context['host']['platform']} ({context['host']['cpus']} CPUs, load "
-             f"{context['host']['load_average'][0]:.1f}), {context['date']}; torch {versions['torch']}, executorch "
+    load = context["host"]["load_average"]
+    lines = [f"`{context['command']}` on {context['host']['platform']} ({context['host']['cpus']} CPUs"
+             f"{f', load {load[0]:.1f}' if load else ''}), {context['date']}; torch {versions['torch']}, executorch "
              f"{versions['executorch']}, onnxruntime {versions['onnxruntime']}", "", header, "|" + "---|" * 8]
     table = Table(title="decode / prefill vs PyTorch eager (same run)")
     for column in ("model", "runtime", "decode tok/s", "x eager", "prefill tok/s", "x eager", "peak RSS MB", "artifact MB"):
