@@ -95,7 +95,7 @@ def _table(title: str | None = None, **options) -> Table:
 
 @app.command()
 def inspect(
-    path: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the embedded minicpm-tiny)."),
+    path: Optional[Path] = typer.Argument(None, metavar="PATH", help="Checkpoint folder (default: the embedded minicpm-tiny)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     verbose: bool = VerboseOption,
 ) -> None:
@@ -239,7 +239,7 @@ def export(
 
 @app.command()
 def check(
-    bundle: Path = typer.Argument(..., help="A bundle folder written by `cpm-mobile export`."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A bundle folder written by `cpm-mobile export`."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Source checkpoint, if it moved since export."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the result as JUnit XML to this file."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON to this file."),
@@ -313,7 +313,8 @@ def sparsity(
                 write_expert_firing_png(model_dir, passage, staging / "expert_firing.png", layer=layer)
                 publish(staging, out)
     console.print(render_table(profile))
-    console.print(f"written: {', '.join(str(out / name) for name in SPARSITY_OUTPUTS)}")
+    for name in SPARSITY_OUTPUTS:
+        console.print(f"written: {out / name}", markup=False, highlight=False, soft_wrap=True)
 
 
 recipes_app = typer.Typer(help="The built-in export recipes.", no_args_is_help=False, rich_markup_mode=None)
@@ -338,7 +339,7 @@ def recipes_list(ctx: typer.Context) -> None:
 
 
 @recipes_app.command("show")
-def recipes_show(name: str = typer.Argument(..., help="A recipe name from `cpm-mobile recipes`.")) -> None:
+def recipes_show(name: str = typer.Argument(..., metavar="NAME", help="A recipe name from `cpm-mobile recipes`.")) -> None:
     """Print a built-in recipe's YAML: targets, passes, tolerances and the check's prompts."""
     from exporter.errors import InputError
     from recipes.schema import RECIPES_DIR
@@ -358,7 +359,7 @@ def _first_sentence(text: str) -> str:
 
 @app.command()
 def generate(
-    bundle: Path = typer.Argument(..., help="A bundle folder written by `cpm-mobile export`."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A bundle folder written by `cpm-mobile export`."),
     target: Optional[Target] = typer.Option(None, "--target", "-t", case_sensitive=False,
                                             help="Which artifact to run (default: the bundle's first)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue."),

@@ -49,14 +49,10 @@ def tree(folder: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tokenizer_dir):
     work = tmp_path_factory.mktemp("safety")
-    tokenizer = work / "tokenizer"
-    from tests.conftest import train_test_tokenizer
-
-    train_test_tokenizer(tokenizer)
     checkpoint = with_tokenizer(write_synthetic_checkpoint(work / "tiny-gqa", "minicpm4-0.5b", vocab_size=400,
-                                                           **TINY_GQA), tokenizer)
+                                                           **TINY_GQA), tokenizer_dir)
     heldout = work / "heldout.txt"
     heldout.write_text(TOKENIZER_TEXT)
     return {"work": work, "checkpoint": checkpoint, "heldout": heldout, "recipe": fast_recipe(work)}
