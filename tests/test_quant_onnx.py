@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -149,7 +150,7 @@ def test_twin_holds_exactly_the_stored_weights_and_fidelity(embedded, scheme, tm
 
 def test_int4_is_stored_in_4_bits_with_one_shared_table(embedded, tmp_path):
     model, graph, _ = embedded
-    before = [(v.name, v.const_value.numpy().copy()) for v in graph.initializers.values() if v.const_value is not None]
+    before = [(v.name, v.const_value.numpy().copy()) for v in graph.graph.initializers.values() if v.const_value is not None]
     scheme = parse({"scheme": "int4", "embedding_bits": 4, "lm_head_bits": 4})
     quantized = quantize_onnx(graph, scheme)
     ops = [node.op_type for node in quantized.graph]
@@ -175,10 +176,11 @@ def test_int4_is_stored_in_4_bits_with_one_shared_table(embedded, tmp_path):
     blocks = quantized_params // 32
     rest = sum(p.numel() for p in model.parameters() if p.dim() == 1) + model.rope_cos.numel() + model.rope_sin.numel()
     formula = quantized_params / 2 + blocks * (4 + 0.5) + rest * 4
-    size = (tmp_path / "model.onnx").stat().st_size
-    assert formula <= size <= 1.1 * formula
+    # the tensors in the file (the graph adds the exporter's per-node debug metadata, ~1 KB a node)
+    stored = sum(len(t.raw_data) for t in onnx.load(tmp_path / "model.onnx").graph.initializer)
+    assert formula <= stored <= 1.1 * formula
     # quantising read the caller's graph without changing it
-    after = {v.name: v.const_value.numpy() for v in graph.initializers.values() if v.const_value is not None}
+    after = {v.name: v.const_value.numpy() for v in graph.graph.initializers.values() if v.const_value is not None}
     assert all(np.array_equal(after[name], array) for name, array in before)
 
 
