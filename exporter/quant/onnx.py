@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,7 +246,10 @@ def _library_pass(proto: onnx.ModelProto, exclude: list[str], bits: int, symmetr
         config = library.DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=symmetric,
                                                       accuracy_level=accuracy, bits=bits, op_types_to_quantize=("MatMul",))
     quantizer = library.MatMulNBitsQuantizer(proto, nodes_to_exclude=exclude, algo_config=config)
-    quantizer.process()
+    with warnings.catch_warnings():
+        # HQQ wraps read-only numpy weights in torch tensors it never writes; torch warns about it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        quantizer.process()
     result = quantizer.model.model
     if algorithm == "hqq" and accuracy:
         # HQQ's nodes leave accuracy_level unset; the kernel choice is the scheme's.
@@ -275,8 +279,9 @@ def _ternary(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], 
         linear = by_name.get(node.name)
         if linear is None:
             continue
-        weight = numpy_helper.to_array(initializers[linear.weight]).T.astype(np.float32)  # [N, K]
-        packed, scales = ternary_codes(weight, scheme.block_size)
+        stored = numpy_helper.to_array(initializers[linear.weight])
+        packed, scales = ternary_codes(stored.T.astype(np.float32), scheme.block_size)  # weight [N, K]
+        scales = scales.astype(stored.dtype)  # MatMulNBits takes scales in the activations' dtype
         b_name, s_name = f"{linear.weight}_Q2", f"{linear.weight}_scales"
         graph.initializer.extend([numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)])
         attrs = dict(K=linear.k, N=linear.n, bits=2, block_size=scheme.block_size)
@@ -319,7 +324,8 @@ def _quantize_embedding(graph: onnx.GraphProto, gather: onnx.NodeProto, scheme: 
         data = f"{b_name}_rows"
         reshape = helper.make_node("Reshape", [b_name, shape.name], [data], name=f"{gather.name}_rows")
     else:
-        table = numpy_helper.to_array(_initializer(graph, gather.input[0])).astype(np.float32)  # [V, H]
+        stored = numpy_helper.to_array(_initializer(graph, gather.input[0]))  # [V, H]
+        table = stored.astype(np.float32)
         library = _matmul_nbits_module()
         symmetric = _table_symmetric(scheme)
         quantizer = library.DefaultWeightOnlyQuantizer(library.DefaultWeightOnlyQuantConfig(
@@ -327,7 +333,7 @@ def _quantize_embedding(graph: onnx.GraphProto, gather: onnx.NodeProto, scheme: 
         packed, block_scales, packed_zero = quantizer.qbits_block_quant(np.ascontiguousarray(table.T))
         data, scales = f"{prefix}_Q{bits}", f"{prefix}_scales"
         graph.initializer.extend([numpy_helper.from_array(packed.reshape(len(table), -1), data),
-                                  numpy_helper.from_array(block_scales, scales)])
+                                  numpy_helper.from_array(block_scales.astype(stored.dtype), scales)])
         zero_points = None
         if not symmetric:
             zero_points = f"{prefix}_zero_points"
