@@ -30,7 +30,10 @@ class _Scheme(BaseModel):
 
 
 class OnnxInt8(_Scheme):
-    """MatMulNBits bits=8 in blocks (llama.cpp Q8_0's layout; per-channel int8 is not enough on real models)."""
+    """MatMulNBits bits=8 in blocks (llama.cpp Q8_0's layout; per-channel int8 is not enough on real models).
+    Measured (minicpm-tiny, 2048 held-out tokens): KL 2.2e-4, the same as llama.cpp's Q8_0 with its
+    q8_0 activation rounding (2.3e-4); accuracy_level 0 would reach Q8_0's weight-only 8e-5 but
+    decodes ~6x slower here."""
 
     scheme: Literal["int8"]
     symmetric: bool = True
@@ -38,7 +41,10 @@ class OnnxInt8(_Scheme):
 
 class OnnxInt4(_Scheme):
     """MatMulNBits bits=4. algorithm: rtn (onnxruntime's default block rounding) or hqq (its HQQ
-    quantiser: optimised float zero points, body linears only; embedding/lm_head stay rtn)."""
+    quantiser: optimised float zero points, body linears only; embedding/lm_head stay rtn).
+    Defaults by KL on minicpm-tiny (Q4_0: 2.3e-2): asymmetric 32 with 8-bit tables 4.5e-3;
+    symmetric 5.1e-3; blocks of 16 3.4e-3 (+14 % size); hqq 3.9e-3 (+6 % size: fp32 zero points);
+    4-bit embedding/lm_head 2.0e-2."""
 
     scheme: Literal["int4"]
     symmetric: bool = False
