@@ -32,7 +32,7 @@ from exporter.tokenizer import TextTokenizer
 from recipes.quant_onnx import OnnxQuantization
 from runtimes.metrics import max_abs_error, mean_kl_divergence, perplexity, sqnr_db, top1_agreement
 from runtimes.torch_session import TorchSession
-from tests.conftest import TINY_BLOCKFFN
+from tests.conftest import TINY_BLOCKFFN, TINY_GQA
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "exporter" / "embedded"
 MAX_SEQ_LEN = 256
@@ -55,10 +55,8 @@ def two_threads():
 
 def _export(checkpoint: Path, folder: Path):
     model, _ = load_model(checkpoint, max_seq_len=MAX_SEQ_LEN)
-    config = model.config
-    context = ExportContext(max_seq_len=MAX_SEQ_LEN, vocab_size=config.vocab_size, bos_id=config.bos_token_id,
-                            eos_ids=config.eos_token_ids, precision="fp32", options={})
-    info = OnnxTarget().export(model, folder, context, lambda text, fraction: None)
+    context = ExportContext(bos_id=model.config.bos_token_id, eos_ids=model.config.eos_token_ids)
+    info = OnnxTarget().export(model, folder, context=context).info
     return model, ir.load(folder / info.entry), folder
 
 
@@ -296,3 +294,23 @@ def test_bad_schemes_are_refused_naming_the_field(mla):
                        ({"scheme": "int4", "group": 32}, "group")]:
         with pytest.raises(ValidationError, match=field):
             parse(bad)
+
+
+def test_target_quantises_and_returns_the_twin_it_reads_back(tmp_path):
+    from recipes.schema import OnnxSpec
+
+    checkpoint = write_synthetic_checkpoint(tmp_path / "checkpoint", "minicpm4-0.5b", **TINY_GQA)
+    model, _ = load_model(checkpoint, max_seq_len=64)
+    before = _state(model)
+    spec = OnnxSpec.model_validate({"quantization": {"scheme": "int8"}, "faithfulness": {}, "fidelity": {}})
+    exported = OnnxTarget().export(model, tmp_path / "bundle", spec,
+                                   ExportContext(bos_id=model.config.bos_token_id, eos_ids=model.config.eos_token_ids))
+    graph = ir.load(tmp_path / "bundle" / exported.info.entry)
+    assert [n.op_type for n in graph.graph].count("MatMulNBits") == _linear_count(model)
+    assert exported.info.metadata["quantization"]["scheme"] == "int8" and "dequantised int8" in exported.twin_description
+    assert "genai_config.json" in exported.info.files
+    rng = np.random.default_rng(1)
+    windows = [rng.integers(3, model.config.vocab_size, 16)]
+    shipped = _onnx_logits(_session(graph, tmp_path / "run"), windows)
+    assert sqnr_db(_torch_logits(exported.twin, windows), shipped) >= KERNEL_MIN_SQNR_DB
+    assert all(torch.equal(t, before[name]) for name, t in _state(model).items())
