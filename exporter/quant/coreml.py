@@ -100,16 +100,21 @@ def program_weights(mlmodel: Any) -> list[ProgramWeight]:
         value = op.outputs[0].val
         if not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.kind != "f":
             continue
-        roles = set()
-        for child in op.outputs[0].child_ops:
-            if child.op_type == "gather":
-                roles.add(EMBEDDING)
-            elif child.op_type == "linear" and value.shape[0] == vocab:
-                roles.add(LM_HEAD)
-            else:
-                roles.add(LINEAR)
-        weights.append(ProgramWeight(op.name, tuple(value.shape), frozenset(roles)))
+        weights.append(ProgramWeight(op.name, tuple(value.shape), _roles(op, vocab)))
     return weights
+
+
+def _roles(op: Any, vocab: int) -> frozenset[str]:
+    """What reads a weight constant: the embedding gather, the lm_head linear, other ops."""
+    roles = set()
+    for child in op.outputs[0].child_ops:
+        if child.op_type == "gather":
+            roles.add(EMBEDDING)
+        elif child.op_type == "linear" and op.outputs[0].shape[0] == vocab:
+            roles.add(LM_HEAD)
+        else:
+            roles.add(LINEAR)
+    return frozenset(roles)
 
 
 def _choice(scheme: Any, roles: frozenset[str]) -> str:
@@ -431,15 +436,40 @@ def weight_file_bytes(package_path: Any) -> int:
     return sum(f.stat().st_size for f in Path(package_path).rglob("weight.bin"))
 
 
-def compression_metadata(mlmodel: Any, scheme: Any) -> dict[str, Any]:
-    """What the artifact's manifest says about its compression (read by the structural checks)."""
+STORAGE_DTYPES = {"int8": "int8", "int4": "int4", "palette4": "uint4", "palette2": "uint2", "ternary": "uint2"}
+
+
+def compression_metadata(mlmodel: Any, scheme: Any, model: CausalLM, precision: str) -> dict[str, Any]:
+    """What the artifact's manifest says about its compression; the structural checks hold the saved
+    program to it (runtimes/coreml/structure.py). Expectations come from the scheme, not the program."""
     stored = stored_weights(mlmodel)
-    compressed = sorted(w.name for w in stored.values() if w.compressed)
     kept = sorted(w.name for w in stored.values() if not w.compressed and w.value.ndim == 2)
     kind = "linear" if scheme.scheme in LINEAR_SCHEMES else "palette"
+    choices = {_choice(scheme, w.roles) for w in program_weights_of(mlmodel, stored)}
+    storage = {STORAGE_DTYPES[scheme.scheme]} if "scheme" in choices else set()
+    if "int8" in choices:
+        storage.add("int8")
+    op_types = {OP_TYPES[kind]} if "scheme" in choices else set()
+    if "int8" in choices:
+        op_types.add(OP_TYPES["linear"])
     return {
         "scheme": scheme.model_dump(),
-        "op_types": sorted({OP_TYPES[kind]} | {t for w in stored.values() for t in w.op_types}),
-        "compressed_weights": len(compressed),
+        "op_types": sorted(op_types),
+        "storage_dtypes": sorted(storage),
+        "compressed_weights": sum(w.compressed for w in stored.values()),
         "uncompressed_matrices": kept,
+        "expected_weight_bytes": expected_weight_bytes(model, scheme, precision),
     }
+
+
+def program_weights_of(mlmodel: Any, stored: dict[str, StoredWeight]) -> list[ProgramWeight]:
+    """The roles of a compressed program's rank-2 weights (as program_weights gives them before)."""
+    function = _main(mlmodel)
+    vocab = _vocab_size(function)
+    producers = {w.name for w in stored.values() if w.value.ndim == 2}
+    weights = []
+    for op in function.operations:
+        if op.name not in producers:
+            continue
+        weights.append(ProgramWeight(op.name, tuple(op.outputs[0].shape), _roles(op, vocab)))
+    return weights
