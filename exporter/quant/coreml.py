@@ -188,8 +188,7 @@ def _op_config(scheme: Any, choice: str, shape: tuple[int, ...]) -> tuple[str, A
             group_size=group, channel_axis=0, weight_threshold=0)
     return "palette", cto.OpPalettizerConfig(
         mode=scheme.mode, nbits=SCHEME_BITS[scheme.scheme], granularity="per_grouped_channel",
-        group_size=group, channel_axis=0, enable_per_channel_scale=scheme.per_channel_scale,
-        weight_threshold=0)
+        group_size=group, channel_axis=0, weight_threshold=0)
 
 
 def ternary_lut(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -417,13 +416,12 @@ def expected_weight_bytes(model: CausalLM, scheme: Any, precision: str) -> int:
         if choice == "int8" or scheme.scheme in LINEAR_SCHEMES:
             bits = 8 if choice == "int8" else SCHEME_BITS[scheme.scheme]
             scales = rows * (columns // size if size else 1)
-            asymmetric = choice != "int8" and not scheme.symmetric
+            asymmetric = choice != "int8" and not scheme.symmetric  # offsets: one code per scale
             total += count * bits // 8 + scales * element + (scales * bits // 8 if asymmetric else 0)
         else:
             bits = SCHEME_BITS[scheme.scheme]
             groups = rows // (size or rows)
-            extra = columns * element if getattr(scheme, "per_channel_scale", False) else 0
-            total += count * bits // 8 + groups * (2**bits) * element + extra
+            total += count * bits // 8 + groups * (2**bits) * element
     for name, buffer in model.named_buffers():
         if not name.startswith("kv_caches."):
             total += buffer.numel() * element
