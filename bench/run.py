@@ -73,9 +73,16 @@ def bench_model(model_path: Path, label: str, args) -> list[dict]:
 
 def write_outputs(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    from bench.provenance import provenance
+
+    context = provenance()
     (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "provenance.json").write_text(json.dumps(context, indent=2) + "\n")
     header = "| model | runtime | decode tok/s | x eager | prefill tok/s | x eager | peak RSS MB | artifact MB |"
-    lines = [header, "|" + "---|" * 8]
+    versions = context["versions"]
+    lines = [f"`{context['command']}` on {context['host']['platform']} ({context['host']['cpus']} CPUs, load "
+             f"{context['host']['load_average'][0]:.1f}), {context['date']}; torch {versions['torch']}, executorch "
+             f"{versions['executorch']}, onnxruntime {versions['onnxruntime']}", "", header, "|" + "---|" * 8]
     table = Table(title="decode / prefill vs PyTorch eager (same run)")
     for column in ("model", "runtime", "decode tok/s", "x eager", "prefill tok/s", "x eager", "peak RSS MB", "artifact MB"):
         table.add_column(column)

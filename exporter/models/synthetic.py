@@ -15,6 +15,39 @@ from exporter.models.config import ModelConfig
 from exporter.models.loader import LM_HEAD, expected_shapes
 from exporter.models.presets import preset_config
 
+# MiniCPM5-1B as released: a plain LlamaForCausalLM (model_type llama, 24 layers, GQA 16/2, 131,072
+# positions). hidden 1536, head_dim 128, intermediate 4608 and an untied 130,560-token vocab are
+# derived from the published counts (1,080,632,832 parameters, 679,552,512 non-embedding), not
+# read from the real config.json.
+MINICPM5_1B: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "hidden_size": 1536,
+    "head_dim": 128,
+    "intermediate_size": 4608,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 130560,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def llama_config(**overrides: Any) -> dict[str, Any]:
+    """config.json of a LlamaForCausalLM checkpoint (MiniCPM5-1B's shape unless overridden)."""
+    return {**MINICPM5_1B, **overrides}
+
+
 Layout = Literal["safetensors", "sharded-safetensors", "bin", "sharded-bin", "hub-cache"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -150,3 +183,27 @@ def write_synthetic_checkpoint(
     """A random checkpoint of a named preset (e.g. 'minicpm4-0.5b', 'blockffn-small') or a config dict."""
     config_dict = preset_config(preset, **overrides) if isinstance(preset, str) else {**preset, **overrides}
     return write_checkpoint(folder, config_dict, random_state(config_dict, seed, fused), dtype=dtype, layout=layout)
+
+
+def write_trained_like_checkpoint(
+    folder: str | Path, preset: str, *, logit_max: float = 30.0, seed: int = 0, **overrides: Any
+) -> Path:
+    """A random checkpoint of a preset's depth with logits as large as a trained model's.
+
+    Random weights give logits of |x| ~ 1-3, where trained LMs reach 20-40 at real depth; fp32
+    rounding noise in the logits scales with that magnitude, so bounds measured on random-scale
+    logits would be too lax. The lm_head (untied) is scaled so max |logit| on a short prompt is
+    `logit_max`; the rest of the stack keeps the preset's depth and scalings.
+    """
+    from exporter.models.loader import build_model, load_checkpoint
+
+    config_dict = preset_config(preset, **{"tie_word_embeddings": False, **overrides})
+    state = random_state(config_dict, seed)
+    path = write_checkpoint(folder, config_dict, state, dtype="float32")
+    model = build_model(load_checkpoint(path), max_seq_len=16)
+    generator = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
+    with torch.no_grad():
+        current = float(model(tokens, torch.tensor([0])).abs().max())
+    state[disk_name(LM_HEAD, model.config)] = state[disk_name(LM_HEAD, model.config)] * (logit_max / current)
+    return write_checkpoint(folder, config_dict, state, dtype="float32")

@@ -46,19 +46,22 @@ def derive(model: CausalLM, replace: Replacer | Mapping[str, nn.Module] | None =
 
 
 def _rebuild(module: nn.Module, name: str, replace: Replacer) -> nn.Module:
-    if name == "kv_caches":
-        return module  # replaced wholesale by derive
+    """The module itself where nothing below it is replaced; else a shallow copy with new children."""
     if name:
         replacement = replace(name, module)
         if replacement is not None:
             return replacement
+    children = {
+        child_name: _rebuild(child, f"{name}.{child_name}" if name else child_name, replace)
+        if child is not None and child_name != "kv_caches" else child
+        for child_name, child in module._modules.items()
+    }
+    if name and all(children[k] is module._modules[k] for k in children):
+        return module
     clone = copy.copy(module)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
-    clone._modules = {
-        child_name: (_rebuild(child, f"{name}.{child_name}" if name else child_name, replace) if child is not None else None)
-        for child_name, child in module._modules.items()
-    }
+    clone._modules = children
     return clone
 
 
@@ -96,5 +99,8 @@ def with_weights(model: CausalLM, weights: Mapping[str, torch.Tensor],
             clone._parameters[attribute] = nn.Parameter(tensor.to(old.dtype), requires_grad=False)
         return clone
 
-    # Owners are leaves (Linear, Embedding, norms), so replacing them never hides another owner.
+    # Owners are leaves (Linear, Embedding, norms), so replacing them never hides another owner;
+    # a parameter of the root itself has no owner to replace.
+    if "" in by_owner:
+        raise KeyError(f"parameters of the model itself are not replaceable: {', '.join(by_owner[''])}")
     return derive(model, replace, caches)
