@@ -6,6 +6,8 @@ The quantisers that carry these schemes out live in exporter/quant/.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -16,4 +18,6 @@ class Strict(BaseModel):
 # Filled in by the quantisation work: e.g. Annotated[Int8Scheme | Int4Scheme, Field(discriminator="scheme")].
 ExecuTorchQuantization = None
 OnnxQuantization = None
-CoreMLQuantization = None
+from recipes.quant_coreml import CoreMLQuantization as _CoreMLSchemes  # noqa: E402
+
+CoreMLQuantization = Optional[_CoreMLSchemes]

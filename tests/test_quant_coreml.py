@@ -25,7 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 
 import coremltools as ct  # noqa: E402
 
-from tests.conftest import TINY_BLOCKFFN  # noqa: E402
+from tests.conftest import TINY_BLOCKFFN, target_spec  # noqa: E402
 from exporter.errors import InputError  # noqa: E402
 from exporter.models import load_model, write_synthetic_checkpoint  # noqa: E402
 from exporter.models.loader import build_model, load_checkpoint  # noqa: E402
@@ -38,7 +38,7 @@ from exporter.quant.coreml import (  # noqa: E402
     stored_weights,
     weight_file_bytes,
 )
-from exporter.targets.base import ExportContext  # noqa: E402
+from exporter.targets import ExportContext, get_target  # noqa: E402
 from exporter.targets.coreml import capture, convert, coreml_ready, save_package  # noqa: E402
 from exporter.tokenizer import TextTokenizer  # noqa: E402
 from recipes.quant_coreml import CoreMLQuantization  # noqa: E402
@@ -71,9 +71,7 @@ class Case:
     def __init__(self, model, folder: Path, prompts: list[list[int]]):
         self.model = model.eval()
         self.folder = folder
-        self.context = ExportContext(max_seq_len=MAX_SEQ_LEN, vocab_size=model.config.vocab_size, bos_id=1,
-                                     eos_ids=(2,), precision="fp32")
-        self.mlmodel = convert(capture(coreml_ready(self.model), MAX_SEQ_LEN), self.context, "iOS18")
+        self.mlmodel = convert(capture(coreml_ready(self.model), MAX_SEQ_LEN), MAX_SEQ_LEN, target_spec("coreml"))
         self.fp32_size = save_package(self.mlmodel, folder / "fp32.mlpackage")
         self.plan = CheckPlan(prompts=prompts, max_new_tokens=6, heldout_windows=[])
         self.reference = greedy_runs(TorchSession(self.model), self.plan)
@@ -263,3 +261,25 @@ def test_untied_mla_blockffn_int4(tmp_path: Path) -> None:
     assert set(metadata["storage_dtypes"]) == {"int4", "int8"}  # lm_head int4, embedding int8
     measured = case.against(twin, session)
     assert judge(measured, TWIN_TOLERANCES) == [], measured
+
+
+# -- through the target ------------------------------------------------------------------------------
+
+
+def test_target_exports_the_compressed_program_and_its_twin(minicpm: Case, tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from runtimes.base import open_session
+
+    spec = target_spec("coreml", quantization={"scheme": "int4"})
+    exported = get_target("coreml").export(minicpm.model, tmp_path, spec, ExportContext(bos_id=1, eos_ids=(2,)))
+    artifact = asdict(exported.info)
+    compression = artifact["metadata"]["compression"]
+    assert compression["storage_dtypes"] == ["int4", "int8"] and compression["compressed_weights"] == 29
+    session = open_session(tmp_path, artifact)
+    assert failed(session.structure) == [] and len(session.structure) == 11, session.structure
+    measured = minicpm.against(exported.twin, session)
+    assert judge(measured, TWIN_TOLERANCES) == [], measured
+    with pytest.raises(InputError, match=r"quantization\.group_size"):
+        get_target("coreml").export(minicpm.model, tmp_path / "bad", target_spec(
+            "coreml", quantization={"scheme": "int4", "group_size": 40}), ExportContext(bos_id=1, eos_ids=(2,)))
