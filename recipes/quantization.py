@@ -6,14 +6,11 @@ The quantisers that carry these schemes out live in exporter/quant/.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Optional
 
+ExecuTorchQuantization = None  # replaced when the ExecuTorch quantiser lands
+from recipes.quant_onnx import OnnxQuantization as _OnnxSchemes  # noqa: E402
+from recipes.quant_coreml import CoreMLQuantization as _CoreMLSchemes  # noqa: E402
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# Filled in by the quantisation work: e.g. Annotated[Int8Scheme | Int4Scheme, Field(discriminator="scheme")].
-ExecuTorchQuantization = None
-from recipes.quant_onnx import OnnxQuantization  # noqa: E402
-CoreMLQuantization = None
+OnnxQuantization = Optional[_OnnxSchemes]
+CoreMLQuantization = Optional[_CoreMLSchemes]
