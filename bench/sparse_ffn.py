@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
             entry = bench_model(runtime, dense, sparse, tokens, args.prefill, scratch / "model" / runtime, args.repeats)
             results["whole_model"][runtime] = entry
             _print_row(f"model {runtime}", entry)
+    from bench.provenance import provenance
+
+    results["provenance"] = provenance(argv)
     (args.out / "sparse_ffn.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "sparse_ffn.png")
     print(f"wrote {args.out / 'sparse_ffn.json'} and {args.out / 'sparse_ffn.png'}")

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict
+from recipes.quant_executorch import ExecuTorchQuantization as _ExecuTorchSchemes  # noqa: E402
+from recipes.quant_onnx import OnnxQuantization as _OnnxSchemes  # noqa: E402
+from recipes.quant_coreml import CoreMLQuantization as _CoreMLSchemes  # noqa: E402
 
-from recipes import quant_executorch
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# Filled in by the quantisation work: e.g. Annotated[Int8Scheme | Int4Scheme, Field(discriminator="scheme")].
-ExecuTorchQuantization = Optional[quant_executorch.ExecuTorchQuantization]
-OnnxQuantization = None
-CoreMLQuantization = None
+ExecuTorchQuantization = Optional[_ExecuTorchSchemes]
+OnnxQuantization = Optional[_OnnxSchemes]
+CoreMLQuantization = Optional[_CoreMLSchemes]

@@ -382,6 +382,89 @@ def test_compressed_weights(tmp_path: Path, kind: str) -> None:
     _assert_close(got, ref, "fp32")
 
 
+class EmbedProject(torch.nn.Module):
+    """A token table read by a gather and by the output projection (tied), plus one linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(64, 32))
+        self.mix = torch.nn.Linear(32, 32, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.mix(F.embedding(tokens, self.table)), self.table)
+
+
+def _ternary(weight: np.ndarray):
+    scale = float(np.abs(weight).mean())
+    codes = np.clip(np.round(weight / scale), -1, 1)
+    return np.array([-scale, 0.0, scale, 0.0], dtype=weight.dtype), (codes + 1).astype(np.uint8).reshape(-1)
+
+
+# What coremltools.optimize.coreml emits for the Core ML quantisation schemes (exporter/quant/coreml.py).
+EMITTED = {
+    "int8_block32_symmetric": lambda cto: cto.OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_block", block_size=[1, 16]),
+    "int4_block16_offset": lambda cto: cto.OpLinearQuantizerConfig(
+        mode="linear", dtype="int4", granularity="per_block", block_size=[1, 16]),
+    "palette4_grouped_kmeans": lambda cto: cto.OpPalettizerConfig(
+        nbits=4, mode="kmeans", granularity="per_grouped_channel", group_size=8, channel_axis=0),
+    "palette2_grouped_uniform": lambda cto: cto.OpPalettizerConfig(
+        nbits=2, mode="uniform", granularity="per_grouped_channel", group_size=4, channel_axis=0),
+    "palette4_per_channel_scale": lambda cto: cto.OpPalettizerConfig(
+        nbits=4, mode="uniform", granularity="per_grouped_channel", group_size=8, channel_axis=0,
+        enable_per_channel_scale=True),
+    "ternary_custom_palette": lambda cto: cto.OpPalettizerConfig(
+        mode="custom", lut_function=_ternary, granularity="per_grouped_channel", group_size=1, channel_axis=0),
+}
+
+
+def _coremltools_value(op) -> np.ndarray:
+    """coremltools' own value of a constexpr op (its static decompress where a palette is itself
+    a constexpr output, which materialized_val_inference does not follow in coremltools 9.0)."""
+    if op.op_type == "constexpr_lut_to_dense" and op.lut.val is None:
+        axis = None if op.vector_axis is None else op.vector_axis.val
+        return type(op).decompress(op.indices.val, _coremltools_value(op.lut.op), axis)
+    return op.materialized_val_inference()
+
+
+@pytest.mark.parametrize("kind,precision", [(kind, "fp32") for kind in EMITTED]
+                         + [("int4_block16_offset", "fp16"), ("palette4_per_channel_scale", "fp16")])
+def test_constexpr_values_equal_coremltools(tmp_path: Path, kind: str, precision: str) -> None:
+    """Each decompression op of a saved compressed program evaluates to exactly coremltools' value."""
+    import coremltools.optimize.coreml as cto
+
+    torch.manual_seed(0)
+    model = EmbedProject().eval()
+    tokens = torch.tensor([[3, 17, 60]])
+    mlmodel = ct.convert(_export(model, tokens), convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                         compute_precision=PRECISIONS[precision],
+                         inputs=[ct.TensorType(name="tokens", shape=(1, 3), dtype=np.int32)])
+    config = EMITTED[kind](cto)
+    config.weight_threshold = 0
+    compress = cto.linear_quantize_weights if kind.startswith("int") else cto.palettize_weights
+    path = tmp_path / f"{kind}.mlpackage"
+    compress(mlmodel, cto.OptimizationConfig(global_config=config)).save(str(path))
+
+    interp = MILInterpreter(path)
+    operations = load_mil_program(path).functions["main"].operations
+    finals = [op for op in operations if op.op_type.startswith("constexpr_")
+              and not any(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops)]
+    assert len(finals) == 2  # the tied table (gather + linear) and the mix weight
+    assert {c.op_type for op in finals for c in op.outputs[0].child_ops} >= {"gather", "linear"}
+    for op in finals:
+        expected = _coremltools_value(op).astype(np.float32)
+        np.testing.assert_array_equal(interp.constant(op.outputs[0].name), expected)
+    got = _only(interp.predict({"tokens": tokens.numpy().astype(np.int32)}))
+    reference = EmbedProject().eval()
+    with torch.no_grad():
+        by_child = {c.op_type: op for op in finals for c in op.outputs[0].child_ops}
+        reference.table.copy_(torch.from_numpy(_coremltools_value(by_child["gather"]).astype(np.float32)))
+        mix = next(op for op in finals if op is not by_child["gather"])
+        reference.mix.weight.copy_(torch.from_numpy(_coremltools_value(mix).astype(np.float32)))
+        ref = reference(tokens).numpy()
+    _assert_close(got, ref, precision)
+
+
 # --------------------------------------------------------------------------------------------
 # (f) unsupported ops fail loudly
 

@@ -1,1 +1,1 @@
-"""Per-format quantisers: each turns a CausalLM into the variant its artifact stores (and that variant is the twin)."""
+"""Quantisers, one module per artifact format, each with the twin of what its artifact stores."""

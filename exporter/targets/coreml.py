@@ -66,12 +66,22 @@ class CoreMLTarget:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
 
+        if spec.quantization is not None:
+            from exporter.quant import coreml as quant
+
+            quant.check_scheme(model, spec.quantization)  # before any work
         twin, description = self.twin(model, spec)
         progress("torch.export with dynamic sequence length", 0.0)
         program = capture(twin, model.max_seq_len)
         progress("ct.convert to an ML Program", 0.3)
         mlmodel = convert(program, model.max_seq_len, spec)
-        # A program compression step (coremltools.optimize) slots in here.
+        compression = None
+        if spec.quantization is not None:
+            progress(f"coremltools.optimize: {spec.quantization.scheme}", 0.5)
+            mlmodel = quant.compress_mlmodel(mlmodel, spec.quantization)
+            twin = quant.coreml_twin(model, mlmodel)
+            description = f"eager model with the program's dequantised {spec.quantization.scheme} weights, fp16 KV cache"
+            compression = quant.compression_metadata(mlmodel, spec.quantization, model, spec.precision)
         describe(mlmodel, model, context, spec)
         progress(f"save: {PACKAGE_NAME}", 0.8)
         size = save_package(mlmodel, out_dir / PACKAGE_NAME)
@@ -81,7 +91,7 @@ class CoreMLTarget:
             files=[PACKAGE_NAME],
             entry=PACKAGE_NAME,
             io=io_contract(mlmodel, model),
-            metadata=artifact_metadata(mlmodel, spec, size),
+            metadata={**artifact_metadata(mlmodel, spec, size), **({"compression": compression} if compression else {})},
         )
         return ExportedArtifact(info, twin, description)
 
@@ -150,6 +160,8 @@ def save_package(mlmodel, path: Path) -> int:
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
         mlmodel.save(str(temporary))
+        # coremltools' debug map for ExecuTorch's Core ML delegate: a build by-product, not in the package manifest.
+        (temporary / "executorch_debug_handle_mapping.json").unlink(missing_ok=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(temporary, path)

@@ -203,6 +203,12 @@ class MILInterpreter:
     def op_types(self) -> set[str]:
         return {op.op_type for op in self.function.operations}
 
+    def constant(self, name: str) -> np.ndarray:
+        """The value of a const or constexpr op's output, as the interpreter computed it at load."""
+        if name not in self._consts:
+            raise KeyError(f"no constant named {name}")
+        return self._consts[name]
+
     def make_state(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(self._dims(s), dtype=s.dtype) for name, s in self._states.items()}
 

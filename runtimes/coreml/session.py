@@ -63,8 +63,10 @@ def coreml_available() -> bool:
 
 
 class CoreMLSession:
-    def __init__(self, package_path: Path, io: dict[str, Any], runtime: str | None = None):
-        """runtime: "coreml", "interpreter", or None for Core ML where it exists, else the interpreter."""
+    def __init__(self, package_path: Path, io: dict[str, Any], runtime: str | None = None,
+                 compression: dict[str, Any] | None = None):
+        """runtime: "coreml", "interpreter", or None for Core ML where it exists, else the interpreter.
+        compression: the artifact's compression metadata, for the structural checks of a compressed program."""
         package_path = Path(package_path)
         if not package_path.is_dir():
             raise InputError(package_path, "Core ML package not found")
@@ -86,7 +88,7 @@ class CoreMLSession:
             program = interpreter.program
             self.verified = INTERPRETER_VERIFIED
         self.runtime = runtime
-        self.structure = structural_checks(package_path, self.vocab_size, program=program)
+        self.structure = structural_checks(package_path, self.vocab_size, program=program, compression=compression)
         self.reset()
 
     def reset(self) -> None:
@@ -111,7 +113,8 @@ class CoreMLSession:
 
 
 def open_coreml(bundle_dir: Path, artifact: dict[str, Any]) -> CoreMLSession:
-    return CoreMLSession(Path(bundle_dir) / artifact["entry"], artifact["io"])
+    return CoreMLSession(Path(bundle_dir) / artifact["entry"], artifact["io"],
+                         compression=artifact.get("metadata", {}).get("compression"))
 
 
 register_runtime("coreml", open_coreml)

@@ -7,6 +7,10 @@ They read the package (spec and MIL program) without running it, so they hold on
 - no tensor has rank above 5 (Core ML's limit for ML Program tensors);
 - every gather's indices can address its whole axis: coremltools narrows gather indices to
   (u)int16 in fp16 programs, which would silently wrap token ids of a vocabulary above 65535.
+- for a compressed program (the artifact's `compression` metadata): the constexpr op types its
+  scheme emits are there, every weight matrix (linear weights, the vocabulary-wide gather) comes
+  out of a constexpr op unless the metadata lists it as kept, the stored codes have the scheme's
+  narrow dtypes, and weight.bin is within 10 % of the size formula.
 
 Each check is a dict {name, passed, detail}; the caller decides what a failure means.
 """
@@ -26,8 +30,10 @@ MAX_RANK = 5
 GATHER_OPS = ("gather", "gather_along_axis", "gather_nd")
 
 
-def structural_checks(package_path: str | Path, vocab_size: int, program: Any = None) -> list[dict[str, Any]]:
-    """All checks of the package. `program` (its loaded MIL program) saves loading the weights twice."""
+def structural_checks(package_path: str | Path, vocab_size: int, program: Any = None,
+                      compression: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """All checks of the package. `program` (its loaded MIL program) saves loading the weights twice;
+    `compression` (the artifact's compression metadata) adds the checks of a compressed program."""
     import coremltools as ct
 
     spec = ct.models.MLModel(str(package_path), skip_model_load=True).get_spec()
@@ -43,6 +49,7 @@ def structural_checks(package_path: str | Path, vocab_size: int, program: Any = 
         check_states_fp16(spec, functions),
         check_tensor_ranks(functions),
         check_gather_indices(functions, vocab_size),
+        *(compression_checks(package_path, functions, vocab_size, compression) if compression else []),
     ]
 
 
@@ -128,6 +135,87 @@ def check_gather_indices(functions: dict[str, Any], vocab_size: int) -> dict[str
         return _result("gather_indices", False, "; ".join(narrow[:5]))
     return _result("gather_indices", True, f"{count} gathers; indices wide enough for every axis "
                                            f"(largest {widest_axis}, vocab {vocab_size})")
+
+
+WEIGHT_FILE_TOLERANCE = 0.10
+
+
+def compression_checks(package_path: str | Path, functions: dict[str, Any], vocab_size: int,
+                       compression: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        check_compression_ops(functions, compression["op_types"]),
+        check_no_dense_weights(functions, vocab_size, set(compression.get("uncompressed_matrices", ()))),
+        check_storage_dtypes(functions, set(compression["storage_dtypes"])),
+        check_weight_file_size(package_path, int(compression["expected_weight_bytes"])),
+    ]
+
+
+def check_compression_ops(functions: dict[str, Any], expected: list[str]) -> dict[str, Any]:
+    used = {op.op_type for function in functions.values() for op in _operations(function)}
+    missing = sorted(set(expected) - used)
+    if missing:
+        return _result("compression_ops", False, f"no {', '.join(missing)} in the program")
+    return _result("compression_ops", True, f"{', '.join(sorted(expected))} present")
+
+
+def _weight_inputs(op: Any, vocab_size: int) -> list[Any]:
+    """The operands of `op` that are weight matrices."""
+    if op.op_type == "linear":
+        return [op.weight]
+    if op.op_type == "matmul":
+        return [v for v in (op.x, op.y) if v.op is not None and v.op.op_type != "read_state"
+                and (v.op.op_type == "const" or v.op.op_type.startswith("constexpr_"))]
+    if op.op_type == "gather" and op.x.rank == 2 and op.x.shape[0] == vocab_size:
+        return [op.x]
+    return []
+
+
+def check_no_dense_weights(functions: dict[str, Any], vocab_size: int, kept: set[str]) -> dict[str, Any]:
+    """Every weight matrix is produced by a constexpr (decompression) op, except the ones kept."""
+    dense, compressed = [], 0
+    for function in functions.values():
+        for op in _operations(function):
+            for var in _weight_inputs(op, vocab_size):
+                producer = var.op
+                if producer is None:
+                    continue
+                if producer.op_type.startswith("constexpr_"):
+                    compressed += 1
+                elif producer.op_type == "const" and var.rank >= 2 and producer.name not in kept:
+                    dense.append(f"{producer.name} ({types_name(var.dtype)} {tuple(var.shape)})")
+    if dense:
+        return _result("weights_compressed", False, f"dense weight matrices left: {', '.join(sorted(set(dense))[:5])}")
+    return _result("weights_compressed", True, f"{compressed} weight operands decompressed at load"
+                                               + (f"; kept dense: {', '.join(sorted(kept))}" if kept else ""))
+
+
+def check_storage_dtypes(functions: dict[str, Any], expected: set[str]) -> dict[str, Any]:
+    """The codes of every constexpr op are stored in one of the scheme's narrow integer types."""
+    stored = set()
+    for function in functions.values():
+        for op in _operations(function):
+            if op.op_type == "constexpr_blockwise_shift_scale" and types_name(op.data.dtype).startswith(("int", "uint")):
+                stored.add(types_name(op.data.dtype))  # (a float `data` is a palette being rescaled)
+            elif op.op_type == "constexpr_lut_to_dense":
+                stored.add(types_name(op.indices.dtype))
+    unexpected = sorted(stored - expected)
+    if unexpected or not stored:
+        return _result("storage_dtypes", False, f"codes stored as {', '.join(sorted(stored)) or 'nothing'}; "
+                                                f"expected {', '.join(sorted(expected))}")
+    return _result("storage_dtypes", True, f"codes stored as {', '.join(sorted(stored))}")
+
+
+def check_weight_file_size(package_path: str | Path, expected_bytes: int) -> dict[str, Any]:
+    size = sum(f.stat().st_size for f in Path(package_path).rglob("weight.bin"))
+    ratio = size / expected_bytes if expected_bytes else float("inf")
+    detail = f"weight.bin {size} bytes = {ratio:.3f} x the formula's {expected_bytes}"
+    return _result("weight_file_size", abs(ratio - 1) <= WEIGHT_FILE_TOLERANCE, detail)
+
+
+def types_name(dtype: Any) -> str:
+    from coremltools.converters.mil.mil import types
+
+    return types.builtin_to_string(dtype)
 
 
 # -- helpers -------------------------------------------------------------------------------------
