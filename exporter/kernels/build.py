@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "sparse_expert_ffn.cpp",)
-LIBRARY_NAME = "libcpm_mobile_kernels"
+LIBRARY_NAME = "libcpm_mobile_kernels"  # = exporter.kernels.LIBRARY (not imported: setup.py loads this file alone)
 # Extra compiler flags, e.g. CPM_MOBILE_KERNEL_FLAGS="-march=armv8.2-a" (default: tune for this machine).
 FLAGS_VARIABLE = "CPM_MOBILE_KERNEL_FLAGS"
 

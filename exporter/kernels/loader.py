@@ -11,9 +11,7 @@ import ctypes
 import functools
 from pathlib import Path
 
-from exporter.kernels import build
-
-KERNELS = ("cpm_mobile::sparse_expert_ffn.out",)
+from exporter.kernels import KERNEL_LIBRARIES, build
 
 
 def library_path() -> Path:
@@ -31,6 +29,6 @@ def load_kernels() -> Path:
 
     path = library_path()
     # The pybindings (imported above) loaded libexecutorch.so: the library registers into that registry.
-    if not set(KERNELS) <= set(portable_lib._get_operator_names()):
+    if not set(KERNEL_LIBRARIES) <= set(portable_lib._get_operator_names()):
         ctypes.CDLL(str(path))
     return path

@@ -25,6 +25,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from exporter.errors import InputError
+from exporter.kernels import app_kernels
 from exporter.models.kv_cache import StaticKVCache
 from exporter.models.transformer import CausalLM
 from exporter.targets.base import ArtifactInfo, ExportContext, Progress, check_context_matches, no_progress
@@ -232,7 +233,8 @@ def program_contents(executorch_program) -> dict[str, Any]:
     delegates: dict[str, int] = {}
     for delegate in plan.delegates:
         delegates[delegate.id] = delegates.get(delegate.id, 0) + 1
-    return {"kernels": kernels, "delegates": delegates}
+    # Kernels of ours (exporter/kernels) the app must link, by library: {} for a program without any.
+    return {"kernels": kernels, "delegates": delegates, "app_kernels": app_kernels(kernels)}
 
 
 def artifact_metadata(
