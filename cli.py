@@ -87,21 +87,27 @@ def _progress_bar() -> Iterator[Callable[[str, float | None], None]]:
 
 
 def _print_report(report: dict) -> None:
-    table = Table(title="check against the PyTorch reference")
-    for column in ("target", "verified", "max|dlogit|", "SQNR dB", "KL", "top-1", "greedy", "ppl (ref)", "result"):
-        table.add_column(column)
+    """One row per artifact and gate: faithfulness (vs its twin) and fidelity (vs fp32)."""
+    table = Table(title="check: faithfulness vs twin, fidelity vs fp32 reference")
+    for column in ("target", "gate", "max rel", "SQNR", "KL", "top-1", "greedy", "ppl +/-", "result"):
+        table.add_column(column, no_wrap=True)
     for target, entry in report["artifacts"].items():
-        m = entry["metrics"]
-        verified = entry["verified"].split(" (")[0]
-        if not m:
-            table.add_row(target, verified, *["-"] * 6, "[red]FAIL[/]")
-            continue
-        ppl = f"{m['ppl']:.2f} ({m['ppl_reference']:.2f})" if "ppl" in m else "-"
-        prefix = f"{sum(m['greedy_prefix_tokens'])}/{sum(m['greedy_tokens'])}"
-        result = "[green]pass[/]" if entry["passed"] else "[red]FAIL[/]"
-        table.add_row(target, verified, f"{m['max_abs_logits']:.2e}", f"{m['sqnr_db']:.1f}",
-                      f"{m['kl']:.2e}", f"{m['top1']:.4f}", prefix, ppl, result)
+        for gate in ("faithfulness", "fidelity"):
+            m = entry[gate]["metrics"]
+            label = target if gate == "faithfulness" else ""
+            result = "[green]pass[/]" if entry[gate]["passed"] else "[red]FAIL[/]"
+            if not m:
+                table.add_row(label, gate, *["-"] * 6, result)
+                continue
+            ppl = f"{m['ppl_rel_delta']:.1e}" if "ppl" in m else "-"
+            greedy = f"{m['greedy']:.3f}" + (f" ({m['greedy_ties']}t)" if m["greedy_ties"] else "")
+            table.add_row(label, gate, f"{m['max_rel_logits']:.1e}", f"{m['sqnr_db']:.0f}", f"{m['kl']:.1e}",
+                          f"{m['top1']:.3f}", greedy, ppl, result)
     console.print(table)
+    plan = report.get("plan", {})
+    if plan.get("heldout_windows"):
+        console.print(f"perplexity scored on {plan['heldout_tokens'] - plan['heldout_windows']} held-out tokens "
+                      f"({plan['heldout_windows']} windows)")
     for target, entry in report["artifacts"].items():
         for breach in entry["breaches"]:
             console.print(f"[red]{target}[/]: {breach}")
@@ -153,7 +159,7 @@ def check(
     target: str = typer.Option("all", "--target", "-t", help="executorch | onnx | coreml | all (the bundle's artifacts)."),
 ) -> None:
     """Check an existing bundle again against its source checkpoint. Exit 0 pass, 1 breach, 2 bad input."""
-    from runtimes.bundle_check import check_bundle
+    from exporter.bundle_check import check_bundle
 
     try:
         with _progress_bar() as progress:

@@ -43,7 +43,7 @@ from exporter.models import load_checkpoint, load_model, write_synthetic_checkpo
 from exporter.models.ffn import BlockFFN
 from exporter.models.loader import build_model
 from exporter.models.transformer import CausalLM
-from exporter.passes.blockffn_sparse import SparseBlockFFN
+from exporter.passes.blockffn_sparse import TOKENS_TRANSPOSED, SparseBlockFFN, blockffn_sparse
 from exporter.targets import ExportContext, get_target
 from exporter.tokenizer import TextTokenizer
 
@@ -63,15 +63,11 @@ Runner = Callable[[np.ndarray], np.ndarray]
 # -- models --------------------------------------------------------------------------------------
 
 
-def sparse_form(runtime: str) -> type:
-    return FusedSparseBlockFFN if runtime == "executorch" else SparseBlockFFN
-
-
-def with_ffn(model: CausalLM, form: type) -> CausalLM:
-    sparse = copy.deepcopy(model)
-    for layer in sparse.layers:
-        layer.mlp = form(layer.mlp)
-    return sparse
+def sparse_layer(runtime: str, dense: BlockFFN) -> torch.nn.Module:
+    """The layer form the blockffn_sparse pass gives the runtime's target."""
+    if runtime == "executorch":
+        return FusedSparseBlockFFN(dense)
+    return SparseBlockFFN(dense, TOKENS_TRANSPOSED[runtime])
 
 
 def text_ids(tokenizer: TextTokenizer, count: int) -> np.ndarray:
@@ -237,8 +233,8 @@ def model_session(runtime: str, model: CausalLM, folder: Path):
     from runtimes.onnx import open_onnx
 
     config = model.config
-    context = ExportContext(model.max_seq_len, config.vocab_size, config.bos_token_id, tuple(config.eos_token_ids))
-    info = get_target(runtime).export(model, folder, context, lambda *a: None)
+    context = ExportContext(config.bos_token_id, tuple(config.eos_token_ids))
+    info = get_target(runtime).export(model, folder, None, context).info
     if runtime == "onnx":
         return open_onnx(folder, asdict(info), threads=torch.get_num_threads())
     return open_session(folder, asdict(info))
@@ -247,7 +243,7 @@ def model_session(runtime: str, model: CausalLM, folder: Path):
 def compare_models(runtime: str, dense: CausalLM, ids: np.ndarray, prefill: int, folder: Path,
                    repeats: int) -> dict:
     sessions = {"dense": model_session(runtime, dense, folder / "dense"),
-                "sparse": model_session(runtime, with_ffn(dense, sparse_form(runtime)), folder / "sparse")}
+                "sparse": model_session(runtime, blockffn_sparse(dense, {}, runtime), folder / "sparse")}
     prompt, rest = ids[:prefill], ids[prefill:]
     steps = rest[:16]
     chunk = rest[:CHUNK]
@@ -290,14 +286,14 @@ def bench(name: str, model: CausalLM, ids: np.ndarray, runtimes: list[str], args
     for runtime in runtimes:
         folder = scratch / name / runtime
         dense_run = layer_runner(runtime, ffn, hidden, folder / "dense")
-        sparse_run = layer_runner(runtime, sparse_form(runtime)(ffn), hidden, folder / "sparse")
+        sparse_run = layer_runner(runtime, sparse_layer(runtime, ffn), hidden, folder / "sparse")
         result["layer"][runtime] = compare_layers(dense_run, sparse_run, x, args.repeats)
         _print_row(f"  layer {runtime}", result["layer"][runtime])
         if name == "small" and not args.no_sweep:
             sweep = {}
             for fraction in SWEEP_FRACTIONS:
                 planted_ffn, planted_x = planted(ffn, x, fraction)
-                runner = layer_runner(runtime, sparse_form(runtime)(planted_ffn), hidden, folder / f"sweep-{fraction}")
+                runner = layer_runner(runtime, sparse_layer(runtime, planted_ffn), hidden, folder / f"sweep-{fraction}")
                 sweep[str(fraction)] = compare_layers(dense_run, runner, planted_x, args.repeats)
                 _print_row(f"    planted {fraction:.0%} active", sweep[str(fraction)])
             result["sweep"][runtime] = sweep

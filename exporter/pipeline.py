@@ -14,11 +14,11 @@ from exporter.bundle import MANIFEST, REPORT, file_hashes, publish, staging_fold
 from exporter.defaults import HELDOUT_TEXT
 from exporter.errors import InputError
 from exporter.models.loader import build_model, load_checkpoint
-from exporter.passes import apply_passes
+from exporter.passes import apply_passes, check_passes
 from exporter.targets import ExportContext, Progress, get_target, no_progress
 from exporter.tokenizer import TextTokenizer
+from exporter.verify import Twin, build_plan, check_artifacts
 from recipes.schema import Recipe
-from runtimes.verify import check_artifacts
 
 BUNDLE_FORMAT = "cpm-mobile-bundle/1"
 LIBRARIES = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript", "coremltools", "tokenizers", "numpy")
@@ -65,32 +65,33 @@ def export_bundle(
     A bundle whose check breaches a tolerance is published as `<name>.rejected` instead, so the
     report can be read but no app picks it up as a valid bundle.
     """
+    for target_name, spec in recipe.targets.items():
+        check_passes([*recipe.passes, *spec.passes], target_name)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
+    config = checkpoint.config
+    plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len, config.eos_token_ids,
+                      heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
-    # Passes return new modules and targets never mutate theirs, so the plain module stays the reference.
-    model = apply_passes(reference, recipe.passes)
     name = name or f"{checkpoint.folder.name}-{recipe.name}"
     final = Path(out_dir) / name
-    config = checkpoint.config
+    context = ExportContext(
+        bos_id=tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id,
+        eos_ids=config.eos_token_ids,
+    )
     with staging_folder(final) as staging:
-        artifacts = []
+        artifacts, twins = [], {}
         for target_name, spec in recipe.targets.items():
-            context = ExportContext(
-                max_seq_len=recipe.max_seq_len,
-                vocab_size=config.vocab_size,
-                bos_id=tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id,
-                eos_ids=config.eos_token_ids,
-                precision=spec.precision,
-                options={**spec.options, "quantization": spec.quantization},
-            )
+            # Passes return variants and targets never mutate their input: the reference stays plain.
+            model = apply_passes(reference, [*recipe.passes, *spec.passes], target_name)
             progress(f"export {target_name}", None)
-            info = get_target(target_name).export(model, staging, context, _prefixed(progress, target_name))
-            artifacts.append(asdict(info))
+            exported = get_target(target_name).export(model, staging, spec, context, _prefixed(progress, target_name))
+            artifacts.append(asdict(exported.info))
+            twins[target_name] = Twin(exported.twin, exported.twin_description)
         for file in tokenizer.files():
             shutil.copy2(file, staging / file.name)
-        result = check_artifacts(reference, tokenizer, recipe, staging, artifacts, read_heldout(heldout), progress)
+        result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress)
         manifest = {
             "format": BUNDLE_FORMAT,
             "name": name,

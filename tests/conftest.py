@@ -57,3 +57,10 @@ def with_tokenizer(checkpoint: Path, tokenizer_folder: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_folder / name, checkpoint / name)
     return checkpoint
+
+
+def target_spec(target: str, **fields):
+    """A typed target spec as a recipe would give it (no bounds: tests judge the numbers themselves)."""
+    from recipes.schema import SPEC_TYPES
+
+    return SPEC_TYPES[target].model_validate({"faithfulness": {}, "fidelity": {}, **fields})

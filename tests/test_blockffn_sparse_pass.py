@@ -21,7 +21,7 @@ from exporter.models import CausalLM, ModelConfig, load_model, write_synthetic_c
 from exporter.models.ffn import BlockFFN
 from exporter.models.presets import preset_config
 from exporter.passes import PASSES, apply_passes
-from exporter.passes.blockffn_sparse import SparseBlockFFN, blockffn_sparse, unsupported_reason
+from exporter.passes.blockffn_sparse import SparseBlockFFN, blockffn_sparse
 from exporter.targets.base import ArtifactInfo, ExportContext
 from exporter.targets.executorch import ExecuTorchTarget
 from exporter.targets.onnx import OnnxTarget
@@ -29,7 +29,7 @@ from recipes.schema import PassSpec, load_recipe
 from runtimes.base import open_session
 from runtimes.check import CheckPlan, Observations, compare, greedy_runs, teacher_forced_runs
 from runtimes.torch_session import TorchSession
-from tests.conftest import TINY_BLOCKFFN, TINY_GQA
+from tests.conftest import TINY_BLOCKFFN, TINY_GQA, target_spec
 
 MAX_SEQ_LEN = 128
 VOCAB = 500
@@ -62,7 +62,7 @@ def dense(tmp_path_factory) -> CausalLM:
 
 @pytest.fixture(scope="module")
 def sparse(dense) -> CausalLM:
-    return blockffn_sparse(dense, {})
+    return blockffn_sparse(dense, {}, "executorch")
 
 
 def _random_tokens(count: int, seed: int) -> list[int]:
@@ -107,19 +107,22 @@ class Exported:
         return open_session(self.folder, dataclasses.asdict(self.info))
 
 
-def _export(target, model: CausalLM, folder: Path, options: dict) -> Exported:
-    context = ExportContext(max_seq_len=MAX_SEQ_LEN, vocab_size=VOCAB, bos_id=1, eos_ids=(2,), options=options)
-    return Exported(target.export(model, folder, context, lambda *args: None), folder)
+def _export(target, dense: CausalLM, folder: Path) -> Exported:
+    """The pass applied for the target, as the pipeline does, then the target's export."""
+    sparse = apply_passes(dense, [PassSpec(name="blockffn_sparse")], target.name)
+    exported = target.export(sparse, folder, target_spec(target.name), ExportContext(1, (2,)), lambda *args: None)
+    assert exported.twin is sparse  # the artifact is checked against the sparse form it was given
+    return Exported(exported.info, folder)
 
 
 @pytest.fixture(scope="module")
-def pte(sparse, tmp_path_factory) -> Exported:
-    return _export(ExecuTorchTarget(), sparse, tmp_path_factory.mktemp("pte"), {"backend": "xnnpack"})
+def pte(dense, tmp_path_factory) -> Exported:
+    return _export(ExecuTorchTarget(), dense, tmp_path_factory.mktemp("pte"))
 
 
 @pytest.fixture(scope="module")
-def onnx_artifact(sparse, tmp_path_factory) -> Exported:
-    return _export(OnnxTarget(), sparse, tmp_path_factory.mktemp("onnx"), {"opset": 20})
+def onnx_artifact(dense, tmp_path_factory) -> Exported:
+    return _export(OnnxTarget(), dense, tmp_path_factory.mktemp("onnx"))
 
 
 def _snapshot(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -199,7 +202,7 @@ def test_the_copy_leaves_the_input_model_untouched(tmp_path):
     folder = write_synthetic_checkpoint(tmp_path / "m", "blockffn-small", **SIZES)
     model, _ = load_model(folder, max_seq_len=32, dtype=torch.float32)
     before = _snapshot(model)
-    copy = blockffn_sparse(model, {})
+    copy = blockffn_sparse(model, {}, "executorch")
     _logits(copy, [(_random_tokens(9, seed=3), 0), ([5], 9)])  # runs write the copy's own caches
     with torch.no_grad():
         copy(torch.tensor([[7, 8]]), torch.tensor([0]))  # and leave them filled
@@ -211,34 +214,34 @@ def test_the_copy_leaves_the_input_model_untouched(tmp_path):
     assert copy.layers is not model.layers and copy.kv_caches is not model.kv_caches
     # Weights are shared, not copied, except the experts' re-laid-out blocks.
     assert copy.embed_tokens.weight is model.embed_tokens.weight
-    assert copy.layers[0].self_attn is model.layers[0].self_attn
+    assert copy.layers[0].self_attn is model.layers[0].self_attn  # untouched modules are shared as they are
     assert copy.layers[0].mlp.router_proj.weight is model.layers[0].mlp.router_proj.weight
     assert copy.layers[0].mlp.up_experts.data_ptr() == model.layers[0].mlp.up_proj.weight.data_ptr()
 
 
 def test_registered_and_refuses_models_without_blockffn_and_unknown_options(dense):
-    assert PASSES["blockffn_sparse"] is blockffn_sparse
-    applied = apply_passes(dense, [PassSpec(name="blockffn_sparse")])
+    assert PASSES["blockffn_sparse"].function is blockffn_sparse
+    applied = apply_passes(dense, [PassSpec(name="blockffn_sparse")], "onnx")
     assert all(isinstance(layer.mlp, SparseBlockFFN) for layer in applied.layers)
     gqa = CausalLM(ModelConfig.from_hf_dict(preset_config("minicpm4-0.5b", **TINY_GQA, vocab_size=VOCAB)), 16)
     with pytest.raises(InputError, match="BlockFFN"):
-        blockffn_sparse(gqa, {})
+        blockffn_sparse(gqa, {}, "onnx")
     with pytest.raises(InputError, match="already"):
-        blockffn_sparse(applied, {})
+        blockffn_sparse(applied, {}, "onnx")
     with pytest.raises(InputError, match="no options"):
-        blockffn_sparse(dense, {"threshold": 0.1})
+        blockffn_sparse(dense, {"threshold": 0.1}, "onnx")
 
 
-def test_recipe_lists_only_the_targets_that_run_the_gathers(dense, sparse):
-    assert "non_zero" in unsupported_reason(sparse, "coreml")
-    assert unsupported_reason(dense, "coreml") is None
-    assert unsupported_reason(sparse, "executorch") is None and unsupported_reason(sparse, "onnx") is None
+def test_recipe_lists_only_the_targets_that_run_the_gathers():
+    assert "non_zero" in PASSES["blockffn_sparse"].targets["coreml"]
+    assert PASSES["blockffn_sparse"].targets["executorch"] is None and PASSES["blockffn_sparse"].targets["onnx"] is None
     recipe = load_recipe("fp32-sparse")
-    assert [p.name for p in recipe.passes] == ["blockffn_sparse"]
     assert set(recipe.targets) == {"executorch", "onnx"}
     fp32 = load_recipe("fp32")
     for name, spec in recipe.targets.items():
-        assert spec.tolerances == fp32.targets[name].tolerances
+        assert [p.name for p in spec.passes] == ["blockffn_sparse"]
+        # Exact: held to the fp32 bounds against both the sparse twin and the dense reference.
+        assert spec.faithfulness == fp32.targets[name].faithfulness and spec.fidelity == fp32.targets[name].fidelity
 
 
 # -- exported: the artifacts match the dense reference -------------------------------------------
@@ -255,11 +258,11 @@ def test_artifact_matches_the_dense_reference(artifact, reference, request):
     measured = compare(reference.runs, teacher_forced_runs(exported.session(), reference.plan, reference.runs),
                        reference.plan)
     assert measured["max_abs_logits"] <= FP32_MAX_ABS_LOGITS, measured
-    assert measured["greedy_prefix"] == 1.0, measured
+    assert measured["greedy"] == 1.0 and measured["greedy_prefix_tokens"] == measured["greedy_tokens"], measured
     assert measured["greedy_tokens"] == [NEW_TOKENS] * len(PROMPT_LENGTHS)
 
 
-def test_pte_gathers_expert_rows_outside_the_delegate(pte):
+def test_pte_runs_the_fused_expert_kernel_outside_the_delegate(pte):
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.schema import KernelCall
 
@@ -267,12 +270,9 @@ def test_pte_gathers_expert_rows_outside_the_delegate(pte):
     plan = next(p for p in program.execution_plan if p.name == "forward")
     calls = [i.instr_args for chain in plan.chains for i in chain.instructions if isinstance(i.instr_args, KernelCall)]
     names = [plan.operators[call.op_index].name for call in calls]
-    assert names.count("aten::nonzero") == LAYERS
-    expert_rows = [EXPERTS, HIDDEN * WIDTH]
-    gathered = [call for call, name in zip(calls, names) if name == "aten::index_select"
-                and list(plan.values[call.args[0]].val.sizes) == expert_rows]
-    assert len(gathered) == 2 * LAYERS  # up and down blocks of every layer
-    assert names.count("aten::mm") >= 2 * LAYERS  # the gathered blocks' matmuls run as kernels
+    assert names.count("cpm_mobile::sparse_expert_ffn") == LAYERS  # one kernel call per BlockFFN layer
+    assert "aten::nonzero" not in names and "aten::index_select" not in names  # no gathers left
+    assert pte.info.metadata["app_kernels"] == {"libcpm_mobile_kernels": ["cpm_mobile::sparse_expert_ffn.out"]}
 
 
 def test_onnx_gathers_expert_rows_after_nonzero(onnx_artifact):
@@ -288,11 +288,9 @@ def test_onnx_gathers_expert_rows_after_nonzero(onnx_artifact):
     assert not [t.name for t in graph.initializer if list(t.dims) in dense_shapes and "mlp" in t.name]
 
 
-def test_coreml_target_refuses_the_sparse_form_before_exporting(sparse, tmp_path):
+def test_coreml_target_refuses_the_sparse_form_before_exporting(dense, tmp_path):
     from exporter.errors import InputError
-    from exporter.targets import ExportContext, get_target
 
-    context = ExportContext(sparse.max_seq_len, sparse.config.vocab_size, 1, (2,))
     with pytest.raises(InputError, match="coreml"):
-        get_target("coreml").export(sparse, tmp_path, context, lambda *a: None)
+        apply_passes(dense, [PassSpec(name="blockffn_sparse")], "coreml")
     assert list(tmp_path.iterdir()) == []

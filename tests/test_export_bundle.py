@@ -74,8 +74,9 @@ def test_bundle_holds_artifact_tokenizer_manifest_report(bundle):
     report = json.loads((bundle / "report.json").read_text())
     entry = report["artifacts"]["onnx"]
     assert report["passed"] and entry["passed"]
-    assert entry["metrics"]["max_abs_logits"] <= 1e-4
-    assert entry["metrics"]["greedy_prefix"] == 1.0
+    for gate in ("faithfulness", "fidelity"):
+        assert entry[gate]["passed"] and entry[gate]["metrics"]["max_abs_logits"] <= 1e-4
+        assert entry[gate]["metrics"]["greedy"] == 1.0
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
@@ -102,7 +103,8 @@ def test_flipped_weight_bytes_fail_the_check_with_exit_1(bundle, heldout, tmp_pa
     assert result.exit_code == 1, result.output
     breaches = json.loads(report_path.read_text())["artifacts"]["onnx"]["breaches"]
     assert any("sha256 differs" in b for b in breaches)
-    assert any(b.startswith(("max_abs_logits", "sqnr_db", "kl")) for b in breaches), breaches
+    assert any(b.startswith(("faithfulness: max_rel_logits", "faithfulness: sqnr_db", "faithfulness: kl"))
+               for b in breaches), breaches
 
 
 def test_missing_file_exits_2_naming_it(bundle, heldout, tmp_path):
@@ -124,7 +126,7 @@ def test_not_a_bundle_exits_2(tmp_path):
 
 def test_tolerance_breach_exits_1_and_publishes_only_a_rejected_folder(checkpoint, heldout, tmp_path):
     recipe = load_recipe("fp32").model_dump(mode="json")
-    recipe["targets"]["onnx"]["tolerances"]["min_sqnr_db"] = 1000.0  # above the metric's ceiling: cannot pass
+    recipe["targets"]["onnx"]["fidelity"]["min_sqnr_db"] = 1000.0  # above the metric's ceiling: cannot pass
     recipe_path = _fast_recipe(tmp_path, targets={"onnx": recipe["targets"]["onnx"]})
     result = runner.invoke(app, ["export", "--model", str(checkpoint), "--target", "onnx",
                                  "--recipe", str(recipe_path), "--out", str(tmp_path / "out"), "--name", "b",
@@ -180,7 +182,7 @@ def test_all_targets_in_one_bundle_then_check_again(checkpoint, heldout, tmp_pat
     assert verified["coreml"].startswith(("ML Program semantics verified", "Core ML runtime verified"))
     assert verified["executorch"].startswith("ExecuTorch runtime verified")
     for target in ("executorch", "onnx"):
-        assert report["artifacts"][target]["metrics"]["max_abs_logits"] <= 1e-4
+        assert report["artifacts"][target]["fidelity"]["metrics"]["max_abs_logits"] <= 1e-4
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert any(name.startswith("model.mlpackage/") for name in manifest["files"])  # package contents hashed
     again = runner.invoke(app, ["check", str(bundle), "--target", "coreml", "--heldout", str(heldout)])

@@ -21,7 +21,7 @@ from runtimes import check
 from runtimes.base import open_session
 from runtimes.onnx import OnnxSession, open_onnx
 from runtimes.torch_session import TorchSession
-from tests.conftest import TINY_BLOCKFFN, TINY_GQA
+from tests.conftest import TINY_BLOCKFFN, TINY_GQA, target_spec
 
 MAX_SEQ_LEN = 128
 NEW_TOKENS = 64
@@ -66,17 +66,11 @@ def _export(root: Path, preset: str, overrides: dict, precision: str = "fp32", *
     model, _ = load_model(checkpoint, max_seq_len=MAX_SEQ_LEN)
     before = _state(model)
     config = model.config
-    context = ExportContext(
-        max_seq_len=MAX_SEQ_LEN,
-        vocab_size=config.vocab_size,
-        bos_id=config.bos_token_id,
-        eos_ids=config.eos_token_ids,
-        precision=precision,
-        options=options,
-    )
+    context = ExportContext(bos_id=config.bos_token_id, eos_ids=config.eos_token_ids)
+    spec = target_spec("onnx", precision=precision, options=options)
     calls: list[tuple[str, float | None]] = []
     folder = root / "bundle"
-    info = OnnxTarget().export(model, folder, context, lambda text, fraction: calls.append((text, fraction)))
+    info = OnnxTarget().export(model, folder, spec, context, lambda text, fraction: calls.append((text, fraction))).info
     return Exported(model, before, _state(model), info, folder, calls)
 
 
@@ -269,8 +263,7 @@ def test_external_data_below_threshold_and_stale_data_removed(tmp_path):
     assert metrics["max_abs_logits"] <= FP32_MAX_ABS
 
     # Exported again with the default threshold: one file, and the old weights file is gone.
-    context = ExportContext(MAX_SEQ_LEN, exported.model.config.vocab_size, 1, (2,))
-    info = OnnxTarget().export(exported.model, folder, context, lambda *_: None)
+    info = OnnxTarget().export(exported.model, folder, target_spec("onnx"), ExportContext(1, (2,)), lambda *_: None).info
     assert info.metadata["external_data"] is False and info.files == ["model.onnx", "genai_config.json"]
     assert not (folder / "model.onnx.data").exists()
     assert (folder / "model.onnx").stat().st_size >= embedding_bytes
@@ -314,10 +307,3 @@ def test_missing_or_invalid_model_is_an_input_error(gqa: Exported, tmp_path):
     with pytest.raises(InputError, match="onnxruntime cannot load") as raised:
         open_session(tmp_path, gqa.artifact)
     assert raised.value.path == tmp_path / "model.onnx"
-
-
-def test_requested_quantisation_is_refused_not_ignored(gqa: Exported, tmp_path):
-    context = ExportContext(MAX_SEQ_LEN, gqa.model.config.vocab_size, 1, (2,), options={"quantization": {"weights": "int8"}})
-    with pytest.raises(InputError, match="quantis"):
-        OnnxTarget().export(gqa.model, tmp_path, context, lambda *_: None)
-    assert list(tmp_path.iterdir()) == []

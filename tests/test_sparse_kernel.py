@@ -22,12 +22,15 @@ from exporter.kernels.ops import KERNEL
 from exporter.models import load_model
 from exporter.models.ffn import BlockFFN
 from exporter.models.reference import greedy_generate
+from exporter.passes import apply_passes
 from exporter.targets.base import ExportContext
 from exporter.targets.executorch import ExecuTorchTarget, emit, lower, write_program
 from exporter.tokenizer import TextTokenizer
 from runtimes.base import open_session
 from runtimes.check import CheckPlan, compare, greedy_runs, teacher_forced_runs
+from recipes.schema import PassSpec
 from runtimes.torch_session import TorchSession
+from tests.conftest import target_spec
 
 HIDDEN, EXPERTS, WIDTH = 37, 8, 16
 MAX_ABS = 1e-5
@@ -152,20 +155,16 @@ PROMPTS = ["The interpreter reads", "A list comprehension builds"]
 NEW_TOKENS = 24
 
 
-def _fused_copy(model):
-    fused = copy.deepcopy(model)
-    for layer in fused.layers:
-        layer.mlp = FusedSparseBlockFFN(layer.mlp)
-    return fused
-
-
 @pytest.fixture(scope="module")
 def model_bundle(tmp_path_factory):
+    """The blockffn_sparse pass for the executorch target (the fused form), exported by the target."""
     dense, _ = load_model(DEFAULT_SPARSE_MODEL, max_seq_len=MAX_SEQ_LEN, dtype=torch.float32)
+    sparse = apply_passes(dense, [PassSpec(name="blockffn_sparse")], "executorch")
+    assert all(isinstance(layer.mlp, FusedSparseBlockFFN) for layer in sparse.layers)
     config = dense.config
-    context = ExportContext(MAX_SEQ_LEN, config.vocab_size, config.bos_token_id, tuple(config.eos_token_ids))
     folder = tmp_path_factory.mktemp("fused-model")
-    info = ExecuTorchTarget().export(_fused_copy(dense), folder, context)
+    context = ExportContext(config.bos_token_id, tuple(config.eos_token_ids))
+    info = ExecuTorchTarget().export(sparse, folder, target_spec("executorch"), context).info
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEFAULT_SPARSE_MODEL / name, folder / name)
     return dense, folder, info
@@ -187,7 +186,7 @@ def test_model_pte_matches_the_dense_model(model_bundle):
     measured = compare(reference, teacher_forced_runs(session, plan, reference), plan)
     assert measured["max_abs_logits"] <= FP32_MAX_ABS_LOGITS, measured
     assert measured["greedy_tokens"] == [NEW_TOKENS] * len(PROMPTS), measured
-    assert measured["greedy_prefix"] == 1.0, measured
+    assert measured["greedy"] == 1.0 and measured["greedy_prefix_tokens"] == measured["greedy_tokens"], measured
 
 
 def test_text_llm_runner_generates_the_dense_models_text(model_bundle):

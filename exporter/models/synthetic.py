@@ -150,3 +150,27 @@ def write_synthetic_checkpoint(
     """A random checkpoint of a named preset (e.g. 'minicpm4-0.5b', 'blockffn-small') or a config dict."""
     config_dict = preset_config(preset, **overrides) if isinstance(preset, str) else {**preset, **overrides}
     return write_checkpoint(folder, config_dict, random_state(config_dict, seed, fused), dtype=dtype, layout=layout)
+
+
+def write_trained_like_checkpoint(
+    folder: str | Path, preset: str, *, logit_max: float = 30.0, seed: int = 0, **overrides: Any
+) -> Path:
+    """A random checkpoint of a preset's depth with logits as large as a trained model's.
+
+    Random weights give logits of |x| ~ 1-3, where trained LMs reach 20-40 at real depth; fp32
+    rounding noise in the logits scales with that magnitude, so bounds measured on random-scale
+    logits would be too lax. The lm_head (untied) is scaled so max |logit| on a short prompt is
+    `logit_max`; the rest of the stack keeps the preset's depth and scalings.
+    """
+    from exporter.models.loader import build_model, load_checkpoint
+
+    config_dict = preset_config(preset, **{"tie_word_embeddings": False, **overrides})
+    state = random_state(config_dict, seed)
+    path = write_checkpoint(folder, config_dict, state, dtype="float32")
+    model = build_model(load_checkpoint(path), max_seq_len=16)
+    generator = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
+    with torch.no_grad():
+        current = float(model(tokens, torch.tensor([0])).abs().max())
+    state[disk_name(LM_HEAD, model.config)] = state[disk_name(LM_HEAD, model.config)] * (logit_max / current)
+    return write_checkpoint(folder, config_dict, state, dtype="float32")

@@ -20,15 +20,16 @@ Export notes (measured with torch 2.13 / executorch 1.5.1, research/executorch_o
   time), so each gather is one `index_select` of whole rows (Gather in ONNX);
 - the gathered weights enter two plain 2-D matmuls (up: [n*de, H] with the tokens; down:
   [N, n*de] x [n*de, H]), never a transposed copy of a weight and no bmm over the unbacked count
-  (see _scaled_up_projection for the one place the form differs per runtime).
+  (see _scaled_up_projection for the one place the form differs per target: the pass picks it).
 - nothing with an unbacked size is delegated to XNNPACK (its partitioner refuses unbacked dims):
   in a .pte the router is delegated, the gathers and expert matmuls run as portable/optimized
   kernels (slower per FLOP than XNNPACK: see bench/sparse_ffn.py for where sparsity pays).
-- Core ML is not a target for this form (UNSUPPORTED_TARGETS, unsupported_reason).
+- ExecuTorch gets the fused form instead (FusedSparseBlockFFN, exporter/kernels): one custom
+  kernel reads the active experts' rows in place, so neither gathers nor portable matmuls remain.
+- Core ML is not a target for this form (declared at registration, so the recipe is refused up front).
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -36,30 +37,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.errors import InputError
+from exporter.kernels.fused_ffn import FusedSparseBlockFFN
 from exporter.models.ffn import BlockFFN
 from exporter.models.transformer import CausalLM
+from exporter.models.variant import derive
 from exporter.passes import register_pass
 
 PASS_NAME = "blockffn_sparse"
-# Targets that cannot ship the sparse form, and why (see unsupported_reason).
 UNSUPPORTED_TARGETS = {
     "coreml": (
-        f"the '{PASS_NAME}' pass is not supported by the coreml target: coremltools 9.0 converts its "
-        "data-dependent gathers (non_zero), but such a package cannot be checked (off macOS the MIL "
-        "interpreter has no non_zero) and Core ML's handling of them on device is untested; export "
-        "Core ML without the pass"
+        "coremltools 9.0 converts its data-dependent gathers (non_zero), but such a package cannot be "
+        "checked (off macOS the MIL interpreter has no non_zero) and Core ML's handling of them on device "
+        "is untested; export Core ML without the pass"
     ),
 }
+# Per target: whether the up projection transposes the (few) tokens rather than the weight.
+TOKENS_TRANSPOSED = {"executorch": True, "onnx": False}
 
 
 class SparseBlockFFN(nn.Module):
     """BlockFFN computing only the experts active for at least one token of the call.
 
     Shares the router and the up-projection storage with the dense module it is built from.
+    `tokens_transposed` picks the form of the up projection that is fast in the target's runtime
+    (same numbers either way, see _scaled_up_projection).
     """
 
-    def __init__(self, dense: BlockFFN):
+    def __init__(self, dense: BlockFFN, tokens_transposed: bool = True):
         super().__init__()
+        self.tokens_transposed = tokens_transposed
         experts, width = dense.num_experts, dense.expert_size
         hidden = dense.router_proj.in_features
         self.num_experts = experts
@@ -101,13 +107,15 @@ class SparseBlockFFN(nn.Module):
         ids = self.active_experts(scores)
         rows = ids.shape[0] * self.expert_size
         up = self.up_experts.index_select(0, ids).reshape(rows, self.hidden_size)  # [n*de, H]
-        inner = _scaled_up_projection(tokens, up, scores.index_select(1, ids), self.expert_size)  # [N, n*de]
+        inner = _scaled_up_projection(tokens, up, scores.index_select(1, ids), self.expert_size,
+                                      self.tokens_transposed)  # [N, n*de]
         # Gathered after the up projection, so its buffer can reuse the up weights' (memory planning).
         down = self.down_experts.index_select(0, ids).reshape(rows, self.hidden_size)  # [n*de, H]
         return (inner @ down).reshape(shape)
 
 
-def _scaled_up_projection(tokens: torch.Tensor, up: torch.Tensor, scores: torch.Tensor, width: int) -> torch.Tensor:
+def _scaled_up_projection(tokens: torch.Tensor, up: torch.Tensor, scores: torch.Tensor, width: int,
+                          tokens_transposed: bool) -> torch.Tensor:
     """SiLU(tokens [N, H] x up [n*de, H]^T) scaled by each expert's score [N, n] -> [N, n*de].
 
     The same numbers either way; the form is the fast one per runtime. onnxruntime folds the
@@ -116,58 +124,40 @@ def _scaled_up_projection(tokens: torch.Tensor, up: torch.Tensor, scores: torch.
     widths), so there the small tokens are transposed instead, and the result back.
     """
     count = scores.shape[1]
-    if torch.onnx.is_in_onnx_export():
+    if not tokens_transposed:
         inner = F.silu(tokens @ up.t()).reshape(-1, count, width) * scores.unsqueeze(-1)
         return inner.reshape(-1, count * width)
     inner = F.silu(up @ tokens.t()).reshape(count, width, -1) * scores.t().unsqueeze(1)  # [n, de, N]
     return inner.reshape(count * width, -1).t()
 
 
-def unsupported_reason(model: nn.Module, target: str) -> str | None:
-    """Why `target` cannot export this model's sparse BlockFFN layers; None when it can (or when
-    the model has none). For a target's own checks, so it refuses before exporting."""
-    if target in UNSUPPORTED_TARGETS and any(isinstance(m, SparseBlockFFN) for m in model.modules()):
-        return UNSUPPORTED_TARGETS[target]
-    return None
+@register_pass(PASS_NAME, unsupported=UNSUPPORTED_TARGETS)
+def blockffn_sparse(model: CausalLM, options: dict[str, Any], target: str) -> CausalLM:
+    """A variant of the model with each BlockFFN replaced by its sparse form for the target. No options.
 
-
-def _shallow(module: nn.Module) -> nn.Module:
-    """A copy with its own parameter, buffer and submodule tables holding the same tensors and modules."""
-    clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._modules = dict(module._modules)
-    return clone
-
-
-def sparse_copy(model: CausalLM) -> CausalLM:
-    """A copy of the model with every BlockFFN swapped for SparseBlockFFN; the input is not changed.
-
-    Every weight but the down projection (re-laid out per expert, see SparseBlockFFN) is the
-    input's own tensor; the KV caches are the copy's own, so running it never writes into the
-    input's caches.
+    ExecuTorch gets FusedSparseBlockFFN (the cpm_mobile::sparse_expert_ffn kernel, exporter/kernels:
+    no gather copies, on ExecuTorch's threadpool); other targets SparseBlockFFN's gathers.
     """
-    sparse = _shallow(model)
-    layers = []
-    for layer in model.layers:
-        clone = _shallow(layer)
-        if isinstance(layer.mlp, BlockFFN):
-            clone.mlp = SparseBlockFFN(layer.mlp)
-        layers.append(clone)
-    sparse.layers = nn.ModuleList(layers)
-    sparse.kv_caches = copy.deepcopy(model.kv_caches)
-    return sparse
-
-
-@register_pass(PASS_NAME)
-def blockffn_sparse(model: CausalLM, options: dict[str, Any]) -> CausalLM:
-    """Replace each BlockFFN with SparseBlockFFN, on a copy. No options."""
     if options:
         raise InputError("recipe", f"pass '{PASS_NAME}' takes no options (got {', '.join(sorted(options))})")
     if not any(isinstance(layer.mlp, BlockFFN) for layer in model.layers):
-        if any(isinstance(layer.mlp, SparseBlockFFN) for layer in model.layers):
+        if any(isinstance(layer.mlp, (SparseBlockFFN, FusedSparseBlockFFN)) for layer in model.layers):
             raise InputError("recipe", f"pass '{PASS_NAME}' is already applied to this model (listed twice?)")
         family = getattr(model.config, "family", "this model")
         raise InputError("recipe", f"pass '{PASS_NAME}' needs a model with BlockFFN layers, but {family} has none "
                                    "(its FFN is dense); remove the pass from the recipe")
-    return sparse_copy(model)
+    if target == "executorch":
+        return derive(model, lambda _name, m: FusedSparseBlockFFN(m) if isinstance(m, BlockFFN) else None)
+    return sparse_variant(model, TOKENS_TRANSPOSED.get(target, True))
+
+
+def sparse_variant(model: CausalLM, tokens_transposed: bool = True) -> CausalLM:
+    """A variant with every BlockFFN swapped for SparseBlockFFN; the input is not changed.
+
+    Every weight but the down projection (re-laid out per expert, see SparseBlockFFN) is the
+    input's own tensor.
+    """
+    def replace(name: str, module: nn.Module) -> nn.Module | None:
+        return SparseBlockFFN(module, tokens_transposed) if isinstance(module, BlockFFN) else None
+
+    return derive(model, replace)

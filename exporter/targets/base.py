@@ -1,8 +1,12 @@
 """What every target (executorch, onnx, coreml) takes and returns.
 
 A target turns an export-ready CausalLM into artifact files inside a folder it is given, and
-describes them: which files, and the I/O contract a runtime (ours or the app's) needs. It knows
-nothing of the checkpoint's layout, and never writes outside `out_dir`.
+describes them: which files, and the I/O contract a runtime (ours or the app's) needs. With the
+artifact it returns its twin: the eager module the artifact is meant to reproduce exactly (its
+own KV cache form, the weights it really stores, the sparse form it was given), so the check can
+hold the artifact to a tight bound against what it should compute and, separately, measure what
+the recipe costs against the fp32 reference. A target knows nothing of the checkpoint's layout,
+imports no pass, and never writes outside `out_dir`.
 """
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import torch
+from torch import nn
+
+from exporter.errors import InputError
 from exporter.models.transformer import CausalLM
 
 # progress(description, fraction_done or None)
@@ -30,37 +38,34 @@ class ArtifactInfo:
 
 
 @dataclass
-class ExportContext:
-    """Facts about the model a target may need beyond the module itself."""
+class ExportedArtifact:
+    info: ArtifactInfo
+    twin: nn.Module  # eager module with the CausalLM contract; what the artifact should compute
+    twin_description: str  # what the twin is, for the report: "fp32 model", "fp16 KV cache", ...
 
-    max_seq_len: int
-    vocab_size: int
+
+@dataclass(frozen=True)
+class ExportContext:
+    """Facts about the checkpoint a target needs beyond the module: its special token ids."""
+
     bos_id: int | None
     eos_ids: tuple[int, ...]
-    precision: str = "fp32"  # fp32 | fp16
-    options: dict[str, Any] = field(default_factory=dict)  # target-specific, from the recipe
 
 
 class Target(Protocol):
     name: str
 
-    def export(self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress) -> ArtifactInfo: ...
+    def export(self, model: CausalLM, out_dir: Path, spec: Any, context: ExportContext,
+               progress: Progress) -> ExportedArtifact: ...
+
+    def twin(self, model: CausalLM, spec: Any) -> tuple[nn.Module, str]:
+        """The twin for an artifact exported from `model` with `spec`, rebuilt without exporting
+        (for `cpm-mobile check` of a published bundle)."""
 
 
-def check_context_matches(model: CausalLM, context: ExportContext, target: str, precisions) -> None:
-    """The checks every target makes before exporting: a precision it supports, and a context that
-    describes this model (a cache of the recipe's length, the checkpoint's vocabulary)."""
-    from exporter.errors import InputError
-
-    if context.options.get("quantization"):
-        # A quantisation step slots in per target; exporting fp32 in its place would pass the check
-        # while ignoring the recipe.
-        raise InputError("quantization", f"the {target} target does not quantise yet")
-    if context.precision not in precisions:
-        raise InputError("precision", f"'{context.precision}' is not supported by the {target} target "
-                                      f"(supported: {', '.join(precisions)})")
-    if context.max_seq_len != model.max_seq_len:
-        raise InputError("max_seq_len", f"context says {context.max_seq_len} but the model's KV cache holds "
-                                        f"{model.max_seq_len} positions")
-    if context.vocab_size != model.config.vocab_size:
-        raise InputError("vocab_size", f"context says {context.vocab_size} but the model has {model.config.vocab_size}")
+def check_model_dtype(model: CausalLM, target: str, dtype: torch.dtype = torch.float32) -> None:
+    """Targets trace an fp32 module; precision changes are the target's own conversion."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {dtype}:
+        raise InputError("precision", f"the {target} target converts a {str(dtype).removeprefix('torch.')} module, "
+                                      f"got parameters of {sorted(map(str, dtypes))}")

@@ -22,12 +22,11 @@ Choices:
   programs, but (in coremltools 9.0) not for a gather over an axis longer than int16's range, so
   the embedding lookup over a vocabulary of 73448 keeps int32 indices; `structural_checks`
   verifies every gather of the saved program so a change of that rule cannot go unnoticed.
-- Compute precision from `context.precision`: the fp32 module is traced, coremltools stores fp16
+- Compute precision from `spec.precision`: the fp32 module is traced, coremltools stores fp16
   weights and computes in fp16 for "fp16". Logits are returned as float32 either way.
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -37,88 +36,67 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from exporter.errors import InputError
 from exporter.models.transformer import CausalLM
-from exporter.targets.base import ArtifactInfo, ExportContext, Progress, check_context_matches, no_progress
+from exporter.models.variant import derive
+from exporter.targets.base import (
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
+)
+from recipes.schema import CoreMLSpec
 from exporter.targets.coreml_cache import CoreMLKVCache
 
 PACKAGE_NAME = "model.mlpackage"
 FUNCTION = "main"
 TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
 SEQ = "T"
-DEPLOYMENT_TARGETS = ("iOS18",)
-PRECISIONS = ("fp32", "fp16")
 
 
 class CoreMLTarget:
-    """Options (context.options): deployment_target ("iOS18", the only one with states)."""
+    """The spec's options: deployment_target ("iOS18", the only one with states)."""
 
     name = "coreml"
 
     def export(
-        self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress = no_progress
-    ) -> ArtifactInfo:
-        deployment_target = check_context(model, context)
+        self, model: CausalLM, out_dir: Path, spec: CoreMLSpec | None = None,
+        context: ExportContext = ExportContext(None, ()), progress: Progress = no_progress,
+    ) -> ExportedArtifact:
+        spec = spec or CoreMLSpec.model_construct()
+        check_model_dtype(model, self.name)  # coremltools casts an fp32 graph to fp16 itself
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
 
+        twin, description = self.twin(model, spec)
         progress("torch.export with dynamic sequence length", 0.0)
-        program = capture(coreml_ready(model), context.max_seq_len)
+        program = capture(twin, model.max_seq_len)
         progress("ct.convert to an ML Program", 0.3)
-        mlmodel = convert(program, context, deployment_target)
-        describe(mlmodel, model, context)
+        mlmodel = convert(program, model.max_seq_len, spec)
+        # A program compression step (coremltools.optimize) slots in here.
+        describe(mlmodel, model, context, spec)
         progress(f"save: {PACKAGE_NAME}", 0.8)
         size = save_package(mlmodel, out_dir / PACKAGE_NAME)
         progress("done", 1.0)
-        return ArtifactInfo(
+        info = ArtifactInfo(
             target=self.name,
             files=[PACKAGE_NAME],
             entry=PACKAGE_NAME,
-            io=io_contract(mlmodel, model, context),
-            metadata=artifact_metadata(mlmodel, context, deployment_target, size),
+            io=io_contract(mlmodel, model),
+            metadata=artifact_metadata(mlmodel, spec, size),
         )
+        return ExportedArtifact(info, twin, description)
 
-
-# -- checks --------------------------------------------------------------------------------------
-
-
-def check_context(model: CausalLM, context: ExportContext) -> str:
-    """The deployment target name, once the context is known to be exportable."""
-    check_context_matches(model, context, "coreml", PRECISIONS)
-    from exporter.passes.blockffn_sparse import unsupported_reason
-
-    if reason := unsupported_reason(model, "coreml"):
-        raise InputError("recipe", reason)
-    dtypes = {p.dtype for p in model.parameters()}
-    if dtypes != {torch.float32}:
-        # coremltools casts an fp32 graph to fp16 itself (compute_precision); it is given fp32.
-        raise InputError("precision", f"the coreml target converts an fp32 module, got parameters of "
-                                      f"{sorted(map(str, dtypes))}")
-    deployment_target = str(context.options.get("deployment_target", DEPLOYMENT_TARGETS[0]))
-    if deployment_target not in DEPLOYMENT_TARGETS:
-        raise InputError("options.deployment_target", f"'{deployment_target}' is not supported "
-                                                      f"(supported: {', '.join(DEPLOYMENT_TARGETS)}; "
-                                                      "Core ML states need iOS18)")
-    return deployment_target
+    def twin(self, model: CausalLM, spec: CoreMLSpec) -> tuple[CausalLM, str]:
+        """The model with Core ML's fp16 KV states: what an fp32 program computes exactly (an fp16
+        program also rounds every op, which no eager module reproduces; its gate is on KL)."""
+        return coreml_ready(model), "eager model with fp16 KV cache"
 
 
 # -- steps ---------------------------------------------------------------------------------------
 
 
 def coreml_ready(model: CausalLM) -> CausalLM:
-    """A copy of the model with Core ML caches, sharing the caller's weights (no weight copy).
-
-    A shallow copy with its own module table: assigning `kv_caches` on it leaves the caller's
-    model untouched, and nothing else on it is written (torch.export only reads the weights).
-    """
-    ready = copy.copy(model)
-    ready._modules = dict(model._modules)
-    ready.kv_caches = nn.ModuleList(CoreMLKVCache.like(cache) for cache in model.kv_caches)
-    ready.training = False
-    return ready
+    """A variant with Core ML caches (fp16 states written by slice update), weights shared."""
+    return derive(model, caches=CoreMLKVCache.like)
 
 
 def capture(module: CausalLM, max_seq_len: int) -> ExportedProgram:
@@ -131,11 +109,11 @@ def capture(module: CausalLM, max_seq_len: int) -> ExportedProgram:
     return program.run_decompositions({})
 
 
-def convert(program: ExportedProgram, context: ExportContext, deployment_target: str):
+def convert(program: ExportedProgram, max_seq_len: int, spec: CoreMLSpec):
     import coremltools as ct
 
     inputs = [
-        ct.TensorType(name=TOKENS, shape=(1, ct.RangeDim(1, context.max_seq_len, default=1, symbol=SEQ)), dtype=np.int32),
+        ct.TensorType(name=TOKENS, shape=(1, ct.RangeDim(1, max_seq_len, default=1, symbol=SEQ)), dtype=np.int32),
         ct.TensorType(name=INPUT_POS, shape=(1,), dtype=np.int32),
     ]
     with warnings.catch_warnings():
@@ -144,26 +122,26 @@ def convert(program: ExportedProgram, context: ExportContext, deployment_target:
         return ct.convert(
             program,
             convert_to="mlprogram",
-            minimum_deployment_target=getattr(ct.target, deployment_target),
-            compute_precision={"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[context.precision],
+            minimum_deployment_target=getattr(ct.target, spec.options.deployment_target),
+            compute_precision={"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[spec.precision],
             inputs=inputs,
             outputs=[ct.TensorType(name=LOGITS, dtype=np.float32)],
             skip_model_load=True,  # Core ML cannot compile it off macOS; the check loads the saved package
         )
 
 
-def describe(mlmodel, model: CausalLM, context: ExportContext) -> None:
+def describe(mlmodel, model: CausalLM, context: ExportContext, spec: CoreMLSpec) -> None:
     """What an app needs to drive the model, in the package's own metadata."""
     mlmodel.short_description = f"{model.config.family} causal LM: logits for tokens at input_pos, KV cache in states"
-    mlmodel.input_description[TOKENS] = f"token ids [1, T], T in 1..{context.max_seq_len}"
+    mlmodel.input_description[TOKENS] = f"token ids [1, T], T in 1..{model.max_seq_len}"
     mlmodel.input_description[INPUT_POS] = "position of tokens[0, 0]; input_pos + T <= max_seq_len"
-    mlmodel.output_description[LOGITS] = f"next-token logits [1, T, {context.vocab_size}]"
+    mlmodel.output_description[LOGITS] = f"next-token logits [1, T, {model.config.vocab_size}]"
     mlmodel.user_defined_metadata.update({
-        "max_seq_len": str(context.max_seq_len),
-        "vocab_size": str(context.vocab_size),
+        "max_seq_len": str(model.max_seq_len),
+        "vocab_size": str(model.config.vocab_size),
         "bos_id": "" if context.bos_id is None else str(context.bos_id),
         "eos_ids": ",".join(map(str, context.eos_ids)),
-        "precision": context.precision,
+        "precision": spec.precision,
     })
 
 
@@ -204,7 +182,7 @@ def _array_entry(name: str, array_type: Any) -> dict[str, Any]:
     return entry
 
 
-def io_contract(mlmodel, model: CausalLM, context: ExportContext) -> dict[str, Any]:
+def io_contract(mlmodel, model: CausalLM) -> dict[str, Any]:
     spec = mlmodel.get_spec()
     description = spec.description
     states = [_array_entry(s.name, s.type.stateType.arrayType) for s in description.state]
@@ -215,11 +193,11 @@ def io_contract(mlmodel, model: CausalLM, context: ExportContext) -> dict[str, A
             {"name": TOKENS, "dtype": "int32", "shape": [1, SEQ]},
             {"name": INPUT_POS, "dtype": "int32", "shape": [1], "meaning": "position of tokens[0, 0]"},
         ],
-        "outputs": [{"name": LOGITS, "dtype": "float32", "shape": [1, SEQ, context.vocab_size]}],
+        "outputs": [{"name": LOGITS, "dtype": "float32", "shape": [1, SEQ, model.config.vocab_size]}],
         "states": states,
-        "dynamic_dims": {SEQ: {"min": 1, "max": context.max_seq_len, "kind": "RangeDim"}},
-        "max_seq_len": context.max_seq_len,
-        "vocab_size": context.vocab_size,
+        "dynamic_dims": {SEQ: {"min": 1, "max": model.max_seq_len, "kind": "RangeDim"}},
+        "max_seq_len": model.max_seq_len,
+        "vocab_size": model.config.vocab_size,
         "constraint": "input_pos + T <= max_seq_len",
         "kv_cache": {
             "form": "coreml_states",  # one MLState per sequence; slice_update at input_pos
@@ -234,17 +212,17 @@ def io_contract(mlmodel, model: CausalLM, context: ExportContext) -> dict[str, A
     }
 
 
-def artifact_metadata(mlmodel, context: ExportContext, deployment_target: str, size: int) -> dict[str, Any]:
+def artifact_metadata(mlmodel, spec: CoreMLSpec, size: int) -> dict[str, Any]:
     from importlib.metadata import version
 
-    spec = mlmodel.get_spec()
+    program = mlmodel.get_spec()
     return {
         "format": "mlprogram",
-        "deployment_target": deployment_target,
-        "compute_precision": context.precision,
-        "spec_version": int(spec.specificationVersion),
-        "opset": spec.mlProgram.functions[FUNCTION].opset,
-        "functions": list(spec.mlProgram.functions),
+        "deployment_target": spec.options.deployment_target,
+        "compute_precision": spec.precision,
+        "spec_version": int(program.specificationVersion),
+        "opset": program.mlProgram.functions[FUNCTION].opset,
+        "functions": list(program.mlProgram.functions),
         "size_bytes": size,
         "coremltools_version": version("coremltools"),
         "converter": "torch.export (strict=False) + ct.convert(ExportedProgram)",

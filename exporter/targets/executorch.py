@@ -15,43 +15,43 @@ The steps are small functions so a quantisation step can slot in between them:
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from exporter.errors import InputError
 from exporter.kernels import app_kernels
-from exporter.models.kv_cache import StaticKVCache
 from exporter.models.transformer import CausalLM
-from exporter.targets.base import ArtifactInfo, ExportContext, Progress, check_context_matches, no_progress
+from exporter.models.variant import derive
+from exporter.targets.base import (
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
+)
+from recipes.schema import ExecuTorchSpec
 
 PTE_NAME = "model.pte"
 METHOD = "forward"
 ATTENTION_CUSTOM = "custom_sdpa"
 ATTENTION_PLAIN = "plain"
-ATTENTION_CHOICES = (ATTENTION_CUSTOM, ATTENTION_PLAIN)
-PRECISIONS = {"fp32": torch.float32}
 
 
 class ExecuTorchTarget:
     name = "executorch"
 
     def export(
-        self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress = no_progress
-    ) -> ArtifactInfo:
-        check_context(model, context)
-        attention = read_options(context)["attention"]
+        self, model: CausalLM, out_dir: Path, spec: ExecuTorchSpec | None = None,
+        context: ExportContext = ExportContext(None, ()), progress: Progress = no_progress,
+    ) -> ExportedArtifact:
+        spec = spec or ExecuTorchSpec.model_construct()
+        check_model_dtype(model, self.name)
+        attention = spec.options.attention
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
 
+        twin, description = self.twin(model, spec)
         progress("export: torch.export with dynamic sequence length", 0.0)
-        with export_ready(model, attention) as module:
-            program = capture(module, context.max_seq_len)
+        program = capture(export_ready(twin, attention), model.max_seq_len)
         progress("lower: edge dialect, XNNPACK partitioning", 0.3)
         methods = constant_methods(model, context, attention)
         edge = lower(program, methods)
@@ -60,67 +60,33 @@ class ExecuTorchTarget:
         progress("save: model.pte", 0.9)
         size = write_program(executorch_program, out_dir / PTE_NAME)
         progress("done", 1.0)
-        metadata = artifact_metadata(model, context, attention, methods, size)
+        metadata = artifact_metadata(model, spec, methods, size)
         metadata.update(program_contents(executorch_program))
-        return ArtifactInfo(
+        info = ArtifactInfo(
             target=self.name,
             files=[PTE_NAME],
             entry=PTE_NAME,
-            io=io_contract(model, context, attention),
+            io=io_contract(model, attention),
             metadata=metadata,
         )
+        return ExportedArtifact(info, twin, description)
 
-
-# -- checks --------------------------------------------------------------------------------------
-
-
-def check_context(model: CausalLM, context: ExportContext) -> None:
-    check_context_matches(model, context, "executorch", PRECISIONS)
-    dtypes = {p.dtype for p in model.parameters()}
-    if dtypes != {PRECISIONS[context.precision]}:
-        raise InputError("precision", f"{context.precision} export needs a {context.precision} model, "
-                                      f"got parameters of {sorted(map(str, dtypes))}")
-
-
-def read_options(context: ExportContext) -> dict[str, Any]:
-    """The recipe's options for this target, with defaults; anything unknown or unsupported is an error."""
-    options = {"backend": "xnnpack", "attention": ATTENTION_CUSTOM, "quantization": None, **context.options}
-    unknown = sorted(set(options) - {"backend", "attention", "quantization"})
-    if unknown:
-        raise InputError("options", f"unknown executorch option(s): {', '.join(unknown)}")
-    if options["backend"] != "xnnpack":
-        raise InputError("options.backend", f"'{options['backend']}' is not supported (supported: xnnpack)")
-    if options["attention"] not in ATTENTION_CHOICES:
-        raise InputError("options.attention", f"'{options['attention']}' is not one of {', '.join(ATTENTION_CHOICES)}")
-    return options
+    def twin(self, model: CausalLM, spec: ExecuTorchSpec) -> tuple[CausalLM, str]:
+        """What the .pte computes: the model itself in fp32 (its export caches, custom_sdpa included,
+        compute the same attention up to fp32 summation order). A quantisation step slots in here."""
+        return model, "eager fp32 model"
 
 
 # -- steps ---------------------------------------------------------------------------------------
 
 
-def export_caches(model: CausalLM, attention: str) -> nn.ModuleList:
-    """Fresh, empty caches of the chosen form, one per layer, shaped like the model's own."""
+def export_ready(model: CausalLM, attention: str) -> CausalLM:
+    """A variant of the model with the chosen export cache form (weights shared, caches its own)."""
     if attention == ATTENTION_CUSTOM:
         from exporter.targets.executorch_cache import CustomOpKVCache
 
-        return nn.ModuleList(CustomOpKVCache.like(cache) for cache in model.kv_caches)
-    return nn.ModuleList(_empty_static_cache(cache) for cache in model.kv_caches)
-
-
-def _empty_static_cache(cache: StaticKVCache) -> StaticKVCache:
-    _, heads, max_seq_len, k_dim = cache.k_cache.shape
-    return StaticKVCache(heads, k_dim, cache.v_cache.shape[-1], max_seq_len, cache.scale, cache.k_cache.dtype)
-
-
-@contextlib.contextmanager
-def export_ready(model: CausalLM, attention: str) -> Iterator[CausalLM]:
-    """The caller's model with export caches swapped in, restored on exit (no weight copy)."""
-    original = model.kv_caches
-    model.kv_caches = export_caches(model, attention)
-    try:
-        yield model
-    finally:
-        model.kv_caches = original
+        return derive(model, caches=CustomOpKVCache.like)
+    return derive(model)
 
 
 def capture(module: CausalLM, max_seq_len: int) -> ExportedProgram:
@@ -179,12 +145,12 @@ def write_program(executorch_program, path: Path) -> int:
 def constant_methods(model: CausalLM, context: ExportContext, attention: str) -> dict[str, Any]:
     """Values ExecuTorch's LLM runner reads from the program (plus a few for other apps)."""
     methods: dict[str, Any] = {
-        "get_max_seq_len": context.max_seq_len,
-        "get_max_context_len": context.max_seq_len,
+        "get_max_seq_len": model.max_seq_len,
+        "get_max_context_len": model.max_seq_len,
         "use_kv_cache": True,
         "enable_dynamic_shape": True,  # the whole prompt in one forward call
         "use_sdpa_with_kv_cache": attention == ATTENTION_CUSTOM,
-        "get_vocab_size": context.vocab_size,
+        "get_vocab_size": model.config.vocab_size,
         "get_n_layers": model.config.num_layers,
     }
     if context.eos_ids:
@@ -211,16 +177,16 @@ def cache_description(model: CausalLM, attention: str) -> dict[str, Any]:
     }
 
 
-def io_contract(model: CausalLM, context: ExportContext, attention: str) -> dict[str, Any]:
+def io_contract(model: CausalLM, attention: str) -> dict[str, Any]:
     return {
         "method": METHOD,
         "inputs": [
             {"name": "tokens", "dtype": "int64", "shape": [1, "T"]},
             {"name": "input_pos", "dtype": "int64", "shape": [1], "meaning": "position of tokens[0, 0]"},
         ],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", context.vocab_size]}],
-        "dynamic_dims": {"T": {"min": 1, "max": context.max_seq_len}},
-        "max_seq_len": context.max_seq_len,
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", model.config.vocab_size]}],
+        "dynamic_dims": {"T": {"min": 1, "max": model.max_seq_len}},
+        "max_seq_len": model.max_seq_len,
         "constraint": "input_pos + T <= max_seq_len",
         "kv_cache": cache_description(model, attention),
     }
@@ -237,15 +203,14 @@ def program_contents(executorch_program) -> dict[str, Any]:
     return {"kernels": kernels, "delegates": delegates, "app_kernels": app_kernels(kernels)}
 
 
-def artifact_metadata(
-    model: CausalLM, context: ExportContext, attention: str, methods: dict[str, Any], size: int
-) -> dict[str, Any]:
+def artifact_metadata(model: CausalLM, spec: ExecuTorchSpec, methods: dict[str, Any], size: int) -> dict[str, Any]:
     from importlib.metadata import version
 
+    attention = spec.options.attention
     metadata: dict[str, Any] = {
-        "backend": "xnnpack",
+        "backend": spec.options.backend,
         "attention": attention,
-        "precision": context.precision,
+        "precision": spec.precision,
         "constant_methods": methods,
         "size_bytes": size,
         "executorch_version": version("executorch"),

@@ -25,22 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.errors import InputError
 from exporter.models.attention import Attend
 from exporter.models.kv_cache import grouped_sdpa
 from exporter.models.transformer import CausalLM
-from exporter.targets.base import ArtifactInfo, ExportContext, Progress, check_context_matches
+from exporter.targets.base import (
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
+)
+from recipes.schema import OnnxSpec
 from exporter.targets.genai_config import GENAI_CONFIG_FILE, genai_config
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DEFAULT_OPSET = 20
-# Weights go to model.onnx.data above 1 GiB. protobuf cannot serialise a message over 2 GiB, and
-# the graph, names and per-tensor overhead ride on top of the weights, so the limit must sit well
-# below 2 GiB. Below 1 GiB one file is simpler to ship and every consumer (netron, onnx.checker,
-# onnx.load) handles it; above, external data also lets ORT memory-map the weights (tensors over
-# 1 MiB are 64 KiB-aligned for that) instead of holding a parsed protobuf copy during load.
-DEFAULT_EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
@@ -262,26 +258,28 @@ def io_contract(layout: CacheLayout, vocab_size: int, max_seq_len: int) -> dict[
 
 
 class OnnxTarget:
-    """Options (context.options): opset (>= 20), external_data_threshold_bytes, pad_mla_values
-    (default true: MLA value heads zero-padded to the key width so onnxruntime-genai can run it)."""
+    """The spec's options: opset (>= 20), external_data_threshold_bytes, pad_mla_values (default
+    true: MLA value heads zero-padded to the key width so onnxruntime-genai can run it)."""
 
     name = "onnx"
 
-    def export(self, model: CausalLM, out_dir: Path, context: ExportContext, progress: Progress) -> ArtifactInfo:
+    def export(
+        self, model: CausalLM, out_dir: Path, spec: OnnxSpec | None = None,
+        context: ExportContext = ExportContext(None, ()), progress: Progress = no_progress,
+    ) -> ExportedArtifact:
+        spec = spec or OnnxSpec.model_construct()
+        options = spec.options
         out_dir = Path(out_dir)
-        options = context.options
-        check_context_matches(model, context, "onnx", TORCH_DTYPES)
-        opset = int(options.get("opset", DEFAULT_OPSET))
-        if opset < DEFAULT_OPSET:
-            raise InputError("recipe", f"onnx opset {opset} is not supported (need >= {DEFAULT_OPSET})")
-        threshold = int(options.get("external_data_threshold_bytes", DEFAULT_EXTERNAL_DATA_THRESHOLD))
-        dtype = TORCH_DTYPES[context.precision]
-        layout = CacheLayout.of(model, dtype, pad_values=bool(options.get("pad_mla_values", True)))
+        check_model_dtype(model, self.name)
+        dtype = TORCH_DTYPES[spec.precision]
+        twin, description = self.twin(model, spec)
+        layout = CacheLayout.of(twin, dtype, pad_values=options.pad_mla_values)
 
         progress("onnx: exporting graph (torch.export + dynamo)", 0.0)
-        onnx_model = build_onnx(_in_dtype(model, dtype), layout, opset)
+        onnx_model = build_onnx(twin, layout, options.opset)
+        # A post-export graph step (quantisation) slots in here, before sizes are measured.
         size = initializer_bytes(onnx_model)
-        external = size > threshold
+        external = size > options.external_data_threshold_bytes
         progress("onnx: saving", 0.6)
         out_dir.mkdir(parents=True, exist_ok=True)
         io = io_contract(layout, model.config.vocab_size, model.max_seq_len)
@@ -296,16 +294,16 @@ class OnnxTarget:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         progress("onnx: done", 1.0)
-        return ArtifactInfo(
+        info = ArtifactInfo(
             target=self.name,
             files=files,
             entry=MODEL_FILE,
             io=io,
             metadata={
-                "opset": opset,
-                "precision": context.precision,
+                "opset": options.opset,
+                "precision": spec.precision,
                 "external_data": external,
-                "external_data_threshold_bytes": threshold,
+                "external_data_threshold_bytes": options.external_data_threshold_bytes,
                 "size_bytes": sum((out_dir / name).stat().st_size for name in files),
                 "genai_config": GENAI_CONFIG_FILE if genai is not None else None,
                 "genai": genai_note,
@@ -313,13 +311,15 @@ class OnnxTarget:
                 "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
             },
         )
+        return ExportedArtifact(info, twin, description)
 
-
-def _in_dtype(model: CausalLM, dtype: torch.dtype) -> CausalLM:
-    """The model itself when it already has the dtype (read, never changed), else a converted copy."""
-    if model.embed_tokens.weight.dtype == dtype:
-        return model
-    return copy.deepcopy(model).to(dtype)
+    def twin(self, model: CausalLM, spec: OnnxSpec) -> tuple[CausalLM, str]:
+        """The graph computes the module itself (its past/present wrapper only moves the cache to
+        the graph's inputs and outputs), in the spec's precision."""
+        if spec.precision == "fp32":
+            return model, "eager fp32 model"
+        # A converted copy: Module.to() would convert shared parameters in place.
+        return copy.deepcopy(model).to(TORCH_DTYPES[spec.precision]), f"eager {spec.precision} model"
 
 
 def _genai_config(model: CausalLM, context: ExportContext, io: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:

@@ -8,11 +8,14 @@ from typing import Any
 from exporter.bundle import MANIFEST, sha256_file
 from exporter.errors import InputError
 from exporter.models.loader import build_model, load_checkpoint
+from exporter.defaults import HELDOUT_TEXT
+from exporter.passes import apply_passes
 from exporter.pipeline import read_heldout
+from exporter.targets import get_target
 from exporter.targets.base import Progress, no_progress
 from exporter.tokenizer import TextTokenizer
+from exporter.verify import CheckResult, Twin, build_plan, check_artifacts
 from recipes.schema import recipe_from_dict
-from runtimes.verify import CheckResult, check_artifacts
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
@@ -80,11 +83,17 @@ def check_bundle(
     checkpoint = load_checkpoint(source)
     if checkpoint.sha256() != manifest["source"]["sha256"]:
         raise InputError(source, "checkpoint differs from the one this bundle was exported from (sha256 mismatch)")
-    reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
     tokenizer = TextTokenizer.from_folder(bundle)
-    result = check_artifacts(
-        reference, tokenizer, recipe, bundle, artifacts, read_heldout(heldout), progress, breaches
-    )
+    plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len,
+                      checkpoint.config.eos_token_ids, heldout or HELDOUT_TEXT)
+    reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
+    twins = {}
+    for artifact in artifacts:
+        target = artifact["target"]
+        spec = recipe.targets[target]
+        model = apply_passes(reference, [*recipe.passes, *spec.passes], target)
+        twins[target] = Twin(*get_target(target).twin(model, spec))
+    result = check_artifacts(reference, twins, tokenizer, recipe, bundle, artifacts, plan, progress, breaches)
     if "bundle" in breaches:
         result.report["passed"] = False
         result.report["bundle_breaches"] = breaches["bundle"]
