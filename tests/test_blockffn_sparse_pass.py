@@ -202,7 +202,7 @@ def test_the_copy_leaves_the_input_model_untouched(tmp_path):
     folder = write_synthetic_checkpoint(tmp_path / "m", "blockffn-small", **SIZES)
     model, _ = load_model(folder, max_seq_len=32, dtype=torch.float32)
     before = _snapshot(model)
-    copy = blockffn_sparse(model, {}, "executorch")
+    copy = blockffn_sparse(model, {}, "onnx")  # the gather form (executorch: tests/test_sparse_kernel.py)
     _logits(copy, [(_random_tokens(9, seed=3), 0), ([5], 9)])  # runs write the copy's own caches
     with torch.no_grad():
         copy(torch.tensor([[7, 8]]), torch.tensor([0]))  # and leave them filled

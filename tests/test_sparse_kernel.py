@@ -139,6 +139,27 @@ def test_pte_matches_the_dense_layer(layer_methods, threads, name, thread_count)
         assert float((out - expected).abs().max()) <= MAX_ABS, (name, tokens)
 
 
+def test_pass_gives_executorch_the_fused_form_sharing_the_dense_weights(tmp_path):
+    from exporter.models import write_synthetic_checkpoint
+    from exporter.passes.blockffn_sparse import blockffn_sparse
+    from tests.conftest import TINY_BLOCKFFN
+
+    folder = write_synthetic_checkpoint(tmp_path / "m", "blockffn-small", **dict(TINY_BLOCKFFN, vocab_size=300))
+    model, _ = load_model(folder, max_seq_len=32, dtype=torch.float32)
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    fused = blockffn_sparse(model, {}, "executorch")
+    with torch.no_grad():
+        tokens = torch.tensor([[5, 9, 17, 3]])
+        model.reset_cache()
+        assert float((fused(tokens, torch.tensor([0])) - model(tokens, torch.tensor([0]))).abs().max()) <= MAX_ABS
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    assert all(isinstance(layer.mlp, BlockFFN) for layer in model.layers)
+    for source, layer in zip(model.layers, fused.layers):
+        assert isinstance(layer.mlp, FusedSparseBlockFFN)
+        assert layer.mlp.router_proj is source.mlp.router_proj and layer.mlp.up_weight is source.mlp.up_proj.weight
+        assert torch.equal(layer.mlp.down_rows, source.mlp.down_proj.weight.t())
+
+
 def test_loader_registers_the_library_once():
     from executorch.extension.pybindings import portable_lib
 
