@@ -1,28 +1,70 @@
-"""cpm-mobile: the command line. Thin: parse, call the library, print."""
+"""cpm-mobile: export MiniCPM-family and BlockFFN checkpoints to ExecuTorch, ONNX and Core ML, checked against PyTorch.
+
+Every command works out of the box on the tiny models shipped in the package.
+"""
 from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
+from datetime import timedelta
+from enum import Enum
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
+from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.live import Live
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
+from rich.spinner import Spinner
 from rich.table import Table
+from rich.text import Text
 
 from exporter.errors import CpmMobileError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(width=max(Console().width, 120))
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
+console = Console()  # the terminal's own width (80 when not a terminal): tables are built to fit it
 errors = Console(stderr=True)
 
-ModelOption = typer.Option(None, "--model", "-m", help="Checkpoint folder (default: the embedded MiniCPM model).")
+ModelOption = typer.Option(None, "--model", "-m", help="Checkpoint folder (default: the embedded minicpm-tiny).")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Show the libraries' own warnings and logs.")
+HeldoutOption = typer.Option(None, "--heldout", help="Text file for the perplexity check (default: the embedded held-out text).")
+
+
+class Target(str, Enum):
+    executorch = "executorch"
+    onnx = "onnx"
+    coreml = "coreml"
+
+
+class TargetOrAll(str, Enum):
+    executorch = "executorch"
+    onnx = "onnx"
+    coreml = "coreml"
+    all = "all"
+
+
+def _builtin_recipes() -> list[str]:
+    # Read the folder without importing recipes/ (pydantic): --help stays fast.
+    folder = Path(find_spec("recipes").submodule_search_locations[0])
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from exporter import __version__
+
+        typer.echo(f"cpm-mobile {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """Export MiniCPM-family and BlockFFN checkpoints to ExecuTorch, ONNX and Core ML, checked against PyTorch."""
 
 
@@ -31,25 +73,44 @@ def _fail(error: CpmMobileError) -> None:
     raise typer.Exit(error.exit_code)
 
 
+@contextmanager
+def _running(verbose: bool) -> Iterator[None]:
+    """A command's body: library chatter hidden unless --verbose, our errors as one line and exit code."""
+    from exporter.quiet import quiet_libraries
+
+    with quiet_libraries(verbose) as own_stderr:
+        errors.file = own_stderr
+        try:
+            yield
+        except CpmMobileError as error:
+            _fail(error)
+        finally:
+            errors.file = None  # back to whatever sys.stderr is
+
+
+def _table(title: str | None = None, **options) -> Table:
+    """A table that fits 80 columns: one space between columns, rules under the header only."""
+    return Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, **options)
+
+
 @app.command()
 def inspect(
-    path: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the embedded MiniCPM model)."),
+    path: Optional[Path] = typer.Argument(None, metavar="PATH", help="Checkpoint folder (default: the embedded minicpm-tiny)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    verbose: bool = VerboseOption,
 ) -> None:
-    """Family, attention, shapes, parameter count, dtype, tying, vocab and estimated artifact sizes."""
-    from exporter.defaults import DEFAULT_MODEL
-    from exporter.inspect import summarize
+    """Describe a checkpoint: family, attention, shapes, parameters, dtype, tying, vocab, artifact sizes."""
+    with _running(verbose):
+        from exporter.defaults import DEFAULT_MODEL
+        from exporter.inspect import summarize
 
-    try:
         summary = summarize(path or DEFAULT_MODEL)
-    except CpmMobileError as error:
-        _fail(error)
     if as_json:
         from dataclasses import asdict
 
         console.print_json(json.dumps(asdict(summary)))
         return
-    table = Table(title="checkpoint", show_header=False)
+    table = _table("checkpoint", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for field, value in summary.rows():
@@ -57,38 +118,56 @@ def inspect(
     console.print(table)
 
 
-HeldoutOption = typer.Option(None, "--heldout", help="Held-out text for perplexity (default: the embedded one).")
-TARGET_CHOICES = ("executorch", "onnx", "coreml", "all")
+class _Elapsed(ProgressColumn):
+    """Time since the display started. Rich's own column freezes when the bar first reaches 100 %,
+    and our bar is refilled once per stage (each target, then the check)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = time.monotonic()
 
-def _target_list(target: str) -> list[str] | None:
-    if target not in TARGET_CHOICES:
-        raise typer.BadParameter(f"choose one of {', '.join(TARGET_CHOICES)}", param_hint="--target")
-    return None if target == "all" else [target]
-
-
-def _targets(recipe, target: str) -> list[str]:
-    if target not in TARGET_CHOICES:
-        raise typer.BadParameter(f"choose one of {', '.join(TARGET_CHOICES)}", param_hint="--target")
-    return list(recipe.targets) if target == "all" else [target]
+    def render(self, task) -> Text:
+        return Text(str(timedelta(seconds=int(time.monotonic() - self.started))), style="progress.elapsed")
 
 
 @contextmanager
 def _progress_bar() -> Iterator[Callable[[str, float | None], None]]:
-    """A rich progress line that library code drives through a plain callback."""
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=errors, transient=False) as bar:
-        task = bar.add_task("starting", total=1.0)
+    """A rich progress line that library code drives through a plain callback.
 
-        def update(description: str, fraction: float | None = None) -> None:
-            bar.update(task, description=description, completed=fraction if fraction is not None else None)
+    It appears at the first update (an error found before any work shows no bar) and is
+    cleared when the command fails, so the error stands alone.
+    """
+    # No redirect of sys.stdout/sys.stderr into the display: library output stays where quiet_libraries put it.
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Elapsed(), console=errors,
+                   redirect_stdout=False, redirect_stderr=False)
+    task = None
 
+    def update(description: str, fraction: float | None = None) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=1.0)
+        bar.update(task, description=description, completed=fraction)
+
+    try:
         yield update
+    except BaseException:
+        if task is not None:
+            bar.live.transient = True
+            bar.live.stop()
+        raise
+    if task is not None:
+        bar.stop()
+
+
+def _spinner(text: str) -> Live:
+    """A transient spinner line (rich's console.status, without its redirect of sys.stderr)."""
+    return Live(Spinner("dots", text), console=errors, transient=True, redirect_stdout=False, redirect_stderr=False)
 
 
 def _print_report(report: dict) -> None:
-    """One row per artifact and gate: faithfulness (vs its twin) and fidelity (vs fp32)."""
-    table = Table(title="check: faithfulness vs twin, fidelity vs fp32 reference")
+    """One row per artifact and gate: faithfulness (vs its twin) and fidelity (vs the fp32 reference)."""
+    table = _table("check: faithfulness vs twin, fidelity vs fp32")
     for column in ("target", "gate", "max rel", "SQNR", "KL", "top-1", "greedy", "ppl +/-", "result"):
         table.add_column(column, no_wrap=True)
     for target, entry in report["artifacts"].items():
@@ -116,28 +195,37 @@ def _print_report(report: dict) -> None:
 @app.command()
 def export(
     model: Optional[Path] = ModelOption,
-    target: str = typer.Option("all", "--target", "-t", help="executorch | onnx | coreml | all (the recipe's targets)."),
-    out: Path = typer.Option(Path("out"), "--out", "-o", help="Folder the bundle is written into."),
-    recipe: str = typer.Option("fp32", "--recipe", "-r", help="Built-in recipe name or path to a recipe YAML."),
+    target: TargetOrAll = typer.Option(TargetOrAll.all, "--target", "-t", case_sensitive=False,
+                                       help="Which artifact to build; all: every target of the recipe."),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="Folder the bundle folder is written into."),
+    recipe: str = typer.Option("fp32", "--recipe", "-r",
+                               help=f"Built-in recipe ({', '.join(_builtin_recipes())}; see `cpm-mobile recipes`) "
+                                    "or a recipe YAML file."),
     name: Optional[str] = typer.Option(None, "--name", help="Bundle folder name (default: <model>-<recipe>)."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the check as JUnit XML."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle of that name, once the new one is complete."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the check as JUnit XML to this file."),
     heldout: Optional[Path] = HeldoutOption,
+    verbose: bool = VerboseOption,
 ) -> None:
-    """Export a checkpoint to a checked bundle: artifacts, tokenizer, manifest.json, report.json.
+    """Export a checkpoint, check every artifact against PyTorch, and write the bundle.
 
-    Exit 0 when every artifact passes its tolerances, 1 on a breach, 2 on bad input.
+    The bundle (artifacts, tokenizer, manifest.json, report.json) appears at OUT/NAME only when
+    complete and checked; a bundle that fails its check is written as NAME.rejected instead.
+    Exit 0 when every artifact passes, 1 when one breaches its recipe's tolerances, 2 on bad input.
     """
-    from exporter.defaults import DEFAULT_MODEL
-    from exporter.pipeline import export_bundle
-    from recipes import load_recipe
+    with _running(verbose):
+        from exporter.bundle import writable_file
+        from exporter.defaults import DEFAULT_MODEL
+        from exporter.pipeline import export_bundle
+        from recipes import load_recipe
 
-    try:
         loaded = load_recipe(recipe)
-        selected = loaded.select(_targets(loaded, target))
+        selected = loaded.select(list(loaded.targets) if target is TargetOrAll.all else [target.value])
+        if junit:
+            writable_file(junit)
         with _progress_bar() as progress:
-            result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, heldout=heldout, progress=progress)
-    except CpmMobileError as error:
-        _fail(error)
+            result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, heldout=heldout,
+                                   progress=progress, force=force)
     _print_report(result.report)
     if junit:
         from runtimes.junit import write_junit
@@ -151,22 +239,29 @@ def export(
 
 @app.command()
 def check(
-    bundle: Path = typer.Argument(..., help="A bundle folder written by `cpm-mobile export`."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A bundle folder written by `cpm-mobile export`."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Source checkpoint, if it moved since export."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the result as JUnit XML."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the result as JUnit XML to this file."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON to this file."),
     heldout: Optional[Path] = HeldoutOption,
-    target: str = typer.Option("all", "--target", "-t", help="executorch | onnx | coreml | all (the bundle's artifacts)."),
+    target: TargetOrAll = typer.Option(TargetOrAll.all, "--target", "-t", case_sensitive=False,
+                                       help="Which artifact to check; all: every artifact in the bundle."),
+    verbose: bool = VerboseOption,
 ) -> None:
-    """Check an existing bundle again against its source checkpoint. Exit 0 pass, 1 breach, 2 bad input."""
-    from exporter.bundle_check import check_bundle
+    """Check an existing bundle again against its source checkpoint (and every file against its sha256).
 
-    try:
+    Exit 0 pass, 1 breach (or changed bytes), 2 bad input.
+    """
+    with _running(verbose):
+        from exporter.bundle import writable_file
+        from exporter.bundle_check import check_bundle
+
+        for destination in (junit, report):
+            if destination:
+                writable_file(destination)
         with _progress_bar() as progress:
-            result = check_bundle(bundle, model_path=model, heldout=heldout, targets=_target_list(target),
-                                  progress=progress)
-    except CpmMobileError as error:
-        _fail(error)
+            result = check_bundle(bundle, model_path=model, heldout=heldout,
+                                  targets=None if target is TargetOrAll.all else [target.value], progress=progress)
     _print_report(result.report)
     for breach in result.report.get("bundle_breaches", []):
         console.print(f"[red]bundle[/]: {breach}")
@@ -182,43 +277,173 @@ def check(
         raise typer.Exit(1)
 
 
+SPARSITY_OUTPUTS = ("sparsity.json", "sparsity_heatmap.png", "expert_firing.png")
+
+
 @app.command()
 def sparsity(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="BlockFFN checkpoint (default: the embedded one)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="BlockFFN checkpoint (default: the embedded blockffn-tiny)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text to profile (default: the embedded held-out text)."),
-    out: Path = typer.Option(Path("out/sparsity"), "--out", "-o", help="Folder for sparsity.json and the PNGs."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", help="Profile the first N tokens of the text."),
-    layer: int = typer.Option(0, "--layer", help="Layer shown in expert_firing.png."),
+    out: Path = typer.Option(Path("out/sparsity"), "--out", "-o",
+                             help="Folder for sparsity.json and the two PNGs (replaced as a whole)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Profile the first N tokens of the text."),
+    layer: int = typer.Option(0, "--layer", min=0, help="Layer drawn in expert_firing.png."),
+    verbose: bool = VerboseOption,
 ) -> None:
-    """BlockFFN token-level (TLS) and s-token chunk-level (CLS) sparsity per layer: table, JSON, PNGs."""
-    from exporter.analysis.sparsity import (
-        profile_sparsity, render_table, write_expert_firing_png, write_heatmap_png,
-    )
-    from exporter.bundle import publish, staging_folder
-    from exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
-    from exporter.errors import InputError
+    """BlockFFN activation sparsity per layer: token-level (TLS) and chunk-level (CLS); table, JSON, PNGs."""
+    with _running(verbose):
+        from exporter.analysis.sparsity import (
+            profile_sparsity, render_table, write_expert_firing_png, write_heatmap_png,
+        )
+        from exporter.bundle import output_folder, publish, staging_folder
+        from exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+        from exporter.errors import InputError
 
-    model_dir = model or DEFAULT_SPARSE_MODEL
-    text_path = text or HELDOUT_TEXT
-    try:
+        model_dir = model or DEFAULT_SPARSE_MODEL
+        text_path = text or HELDOUT_TEXT
+        output_folder(out, SPARSITY_OUTPUTS)
         if not text_path.is_file():
             raise InputError(text_path, "text file not found")
         passage = text_path.read_text(encoding="utf-8")
-        with errors.status("profiling router activity"):
+        with _spinner("profiling router activity"):
             profile = profile_sparsity(model_dir, passage, max_tokens=max_tokens)
             with staging_folder(out) as staging:
                 (staging / "sparsity.json").write_text(profile.to_json())
                 write_heatmap_png(profile, staging / "sparsity_heatmap.png")
                 write_expert_firing_png(model_dir, passage, staging / "expert_firing.png", layer=layer)
                 publish(staging, out)
-    except CpmMobileError as error:
-        _fail(error)
     console.print(render_table(profile))
-    console.print(f"written: {out / 'sparsity.json'}, {out / 'sparsity_heatmap.png'}, {out / 'expert_firing.png'}")
+    for name in SPARSITY_OUTPUTS:
+        console.print(f"written: {out / name}", markup=False, highlight=False, soft_wrap=True)
+
+
+recipes_app = typer.Typer(help="The built-in export recipes.", no_args_is_help=False, rich_markup_mode=None)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes_list(ctx: typer.Context) -> None:
+    """List the built-in recipes: name, targets, one line on what each is for."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from recipes import load_recipe
+
+    table = _table("recipes (cpm-mobile recipes show NAME for the full file)")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("targets")
+    table.add_column("what it is")
+    for name in _builtin_recipes():
+        recipe = load_recipe(name)
+        table.add_row(name, ", ".join(recipe.targets), _first_sentence(recipe.description))
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., metavar="NAME", help="A recipe name from `cpm-mobile recipes`.")) -> None:
+    """Print a built-in recipe's YAML: targets, passes, tolerances and the check's prompts."""
+    from exporter.errors import InputError
+    from recipes.schema import RECIPES_DIR
+
+    path = RECIPES_DIR / f"{name}.yaml"
+    if name not in _builtin_recipes():
+        _fail(InputError(name, f"no such built-in recipe (built-in: {', '.join(_builtin_recipes())})"))
+    typer.echo(path.read_text(encoding="utf-8"), nl=False)
+
+
+def _first_sentence(text: str) -> str:
+    """The description's lead: up to its first full stop or colon."""
+    text = " ".join(text.split())
+    cuts = [i for i in (text.find(". "), text.find(": ")) if i >= 0]
+    return text[: min(cuts)] if cuts else text.rstrip(".")
+
+
+@app.command()
+def generate(
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A bundle folder written by `cpm-mobile export`."),
+    target: Optional[Target] = typer.Option(None, "--target", "-t", case_sensitive=False,
+                                            help="Which artifact to run (default: the bundle's first)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue."),
+    chat: bool = typer.Option(False, "--chat", help="Chat with the bundle's chat template: one message per line "
+                                                    "on stdin, until an empty line or end of input."),
+    system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message first."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Above 0, at most 1: sample only among the most likely "
+                                                     "tokens whose probabilities sum to P."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, so a run can be repeated."),
+    verbose: bool = VerboseOption,
+) -> None:
+    """Generate text with a bundle's artifact in its runtime, streamed as it is produced.
+
+    Runs the artifact itself (the .pte in ExecuTorch, the .onnx in onnxruntime, the .mlpackage in
+    Core ML, or off macOS in our ML Program interpreter), stops at the model's EOS tokens, then
+    prints prefill and decode tokens/s and the process's peak memory on stderr.
+    """
+    if (prompt is None) == (not chat):
+        raise typer.BadParameter("give either --prompt TEXT or --chat", param_hint="--prompt / --chat")
+    if not 0 < top_p <= 1:
+        raise typer.BadParameter(f"{top_p} is not in (0, 1]", param_hint="--top-p")
+    if system is not None and not chat:
+        raise typer.BadParameter("--system goes with --chat", param_hint="--system")
+    with _running(verbose):
+        from exporter.generate import (
+            Chat, ChatTemplate, Sampling, Timings, complete, make_sampler, open_bundle_model, select_artifact,
+        )
+        from exporter.tokenizer import TextTokenizer
+
+        select_artifact(bundle, target.value if target else None)  # a bad bundle or target: before anything loads
+        tokenizer = TextTokenizer.from_folder(bundle)
+        template = ChatTemplate.from_folder(bundle) if chat else None
+        sample = make_sampler(Sampling(temperature, top_p, seed))
+        with _spinner("loading the artifact"):
+            model = open_bundle_model(bundle, target.value if target else None)
+        note = "" if model.passed_check is not False else "; this bundle FAILED its check"
+        errors.print(f"{model.target} in {model.runtime}{note}", markup=False, highlight=False, style="dim",
+                     soft_wrap=True)
+        if chat:
+            conversation = Chat(model.session, tokenizer.tokenizer, template, model.eos_ids, system=system)
+            while True:
+                errors.print("> ", end="", markup=False, highlight=False)
+                line = sys.stdin.readline()
+                if not line.strip():
+                    break
+                timings = Timings()
+                _stream(conversation.reply(line.strip(), max_new_tokens, sample, timings))
+                _print_speed(timings)
+        else:
+            timings = Timings()
+            prompt_ids = tokenizer.encode(prompt)
+            if len(prompt_ids) >= model.session.max_seq_len:
+                from exporter.errors import InputError
+
+                raise InputError("--prompt", f"is {len(prompt_ids)} tokens; the artifact holds "
+                                 f"{model.session.max_seq_len} positions")
+            _stream(complete(model.session, prompt_ids, tokenizer.tokenizer, max_new_tokens, sample,
+                             model.eos_ids, timings))
+            _print_speed(timings)
+
+
+def _stream(pieces: Iterator[str]) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _print_speed(timings) -> None:
+    from exporter.generate import peak_memory_mib
+
+    errors.print(
+        f"prefill {timings.prefill_tokens} tokens {timings.prefill_tokens_per_s:.0f} tok/s, "
+        f"decode {timings.decode_tokens} tokens {timings.decode_tokens_per_s:.0f} tok/s, "
+        f"peak memory {peak_memory_mib():.0f} MiB",
+        markup=False, highlight=False, style="dim", soft_wrap=True,
+    )
 
 
 def main() -> None:
-    app()
+    app(prog_name="cpm-mobile")
 
 
 if __name__ == "__main__":

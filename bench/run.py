@@ -4,7 +4,8 @@ python -m bench.run --preset minicpm4-0.5b            # synthetic checkpoint of 
 python -m bench.run --model exporter/embedded/minicpm-tiny --model exporter/embedded/blockffn-tiny
 
 Each runtime runs in its own process (peak memory is its own); every speed is also reported as a
-ratio to eager measured in this run. Writes results.json, results.md and results.png to --out.
+ratio to eager measured in this run. Writes results.json, results.md, results.png and
+provenance.json (command, versions, host) to --out.
 """
 from __future__ import annotations
 
@@ -73,9 +74,17 @@ def bench_model(model_path: Path, label: str, args) -> list[dict]:
 
 def write_outputs(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    from bench.provenance import provenance
+
+    context = provenance()
     (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "provenance.json").write_text(json.dumps(context, indent=2) + "\n")
     header = "| model | runtime | decode tok/s | x eager | prefill tok/s | x eager | peak RSS MB | artifact MB |"
-    lines = [header, "|" + "---|" * 8]
+    versions = context["versions"]
+    load = context["host"]["load_average"]
+    lines = [f"`{context['command']}` on {context['host']['platform']} ({context['host']['cpus']} CPUs"
+             f"{f', load {load[0]:.1f}' if load else ''}), {context['date']}; torch {versions['torch']}, executorch "
+             f"{versions['executorch']}, onnxruntime {versions['onnxruntime']}", "", header, "|" + "---|" * 8]
     table = Table(title="decode / prefill vs PyTorch eager (same run)")
     for column in ("model", "runtime", "decode tok/s", "x eager", "prefill tok/s", "x eager", "peak RSS MB", "artifact MB"):
         table.add_column(column)
@@ -117,14 +126,18 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, action="append", default=[], help="checkpoint folder (repeatable)")
-    parser.add_argument("--preset", action="append", default=[], help="synthetic checkpoint of a preset shape")
+    from exporter.models.presets import PRESETS
+
+    parser.add_argument("--preset", action="append", default=[], choices=sorted(PRESETS), metavar="PRESET",
+                        help=f"synthetic checkpoint of a real model's shape (repeatable): {', '.join(sorted(PRESETS))}")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    parser.add_argument("--targets", default="executorch,onnx")
-    parser.add_argument("--max-seq-len", type=int, default=256)
-    parser.add_argument("--prefill", type=int, default=128)
-    parser.add_argument("--decode", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--targets", default="executorch,onnx", help="comma-separated: executorch, onnx")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="KV cache positions of the artifacts")
+    parser.add_argument("--prefill", type=int, default=128, help="tokens in the one prefill call")
+    parser.add_argument("--decode", type=int, default=32, help="decode steps timed (median per token)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"),
+                        help="folder for results.json/.md/.png and provenance.json")
     args = parser.parse_args()
     args.targets = args.targets.split(",")
     rows = []

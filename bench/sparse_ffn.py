@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> dict:
     for verdict in results["targets"]:
         print(f"target {verdict['target']:<20} {verdict['runtime']:<11} x{verdict['speedup']:.2f} "
               f"{'met' if verdict['met'] else 'MISSED'} ({verdict['where']})")
+    from bench.provenance import provenance
+
+    results["provenance"] = provenance(argv)
     (args.out / "sparse_ffn.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "sparse_ffn.png")
     print(f"wrote {args.out / 'sparse_ffn.json'} and {args.out / 'sparse_ffn.png'}")

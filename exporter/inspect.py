@@ -32,6 +32,8 @@ class CheckpointSummary:
     max_seq_len: int
     estimated_bytes: dict[str, int]
     sparse_attention: str
+    rope: str = "default"
+    biases: str = "none"
 
     def rows(self) -> list[tuple[str, str]]:
         experts = f"{self.experts} x {self.expert_size}" if self.experts else "-"
@@ -51,6 +53,8 @@ class CheckpointSummary:
             ("vocab", str(self.vocab)),
             ("max_seq_len", f"{self.max_seq_len} (config max_position_embeddings {self.max_position_embeddings})"),
             ("sparse attention", self.sparse_attention),
+            ("rope", self.rope),
+            ("biases", self.biases),
         ]
         rows += [(f"est. size {p}", _human(b)) for p, b in self.estimated_bytes.items()]
         return rows
@@ -93,4 +97,16 @@ def summarize(path: str | Path) -> CheckpointSummary:
         max_seq_len=max_supported_seq_len(config),
         estimated_bytes={p: int(parameters * b) for p, b in BYTES_PER_PARAM.items()},
         sparse_attention=sparse,
+        rope=_rope(config),
+        biases=", ".join(n for n, on in (("attention", config.attention_bias), ("mlp", config.mlp_bias)) if on) or "none",
     )
+
+
+def _rope(config) -> str:
+    rope = config.rope
+    text = f"{rope.kind}, theta {rope.theta:g}"
+    if rope.factor is not None:
+        text += f", factor {rope.factor:g}"
+    if rope.original_max_position_embeddings:
+        text += f", original context {rope.original_max_position_embeddings}"
+    return text

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -10,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from exporter import __version__
-from exporter.bundle import MANIFEST, REPORT, file_hashes, publish, staging_folder, write_json
+from exporter.bundle import (
+    MANIFEST, REPORT, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
+)
 from exporter.defaults import HELDOUT_TEXT
 from exporter.errors import InputError
 from exporter.models.loader import build_model, load_checkpoint
@@ -59,23 +60,26 @@ def export_bundle(
     name: str | None = None,
     heldout: Path | None = None,
     progress: Progress = no_progress,
+    force: bool = False,
 ) -> ExportResult:
     """Export every target of the recipe into one bundle, check it, and publish it atomically.
 
     A bundle whose check breaches a tolerance is published as `<name>.rejected` instead, so the
-    report can be read but no app picks it up as a valid bundle.
+    report can be read but no app picks it up as a valid bundle. An existing bundle at the
+    destination is refused unless `force`, and then replaced only by a complete new one.
     """
     for target_name, spec in recipe.targets.items():
         check_passes([*recipe.passes, *spec.passes], target_name)
+    final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
     config = checkpoint.config
+    tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
     plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len, config.eos_token_ids,
                       heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
-    name = name or f"{checkpoint.folder.name}-{recipe.name}"
-    final = Path(out_dir) / name
+    name = final.name
     context = ExportContext(
         bos_id=tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id,
         eos_ids=config.eos_token_ids,
@@ -89,8 +93,7 @@ def export_bundle(
             exported = get_target(target_name).export(model, staging, spec, context, _prefixed(progress, target_name))
             artifacts.append(asdict(exported.info))
             twins[target_name] = Twin(exported.twin, exported.twin_description)
-        for file in tokenizer.files():
-            shutil.copy2(file, staging / file.name)
+        tokenizer_files = tokenizer.write_bundle_files(staging, recipe.max_seq_len)
         result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress)
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -113,7 +116,7 @@ def export_bundle(
             },
             "tool": library_versions(),
             "artifacts": artifacts,
-            "tokenizer": [f.name for f in tokenizer.files()],
+            "tokenizer": tokenizer_files,
         }
         write_json(staging / REPORT, result.report)
         manifest["files"] = file_hashes(staging)

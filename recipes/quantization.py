@@ -15,5 +15,5 @@ class Strict(BaseModel):
 
 # Filled in by the quantisation work: e.g. Annotated[Int8Scheme | Int4Scheme, Field(discriminator="scheme")].
 ExecuTorchQuantization = None
-OnnxQuantization = None
+from recipes.quant_onnx import OnnxQuantization  # noqa: E402
 CoreMLQuantization = None

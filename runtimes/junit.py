@@ -6,18 +6,26 @@ from pathlib import Path
 from typing import Any
 
 
+GATES = ("faithfulness", "fidelity")
+
+
 def write_junit(report: dict[str, Any], path: Path, suite_name: str) -> None:
+    """One test case per artifact and gate (faithfulness vs its twin, fidelity vs fp32)."""
     artifacts = report["artifacts"]
-    failures = sum(not a["passed"] for a in artifacts.values())
-    suite = ET.Element("testsuite", name=suite_name, tests=str(len(artifacts)), failures=str(failures), errors="0")
-    for target, entry in artifacts.items():
-        case = ET.SubElement(suite, "testcase", classname=suite_name, name=f"{target}:{entry['entry']}")
-        metrics = entry["metrics"]
+    cases = [(target, gate, entry) for target, entry in artifacts.items() for gate in GATES]
+    failures = sum(not entry[gate]["passed"] for _, gate, entry in cases)
+    suite = ET.Element("testsuite", name=suite_name, tests=str(len(cases)), failures=str(failures), errors="0")
+    for target, gate, entry in cases:
+        result = entry[gate]
+        case = ET.SubElement(suite, "testcase", classname=f"{suite_name}.{target}", name=f"{gate}:{entry['entry']}")
         ET.SubElement(case, "system-out").text = "\n".join(
-            f"{k} = {v}" for k, v in metrics.items() if not isinstance(v, list)
+            [f"against = {result['against']}"]
+            + [f"{k} = {v}" for k, v in result["metrics"].items() if not isinstance(v, (list, dict))]
         )
-        if not entry["passed"]:
-            failure = ET.SubElement(case, "failure", message="; ".join(entry["breaches"]))
-            failure.text = "\n".join(entry["breaches"])
+        if not result["passed"]:
+            # An artifact that could not run fails both gates with the same reason.
+            breaches = result["breaches"] or [b for b in entry["breaches"] if not b.startswith(GATES)]
+            failure = ET.SubElement(case, "failure", message="; ".join(breaches))
+            failure.text = "\n".join(breaches)
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

@@ -220,6 +220,20 @@ def test_bin_that_is_not_a_checkpoint(good):
     _assert_one_line_error(good, good / "pytorch_model.bin", "pytorch_model.bin")
 
 
+def test_refused_bin_prints_one_line_and_no_torch_warning(good, tmp_path):
+    """torch warns about the pickle protocol of a file it refuses; the CLI shows only the refusal."""
+    from tests.test_tokenizers import _cli, assert_one_line_error
+
+    (good / "model.safetensors").unlink()
+    (good / "pytorch_model.bin").write_bytes(pickle.dumps([1, 2, 3], protocol=4))
+    out = tmp_path / "out"
+    result = _cli("export", "--model", str(good), "--target", "onnx", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result)
+    assert "pytorch_model.bin" in result.stderr.strip().splitlines()[-1]
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_path_is_a_file(good):
     _assert_one_line_error(good / "config.json", good / "config.json", "expected a checkpoint folder")
 

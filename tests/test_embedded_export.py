@@ -42,17 +42,28 @@ def test_reference_continuations_read_as_language(fp32_bundle):
         assert sum(w.strip(".,;:()'\"").isalpha() for w in words) / len(words) >= 0.6, sample
 
 
-def _reference_greedy(bundle, prompt_ids, new_tokens):
-    from exporter.models import greedy_generate, load_model
+def _report_sample(result, index=0):
+    sample = result.report["reference"]["greedy_samples"][index]
+    assert len(sample["continuation"].split()) >= 5  # a continuation worth comparing
+    return sample
 
+
+def test_bundle_tokenizer_config_states_what_the_artifacts_hold(fp32_bundle):
     import json
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    model, _ = load_model(manifest["source"]["path"], max_seq_len=256)
-    return greedy_generate(model, prompt_ids, new_tokens, stop_ids=model.config.eos_token_ids).generated
+    _, result = fp32_bundle
+    bundle = result.bundle
+    config = json.loads((bundle / "tokenizer_config.json").read_text())
+    genai = json.loads((bundle / "genai_config.json").read_text())
+    assert config["model_max_length"] == result.manifest["model"]["max_seq_len"] == genai["model"]["context_length"]
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
+    assert "<|im_start|>" in config["chat_template"]
 
 
-def test_text_llm_runner_generates_the_reference_text(fp32_bundle):
+def test_text_llm_runner_encodes_and_generates_the_reports_continuation(fp32_bundle):
+    """ExecuTorch's runner with its own tokenizer (the bundle's tokenizer.json) and one BOS, as the check prompts."""
+    from pytorch_tokenizers import CppHFTokenizer
+
     from runtimes.executorch import load_kernel_libraries
 
     load_kernel_libraries()
@@ -60,34 +71,39 @@ def test_text_llm_runner_generates_the_reference_text(fp32_bundle):
 
     _, result = fp32_bundle
     bundle = result.bundle
-    tokenizer = TextTokenizer.from_folder(bundle)
-    text = "The interpreter reads"
-    prompt_ids = tokenizer.encode(text)
-    generated = _reference_greedy(bundle, prompt_ids, 32)
-    eos = set(tokenizer.tokenizer.encode("</s>", add_special_tokens=False).ids)
-    expected = tokenizer.tokenizer.decode([t for t in generated if t not in eos], skip_special_tokens=False)
+    ours = TextTokenizer.from_folder(bundle)
+    runner_tokenizer = CppHFTokenizer()
+    runner_tokenizer.load(str(bundle))  # the folder, as TextLLMRunner loads it
+    sample = _report_sample(result)
+    assert runner_tokenizer.encode(sample["prompt"], 1, 0) == ours.encode(sample["prompt"])
     pieces: list[str] = []
     runner = TextLLMRunner(str(bundle / "model.pte"), str(bundle))
-    runner.generate("<s>" + text, GenerationConfig(echo=False, max_new_tokens=32, temperature=0.0), pieces.append)
-    assert "".join(pieces) == expected and len(expected.split()) >= 5
+    config = GenerationConfig(echo=False, max_new_tokens=64, temperature=0.0, num_bos=1)
+    runner.generate(sample["prompt"], config, pieces.append)
+    assert "".join(pieces) == sample["continuation"]
 
 
-def test_onnxruntime_genai_generates_the_reference_tokens(fp32_bundle):
+def test_onnxruntime_genai_encodes_and_generates_the_reports_continuation(fp32_bundle):
+    """onnxruntime-genai with its own tokenizer on the bundle folder; add_special_tokens gives the BOS."""
     import onnxruntime_genai as og
+
     _, result = fp32_bundle
     bundle = result.bundle
-    tokenizer = TextTokenizer.from_folder(bundle)
-    prompt_ids = tokenizer.encode("A list comprehension")
+    ours = TextTokenizer.from_folder(bundle)
     model = og.Model(str(bundle))
+    tokenizer = og.Tokenizer(model)
+    tokenizer.update_options(add_special_tokens="true")
+    sample = _report_sample(result, 1)
+    prompt_ids = [int(t) for t in tokenizer.encode(sample["prompt"])]
+    assert prompt_ids == ours.encode(sample["prompt"])
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + 32, do_sample=False)
+    params.set_search_options(max_length=len(prompt_ids) + 64, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
     generated = [int(t) for t in generator.get_sequence(0)][len(prompt_ids):]
-    reference = _reference_greedy(bundle, prompt_ids, 32)
-    assert generated[: len(reference)] == reference
+    assert tokenizer.decode(np.asarray(generated, dtype=np.int32)) == sample["continuation"]
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))

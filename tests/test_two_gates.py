@@ -75,7 +75,9 @@ def test_one_flipped_weight_fails_faithfulness_at_real_depth(deep_bundle, target
     twin_module, description = get_target(target).twin(reference, recipe.targets[target])
     faulty = _flipped(twin_module, "layers.12.mlp.down_proj.weight")
     tokenizer = TextTokenizer.from_folder(result.bundle)
-    plan = build_plan(recipe, tokenizer, HELDOUT_TEXT.read_text(), recipe.max_seq_len)
+    short = recipe.model_copy(update={"check": recipe.check.model_copy(update={"max_new_tokens": 16,
+                                                                              "heldout_windows": 1})})
+    plan = build_plan(short, tokenizer, HELDOUT_TEXT.read_text(), recipe.max_seq_len)
     artifacts = [a for a in result.manifest["artifacts"] if a["target"] == target]
     with torch.no_grad():
         report = check_artifacts(reference, {target: Twin(faulty, description)}, tokenizer, recipe,

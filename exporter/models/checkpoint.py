@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about the pickle protocol of a file it then refuses or reads: the outcome is
+        # the only thing the user needs, and a warning must not print around the one-line error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InputError(path, f"refused: holds pickled objects that are not plain tensors ({_one_line(exc)[:160]})") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:

@@ -1,8 +1,8 @@
 """ModelConfig: the facts about a MiniCPM-family or BlockFFN checkpoint that the module needs.
 
 Parsed from a Hugging Face `config.json`. Every supported variant is one config: attention is GQA
-(MiniCPM 1B/2B, MiniCPM4, BlockFFN-3B) or MLA (MiniCPM3, BlockFFN Small..XLarge); the FFN is the
-gated SiLU MLP or BlockFFN's ReLU-routed experts.
+(MiniCPM 1B/2B, MiniCPM4, BlockFFN-3B, MiniCPM5 and any `LlamaForCausalLM`) or MLA (MiniCPM3,
+BlockFFN Small..XLarge); the FFN is the gated SiLU MLP or BlockFFN's ReLU-routed experts.
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from exporter.errors import InputError
 AttentionKind = Literal["gqa", "mla"]
 FfnKind = Literal["gated", "blockffn"]
 
-SUPPORTED_MODEL_TYPES = ("minicpm", "minicpm3", "minicpm4", "blockffn")
+SUPPORTED_MODEL_TYPES = ("minicpm", "minicpm3", "minicpm4", "blockffn", "llama")
+# rope_scaling types as transformers defines them (modeling_rope_utils.ROPE_INIT_FUNCTIONS).
+ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+RopeKind = Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"]
 # Norms inside MLA's low-rank projections use the library default, not rms_norm_eps
 # (MiniCPM3RMSNorm(q_lora_rank) in both the original and the transformers code).
 MLA_LATENT_NORM_EPS = 1e-6
@@ -26,11 +29,26 @@ MLA_LATENT_NORM_EPS = 1e-6
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    kind: Literal["default", "longrope"] = "default"
+    kind: RopeKind = "default"
+    # linear / dynamic / llama3 / yarn scale; longrope: overrides max/original for the attention factor
+    factor: float | None = None
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     original_max_position_embeddings: int = 0
     attention_factor: float | None = None
+    # LongRoPE's choice of factor list. "context" (MiniCPM's own code): long factors whenever the
+    # model is configured past the original context, at every length. "length" (transformers):
+    # long factors only once the sequence itself passes the original context.
+    long_factor_rule: Literal["context", "length"] = "context"
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,8 @@ class ModelConfig:
     scale_depth: float | None = None
     dim_model_base: float | None = None
     tie_word_embeddings: bool = True
+    attention_bias: bool = False  # q/k/v/o projections carry biases (Llama's attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections carry biases (Llama's mlp_bias)
     # MLA
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -74,10 +94,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
     sparse_attention: SparseAttentionConfig | None = None
     torch_dtype: str = "float32"
+    # config.json's quantization_config as written (GPTQ and others), kept for the loaders that read it.
+    quantization_config: dict | None = None
 
     # -- derived -----------------------------------------------------------------------------
     @property
     def family(self) -> str:
+        if self.model_type == "llama":
+            return "llama"
         return "blockffn" if self.ffn == "blockffn" else ("minicpm3" if self.attention == "mla" else "minicpm")
 
     @property
@@ -165,6 +189,10 @@ class _ConfigParser:
             )
         attention = self._attention_kind(model_type)
         ffn = self._ffn_kind()
+        act = self.raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise self.fail(f"hidden_act '{act}' is not supported (supported: silu)")
+        llama = model_type == "llama"
         hidden = self.get("hidden_size", int)
         heads = self.get("num_attention_heads", int)
         kv_heads = self.get("num_key_value_heads", int, heads)
@@ -190,16 +218,24 @@ class _ConfigParser:
             head_dim=head_dim,
             intermediate_size=intermediate,
             rms_norm_eps=self.get("rms_norm_eps", float, 1e-6),
-            max_position_embeddings=self.get("max_position_embeddings", int, 4096),
+            # transformers' LlamaConfig defaults differ from MiniCPM's: 2048 positions, untied head.
+            max_position_embeddings=self.get("max_position_embeddings", int, 2048 if llama else 4096),
             scale_emb=self.get("scale_emb", float, 1.0),
             scale_depth=self.get("scale_depth", float, None),
             dim_model_base=self.get("dim_model_base", float, None),
-            tie_word_embeddings=self.get("tie_word_embeddings", bool, True),
+            tie_word_embeddings=self.get("tie_word_embeddings", bool, not llama),
+            attention_bias=self.get("attention_bias", bool, False),
+            mlp_bias=self.get("mlp_bias", bool, False),
             bos_token_id=self.get("bos_token_id", int, None, positive=False),
             eos_token_ids=self._eos_ids(),
             torch_dtype=str(self.raw.get("torch_dtype") or self.raw.get("dtype") or "float32"),
             sparse_attention=self._sparse_attention(),
+            quantization_config=self._quantization_config(),
         )
+        if attention == "mla" and fields["attention_bias"]:
+            raise self.fail("attention_bias is not supported with MLA attention")
+        if ffn == "blockffn" and fields["mlp_bias"]:
+            raise self.fail("mlp_bias is not supported with BlockFFN")
         if attention == "mla":
             fields.update(
                 q_lora_rank=self.get("q_lora_rank", int, None),
@@ -212,7 +248,7 @@ class _ConfigParser:
         if ffn == "blockffn":
             fields.update(num_experts=self.get("num_experts", int), expert_size=self.get("expert_size", int))
         rotary_dim = fields["qk_rope_head_dim"] if attention == "mla" else head_dim
-        fields["rope"] = self._rope(rotary_dim, fields["max_position_embeddings"])
+        fields["rope"] = self._rope(rotary_dim, fields["max_position_embeddings"], transformers_rules=llama)
         return ModelConfig(**fields)
 
     def _attention_kind(self, model_type: str) -> AttentionKind:
@@ -257,31 +293,97 @@ class _ConfigParser:
             raise self.fail(f"'sparse_config.dense_len' must be a positive int, got {dense_len!r}")
         return SparseAttentionConfig(dense_len=dense_len, raw=dict(sparse))
 
-    def _rope(self, rotary_dim: int, max_positions: int) -> RopeConfig:
+    def _quantization_config(self) -> dict | None:
+        quant = self.raw.get("quantization_config")
+        if quant is None:
+            return None
+        if not isinstance(quant, dict):
+            raise self.fail("'quantization_config' must be an object")
+        return dict(quant)
+
+    def _rope(self, rotary_dim: int, max_positions: int, transformers_rules: bool) -> RopeConfig:
+        """rope_theta and rope_scaling (or transformers 5's rope_parameters), with transformers' defaults."""
         params = self.raw.get("rope_scaling") or self.raw.get("rope_parameters") or {}
         if not isinstance(params, dict):
             raise self.fail("'rope_scaling' must be an object")
         theta = self.raw.get("rope_theta", params.get("rope_theta", 10000.0))
-        if not isinstance(theta, (int, float)) or theta <= 0:
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
             raise self.fail(f"'rope_theta' must be a positive number, got {theta!r}")
+        partial = self.raw.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise self.fail(f"partial_rotary_factor {partial!r} is not supported (rotary over the whole head only)")
         kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ROPE_KINDS:
+            raise self.fail(f"rope type '{kind}' is not supported (supported: {', '.join(ROPE_KINDS)})")
         if kind == "default":
             return RopeConfig(theta=float(theta))
-        if kind != "longrope":
-            raise self.fail(f"rope type '{kind}' is not supported (supported: default, longrope)")
+        number = _RopeNumbers(self, params)
+        if kind in ("linear", "dynamic"):
+            return RopeConfig(theta=float(theta), kind=kind, factor=number("factor"))
+        original = self._original_context(params, max_positions, transformers_rules)
+        if kind == "llama3":
+            low, high = number("low_freq_factor"), number("high_freq_factor")
+            if high <= low:
+                raise self.fail(f"rope_scaling.high_freq_factor {high} must exceed low_freq_factor {low}")
+            return RopeConfig(
+                theta=float(theta), kind=kind, factor=number("factor"), low_freq_factor=low,
+                high_freq_factor=high, original_max_position_embeddings=original,
+            )
+        if kind == "yarn":
+            truncate = params.get("truncate", True)
+            if not isinstance(truncate, bool):
+                raise self.fail(f"rope_scaling.truncate must be true or false, got {truncate!r}")
+            return RopeConfig(
+                theta=float(theta), kind=kind, factor=number("factor"),
+                attention_factor=number("attention_factor", None), original_max_position_embeddings=original,
+                # transformers treats a 0 / null beta as its default (`or 32`, `or 1`)
+                beta_fast=number("beta_fast", None) or 32.0, beta_slow=number("beta_slow", None) or 1.0,
+                mscale=number("mscale", None), mscale_all_dim=number("mscale_all_dim", None), truncate=truncate,
+            )
         factors = {}
         for name in ("short_factor", "long_factor"):
             values = params.get(name)
             if not isinstance(values, list) or len(values) != rotary_dim // 2:
                 raise self.fail(f"rope_scaling.{name} must list {rotary_dim // 2} factors (rotary dim {rotary_dim})")
             factors[name] = tuple(float(v) for v in values)
-        original = params.get("original_max_position_embeddings", self.raw.get("original_max_position_embeddings"))
-        if original is None:
-            original = max_positions
         return RopeConfig(
             theta=float(theta),
             kind="longrope",
-            original_max_position_embeddings=int(original),
-            attention_factor=params.get("attention_factor"),
+            original_max_position_embeddings=original,
+            attention_factor=number("attention_factor", None),
+            factor=number("factor", None) if transformers_rules else None,
+            long_factor_rule="length" if transformers_rules else "context",
             **factors,
         )
+
+    def _original_context(self, params: dict, max_positions: int, transformers_rules: bool) -> int:
+        inside = params.get("original_max_position_embeddings")
+        outside = self.raw.get("original_max_position_embeddings")
+        # transformers lets a top-level value win (Phi-3 writes it there); MiniCPM reads rope_scaling's.
+        original = (outside if outside is not None else inside) if transformers_rules else (
+            inside if inside is not None else outside
+        )
+        if original is None:
+            return max_positions
+        if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+            raise self.fail(f"original_max_position_embeddings must be a positive int, got {original!r}")
+        return original
+
+
+class _RopeNumbers:
+    """Reads one number of rope_scaling: required (default ...) or optional, positive."""
+
+    def __init__(self, parser: _ConfigParser, params: dict):
+        self.parser = parser
+        self.params = params
+
+    def __call__(self, key: str, default: Any = ...) -> Any:
+        value = self.params.get(key)
+        kind = self.params.get("rope_type", self.params.get("type"))
+        if value is None:
+            if default is ...:
+                raise self.parser.fail(f"rope_scaling of type '{kind}' needs '{key}'")
+            return default
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise self.parser.fail(f"rope_scaling.{key} must be a positive number, got {value!r}")
+        return float(value)

@@ -10,11 +10,11 @@ from exporter.models.norm import RMSNorm
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -49,4 +49,4 @@ class BlockFFN(nn.Module):
 def build_ffn(config: ModelConfig) -> nn.Module:
     if config.ffn == "blockffn":
         return BlockFFN(config.hidden_size, config.num_experts, config.expert_size, config.rms_norm_eps)
-    return GatedMLP(config.hidden_size, config.intermediate_size)
+    return GatedMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)

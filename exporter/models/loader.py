@@ -51,16 +51,17 @@ def canonical_state(
         before = set(state)
         if name.endswith(IGNORED_SUFFIXES):
             continue
-        if name.endswith("self_attn.qkv_proj.weight"):
-            prefix = name.removesuffix("qkv_proj.weight")
+        kind = name.rsplit(".", 1)[-1]  # weight or bias: fused biases split like their weights
+        if name.endswith(f"self_attn.qkv_proj.{kind}"):
+            prefix = name.removesuffix(f"qkv_proj.{kind}")
             sizes = [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
             parts = _split_rows(tensor, sizes, name, origin[name])
-            state.update({f"{prefix}{p}_proj.weight": t for p, t in zip("qkv", parts)})
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            prefix = name.removesuffix("gate_up_proj.weight")
+            state.update({f"{prefix}{p}_proj.{kind}": t for p, t in zip("qkv", parts)})
+        elif name.endswith(f"mlp.gate_up_proj.{kind}"):
+            prefix = name.removesuffix(f"gate_up_proj.{kind}")
             sizes = [config.intermediate_size] * 2
             gate, up = _split_rows(tensor, sizes, name, origin[name])
-            state[f"{prefix}gate_proj.weight"], state[f"{prefix}up_proj.weight"] = gate, up
+            state[f"{prefix}gate_proj.{kind}"], state[f"{prefix}up_proj.{kind}"] = gate, up
         elif name not in expected and f"{name}.weight" in expected:
             state[f"{name}.weight"] = tensor  # BlockFFN writes mlp.up_proj / mlp.down_proj without ".weight"
         else:
@@ -70,7 +71,7 @@ def canonical_state(
 
 
 def _split_rows(tensor: torch.Tensor, sizes: list[int], name: str, path: Path) -> tuple[torch.Tensor, ...]:
-    if tensor.dim() != 2 or tensor.shape[0] != sum(sizes):
+    if tensor.dim() not in (1, 2) or tensor.shape[0] != sum(sizes):
         raise InputError(path, f"fused tensor '{name}' has shape {tuple(tensor.shape)}, expected {sum(sizes)} rows")
     return tuple(tensor.split(sizes, dim=0))
 

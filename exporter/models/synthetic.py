@@ -15,6 +15,39 @@ from exporter.models.config import ModelConfig
 from exporter.models.loader import LM_HEAD, expected_shapes
 from exporter.models.presets import preset_config
 
+# MiniCPM5-1B as released: a plain LlamaForCausalLM (model_type llama, 24 layers, GQA 16/2, 131,072
+# positions). hidden 1536, head_dim 128, intermediate 4608 and an untied 130,560-token vocab are
+# derived from the published counts (1,080,632,832 parameters, 679,552,512 non-embedding), not
+# read from the real config.json.
+MINICPM5_1B: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "hidden_size": 1536,
+    "head_dim": 128,
+    "intermediate_size": 4608,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 130560,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def llama_config(**overrides: Any) -> dict[str, Any]:
+    """config.json of a LlamaForCausalLM checkpoint (MiniCPM5-1B's shape unless overridden)."""
+    return {**MINICPM5_1B, **overrides}
+
+
 Layout = Literal["safetensors", "sharded-safetensors", "bin", "sharded-bin", "hub-cache"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

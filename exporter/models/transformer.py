@@ -17,7 +17,7 @@ from exporter.models.config import ModelConfig
 from exporter.models.ffn import build_ffn
 from exporter.models.kv_cache import StaticKVCache, causal_mask
 from exporter.models.norm import RMSNorm
-from exporter.models.rope import rope_tables
+from exporter.models.rope import exact_rope_limit, rope_tables
 
 
 class DecoderLayer(nn.Module):
@@ -36,22 +36,27 @@ class DecoderLayer(nn.Module):
 
 def max_supported_seq_len(config: ModelConfig) -> int:
     """Longest cache this module computes exactly as the original model does."""
-    if config.sparse_attention is not None:
+    return _seq_len_limit(config)[0]
+
+
+def _seq_len_limit(config: ModelConfig) -> tuple[int, str | None]:
+    limit, reason = config.max_position_embeddings, None
+    if config.sparse_attention is not None and config.sparse_attention.dense_len < limit:
         # InfLLM v2 switches to block-sparse attention above dense_len; we implement the dense part.
-        return min(config.max_position_embeddings, config.sparse_attention.dense_len)
-    return config.max_position_embeddings
+        limit = config.sparse_attention.dense_len
+        reason = f"InfLLM v2 sparse attention above dense_len={limit} is not implemented"
+    rope_limit = exact_rope_limit(config)
+    if rope_limit is not None and rope_limit[0] <= limit:
+        limit, reason = rope_limit[0], f"{rope_limit[1]}, which a static cache cannot reproduce"
+    return limit, reason
 
 
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, max_seq_len: int = 512, dtype: torch.dtype = torch.float32):
         super().__init__()
-        limit = max_supported_seq_len(config)
+        limit, why = _seq_len_limit(config)
         if not 0 < max_seq_len <= limit:
-            reason = (
-                f"InfLLM v2 sparse attention above dense_len={limit} is not implemented"
-                if config.sparse_attention is not None and max_seq_len > limit
-                else f"must be in 1..{limit}"
-            )
+            reason = why if why is not None and max_seq_len > limit else f"must be in 1..{limit}"
             raise InputError("max_seq_len", f"{max_seq_len} not supported: {reason}")
         self.config = config
         self.max_seq_len = max_seq_len

@@ -150,6 +150,8 @@ def save_package(mlmodel, path: Path) -> int:
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
         mlmodel.save(str(temporary))
+        # coremltools' debug map for ExecuTorch's Core ML delegate: a build by-product, not in the package manifest.
+        (temporary / "executorch_debug_handle_mapping.json").unlink(missing_ok=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(temporary, path)

@@ -28,6 +28,7 @@ from torch import nn
 from exporter.models.attention import Attend
 from exporter.models.kv_cache import grouped_sdpa
 from exporter.models.transformer import CausalLM
+from exporter.quant.onnx import onnx_twin, quantize_onnx
 from exporter.targets.base import (
     ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
 )
@@ -271,13 +272,7 @@ class OnnxTarget:
         options = spec.options
         out_dir = Path(out_dir)
         check_model_dtype(model, self.name)
-        dtype = TORCH_DTYPES[spec.precision]
-        twin, description = self.twin(model, spec)
-        layout = CacheLayout.of(twin, dtype, pad_values=options.pad_mla_values)
-
-        progress("onnx: exporting graph (torch.export + dynamo)", 0.0)
-        onnx_model = build_onnx(twin, layout, options.opset)
-        # A post-export graph step (quantisation) slots in here, before sizes are measured.
+        onnx_model, layout, twin, description = self._graph(model, spec, progress)
         size = initializer_bytes(onnx_model)
         external = size > options.external_data_threshold_bytes
         progress("onnx: saving", 0.6)
@@ -309,11 +304,34 @@ class OnnxTarget:
                 "genai": genai_note,
                 "value_padding": layout.value_dim - layout.model_value_dim,
                 "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+                "quantization": spec.quantization.model_dump() if spec.quantization is not None else None,
             },
         )
         return ExportedArtifact(info, twin, description)
 
+    def _graph(self, model: CausalLM, spec: OnnxSpec, progress: Progress) -> tuple[ir.Model, CacheLayout, CausalLM, str]:
+        """The graph, quantised when the spec asks, with the twin it computes."""
+        converted, description = self._converted(model, spec)
+        layout = CacheLayout.of(converted, TORCH_DTYPES[spec.precision], pad_values=spec.options.pad_mla_values)
+        progress("onnx: exporting graph (torch.export + dynamo)", 0.0)
+        onnx_model = build_onnx(converted, layout, spec.options.opset)
+        if spec.quantization is None:
+            return onnx_model, layout, converted, description
+        progress(f"onnx: quantising ({spec.quantization.scheme})", 0.5)
+        onnx_model = quantize_onnx(onnx_model, spec.quantization)
+        twin = onnx_twin(converted, onnx_model, spec.quantization)
+        return onnx_model, layout, twin, f"eager model with the graph's dequantised {spec.quantization.scheme} weights" \
+            " and MatMulNBits' int8 activation rounding"
+
     def twin(self, model: CausalLM, spec: OnnxSpec) -> tuple[CausalLM, str]:
+        """What the graph computes. Quantised: read back from the quantised graph, so this exports
+        and quantises again (deterministic: the same codes as the artifact's)."""
+        if spec.quantization is not None:
+            _, _, twin, description = self._graph(model, spec, no_progress)
+            return twin, description
+        return self._converted(model, spec)
+
+    def _converted(self, model: CausalLM, spec: OnnxSpec) -> tuple[CausalLM, str]:
         """The graph computes the module itself (its past/present wrapper only moves the cache to
         the graph's inputs and outputs), in the spec's precision."""
         if spec.precision == "fp32":

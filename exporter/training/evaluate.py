@@ -34,3 +34,31 @@ def greedy_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int = 4
     ids = tokenizer.encode(prompt).ids
     run = greedy_generate(model, ids, max_new_tokens, stop_ids=stop_ids)
     return tokenizer.decode(run.generated, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m exporter.training.evaluate [MODEL ...]`: held-out perplexity as TRAINING.md reports it."""
+    import argparse
+    from pathlib import Path
+
+    from exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+    from exporter.models import load_model
+    from exporter.training.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("models", nargs="*", type=Path, default=[DEFAULT_MODEL, DEFAULT_SPARSE_MODEL])
+    parser.add_argument("--text", type=Path, default=HELDOUT_TEXT, help="held-out text (default: the embedded one)")
+    parser.add_argument("--window", type=int, default=512, help="tokens per window (the models hold 512 positions)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    text = args.text.read_text(encoding="utf-8")
+    for folder in args.models:
+        model, _ = load_model(folder, max_seq_len=args.window)
+        ids = load_tokenizer(folder).encode(text).ids
+        print(f"{folder.name}: held-out perplexity {perplexity(model, ids):.2f} over {len(ids)} tokens "
+              f"(windows of {args.window})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
