@@ -271,7 +271,7 @@ def test_pte_runs_the_fused_expert_kernel_outside_the_delegate(pte):
     calls = [i.instr_args for chain in plan.chains for i in chain.instructions if isinstance(i.instr_args, KernelCall)]
     names = [plan.operators[call.op_index].name for call in calls]
     assert names.count("cpm_mobile::sparse_expert_ffn") == LAYERS  # one kernel call per BlockFFN layer
-    assert "aten::nonzero" not in names and "aten::index_select" not in names  # no gathers left
+    assert "aten::nonzero" not in names and "aten::mm" not in names  # no gathers, no expert matmuls left
     assert pte.info.metadata["app_kernels"] == {"libcpm_mobile_kernels": ["cpm_mobile::sparse_expert_ffn.out"]}
 
 
