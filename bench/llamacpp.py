@@ -33,10 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporter.defaults import DEFAULT_MODEL
+
 CACHE = Path(os.environ.get("CPM_MOBILE_LLAMACPP", "~/.cache/cpm-mobile/llama.cpp")).expanduser()
 TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
 QUANT_TYPES = ("Q8_0", "Q4_0")
-EMBEDDED_TOKENIZER = Path(__file__).resolve().parents[1] / "exporter" / "embedded" / "minicpm-tiny"
+EMBEDDED_TOKENIZER = DEFAULT_MODEL
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -132,7 +134,7 @@ def _with_tokenizer(checkpoint: Path, temp: Path) -> Path:
     if (checkpoint / "tokenizer.json").is_file() or (checkpoint / "tokenizer.model").is_file():
         return checkpoint
     folder = temp / checkpoint.name
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for file in checkpoint.iterdir():
         (folder / file.name).symlink_to(file.resolve())
     for name in TOKENIZER_FILES:
