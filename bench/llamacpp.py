@@ -204,6 +204,7 @@ def _convert_main(source: Path, folder: Path, out: Path) -> None:
 
     if not (folder / "tokenizer.model").is_file():
         _require_gpt2_pretokenizer(folder / "tokenizer.json")
+        _tokenizer_without_model_config()
         for architecture, base in (("MiniCPMForCausalLM", MiniCPMModel), ("MiniCPM3ForCausalLM", MiniCPM3Model)):
             ModelBase._model_classes[ModelType.TEXT][architecture] = type(base.__name__, (base,), {
                 "model_arch": base.model_arch,
@@ -211,6 +212,21 @@ def _convert_main(source: Path, folder: Path, out: Path) -> None:
                 "get_vocab_base_pre": lambda self, tokenizer: "gpt-2",
             })
     convert_hf_to_gguf.main()
+
+
+def _tokenizer_without_model_config() -> None:
+    """transformers cannot build a generic config from a MiniCPM config.json with LongRoPE scaling
+    (model type unknown without remote code), and AutoTokenizer loads one only to find the tokenizer
+    class, which our tokenizer_config.json names; so the converter's AutoTokenizer gets an empty one."""
+    import transformers
+
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def from_pretrained(path, *args, **kwargs):
+        kwargs.setdefault("config", transformers.PreTrainedConfig())
+        return original(path, *args, **kwargs)
+
+    transformers.AutoTokenizer.from_pretrained = from_pretrained
 
 
 def _require_gpt2_pretokenizer(path: Path) -> None:
