@@ -66,7 +66,7 @@ def find_or_build(cache: Path = CACHE, jobs: int = 2, log=print) -> LlamaCpp:
         sources = [_unpack(_download(cache, log), cache)]
     source = sources[-1]
     llama = LlamaCpp(source, f"llama-cpp-python {source.parents[1].name.split('-')[-1]}", _commit(source))
-    missing = [t for t in TOOLS if not llama.tool(t).is_file()]
+    missing = _wait_for_running_build(llama, log)
     if missing:
         log(f"building {', '.join(missing)} in {source / 'build'} (minutes)")
         _run(["cmake", "-S", str(source), "-B", str(source / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
@@ -74,6 +74,21 @@ def find_or_build(cache: Path = CACHE, jobs: int = 2, log=print) -> LlamaCpp:
               "-DLLAMA_BUILD_EXAMPLES=OFF"])
         _run(["cmake", "--build", str(source / "build"), f"-j{jobs}", "--target", *missing])
     return llama
+
+
+def _wait_for_running_build(llama: LlamaCpp, log, quiet_s: float = 180) -> list[str]:
+    """The tools still missing once no other build of this tree is writing to its ninja log (two
+    bench runs sharing the cache would otherwise compile into the same folder at once)."""
+    ninja_log = llama.source / "build" / ".ninja_log"
+    waited = False
+    while True:
+        missing = [t for t in TOOLS if not llama.tool(t).is_file()]
+        if not missing or not ninja_log.is_file() or time.time() - ninja_log.stat().st_mtime > quiet_s:
+            return missing
+        if not waited:
+            log(f"waiting for the llama.cpp build already running in {ninja_log.parent}")
+            waited = True
+        time.sleep(10)
 
 
 def _download(cache: Path, log) -> Path:

@@ -101,8 +101,9 @@ def llamacpp_rows(model_path: Path, label: str, args, llama, eager: dict, folder
     from bench import llamacpp
 
     try:
+        llamacpp.check_supported(model_path)
         with console.status(f"converting {model_path.name} to GGUF F32 (llama.cpp's convert_hf_to_gguf.py)"):
-            f32 = llamacpp.convert(llama, model_path, folder / "model-F32.gguf")
+            f32 = llamacpp.convert(llama.get(), model_path, folder / "model-F32.gguf")
     except llamacpp.UnsupportedModel as exc:
         skipped.append({"model": label, "runtime": "llama.cpp", "recipe": "*", "reason": str(exc)})
         return []
@@ -111,12 +112,28 @@ def llamacpp_rows(model_path: Path, label: str, args, llama, eager: dict, folder
         gguf = f32
         if qtype != "F32":
             with console.status(f"llama-quantize {qtype}"):
-                gguf = llamacpp.quantize(llama, f32, folder / f"model-{qtype}.gguf", qtype)
+                gguf = llamacpp.quantize(llama.get(), f32, folder / f"model-{qtype}.gguf", qtype)
         with console.status(f"llama-bench {qtype} on {model_path.name}"):
-            result = llamacpp.bench(llama, gguf, args.threads, args.prefill, args.decode, args.repeats)
+            result = llamacpp.bench(llama.get(), gguf, args.threads, args.prefill, args.decode, args.repeats)
         rows.append({"model": label, "runtime": "llama.cpp", "recipe": qtype, **with_ratios(result, eager),
                      "size_mb": gguf.stat().st_size / 2**20})
     return rows
+
+
+class _LlamaCppOnFirstUse:
+    """Found (or built: minutes) when the first model reaches its llama.cpp rows, so a build can
+    overlap the export and timing of our own artifacts."""
+
+    def __init__(self):
+        self.found = None
+
+    def get(self):
+        if self.found is None:
+            from bench import llamacpp
+
+            with console.status("finding or building llama.cpp"):
+                self.found = llamacpp.find_or_build(log=console.print)
+        return self.found
 
 
 def host_facts() -> dict:
@@ -129,7 +146,7 @@ def host_facts() -> dict:
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
-def write_outputs(rows: list[dict], meta: dict, skipped: list[dict], out: Path) -> None:
+def write_outputs(rows: list[dict], meta: dict, skipped: list[dict], out: Path, quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=2))
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -142,9 +159,10 @@ def write_outputs(rows: list[dict], meta: dict, skipped: list[dict], out: Path) 
                  f"{r['prefill_tok_per_s']:.0f}", f"{r['prefill_speedup']:.2f}", f"{r['peak_rss_mb']:.0f}", size]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    for s in skipped:
-        console.print(f"not measured: {s['model']} {s['runtime']} {s['recipe']}: {s['reason']}")
+    if not quiet:
+        console.print(table)
+        for s in skipped:
+            console.print(f"not measured: {s['model']} {s['runtime']} {s['recipe']}: {s['reason']}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "results.png")
 
@@ -201,14 +219,9 @@ def run(argv: list[str]) -> None:
     args.llamacpp_types = args.llamacpp_types.split(",")
     for name in args.recipe:
         load_recipe(name)  # a bad name fails before any export starts
-    llama = None
     meta = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "host": host_facts(), "load_average_start": os.getloadavg(), "threads": args.threads}
-    if args.llamacpp:
-        from bench import llamacpp
-
-        with console.status("finding or building llama.cpp"):
-            llama = llamacpp.find_or_build(log=console.print)
+    llama = _LlamaCppOnFirstUse() if args.llamacpp else None
     rows: list[dict] = []
     skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="cpm-bench-ckpt-") as temp:
@@ -217,12 +230,14 @@ def run(argv: list[str]) -> None:
             with console.status(f"writing synthetic {preset} checkpoint"):
                 path = write_synthetic_checkpoint(Path(temp) / preset, preset, dtype="float32", **overrides)
             rows += bench_model(path, f"{preset} (synthetic)", args, llama, skipped)
+            write_outputs(rows, meta, skipped, args.out, quiet=True)  # so far, in case a later model fails
         for model in args.model:
             rows += bench_model(model, model.name, args, llama, skipped)
+            write_outputs(rows, meta, skipped, args.out, quiet=True)
     from exporter.pipeline import library_versions
 
     meta.update(load_average_end=os.getloadavg(), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                versions={**library_versions(), **(llama.versions() if llama else {})})
+                versions={**library_versions(), **(llama.get().versions() if llama and llama.found else {})})
     write_outputs(rows, meta, skipped, args.out)
 
 
