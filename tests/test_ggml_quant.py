@@ -49,6 +49,7 @@ def test_q8_0_matches_gguf_codes_and_scales():
     blocks = gguf_blocks(weight, GGMLQuantizationType.Q8_0, 34)
     assert np.array_equal(mine.d.reshape(-1).numpy().view(np.uint16), blocks[:, :2].copy().view(np.uint16).ravel())
     assert np.array_equal(mine.codes.reshape(-1, 32).numpy(), blocks[:, 2:].view(np.int8))
+    assert np.array_equal(ggml.gguf_blocks(mine), blocks)
     values = quants.dequantize(blocks.reshape(weight.shape[0], -1), GGMLQuantizationType.Q8_0)
     assert np.array_equal(ggml.round_like_ggml(weight, "Q8_0").numpy(), values)
 
@@ -61,6 +62,7 @@ def test_q4_0_matches_gguf_codes_and_scales():
     codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)  # low nibbles hold j, high j + 16
     assert np.array_equal(mine.d.reshape(-1).numpy().view(np.uint16), blocks[:, :2].copy().view(np.uint16).ravel())
     assert np.array_equal(mine.codes.reshape(-1, 32).numpy(), codes)
+    assert np.array_equal(ggml.gguf_blocks(mine), blocks)
     values = quants.dequantize(blocks.reshape(weight.shape[0], -1), GGMLQuantizationType.Q4_0)
     assert np.array_equal(ggml.round_like_ggml(weight, "Q4_0").numpy(), values)
 
@@ -81,6 +83,7 @@ def test_q6_k_matches_llama_quantize_blocks():
     mine = ggml.quantize_q6_k(weight)
     assert np.array_equal(mine.d.reshape(-1).numpy().view(np.uint16), blocks[:, 208:].copy().view(np.uint16).ravel())
     assert np.array_equal(mine.scales.reshape(-1, 16).numpy(), blocks[:, 192:208].view(np.int8))
+    assert np.array_equal(ggml.gguf_blocks(mine), blocks)
     values = quants.dequantize(blocks.reshape(weight.shape[0], -1), GGMLQuantizationType.Q6_K)
     assert np.array_equal(ggml.round_like_ggml(weight, "Q6_K").numpy(), values)
     assert 0.002 < np.abs(values - fixture["weight"]).mean() / np.abs(fixture["weight"]).mean() < 0.05

@@ -96,6 +96,23 @@ def quantize_q6_k(weight: torch.Tensor) -> Q6_K:
     return Q6_K(codes.to(torch.uint8), scales.to(torch.int8), d.squeeze(-1))
 
 
+def gguf_blocks(quantized: Q8_0 | Q4_0 | Q6_K) -> np.ndarray:
+    """The blocks as a GGUF file stores them (uint8 [blocks, bytes]): block_q8_0 {d, qs[32]},
+    block_q4_0 {d, qs[16]: low nibbles j, high nibbles j + 16}, block_q6_K {ql[128], qh[64], scales[16], d}."""
+    d = quantized.d.reshape(-1, 1).numpy().view(np.uint8)
+    if isinstance(quantized, Q8_0):
+        return np.concatenate([d, quantized.codes.reshape(-1, BLOCK).numpy().view(np.uint8)], axis=1)
+    if isinstance(quantized, Q4_0):
+        codes = quantized.codes.reshape(-1, 2, BLOCK // 2).numpy()
+        return np.concatenate([d, codes[:, 0] | (codes[:, 1] << 4)], axis=1)
+    # Each 128 values: ql holds the low 4 bits of quarters (0, 2) and (1, 3), qh the top 2 bits of all four.
+    a, b, c, e = np.moveaxis(quantized.codes.reshape(-1, 2, 4, 32).numpy(), 2, 0)
+    ql = np.concatenate([(a & 15) | ((c & 15) << 4), (b & 15) | ((e & 15) << 4)], axis=2).reshape(-1, 128)
+    qh = ((a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6)).reshape(-1, 64)
+    scales = quantized.scales.reshape(-1, 16).numpy().view(np.uint8)
+    return np.concatenate([ql, qh, scales, d], axis=1)
+
+
 QUANTIZERS = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q6_K": quantize_q6_k}
 
 
