@@ -214,7 +214,7 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    args.targets = args.targets.split(",")
+    args.targets = [t for t in args.targets.split(",") if t]  # "" : eager (and llama.cpp) only
     args.recipe = args.recipe or ["fp32"]
     args.llamacpp_types = args.llamacpp_types.split(",")
     for name in args.recipe:
