@@ -164,7 +164,7 @@ def test_forward_at_an_earlier_position_reads_no_stale_entry(bundle, prompts, ta
 # -- the command line ------------------------------------------------------------------------------
 
 def _heldout_prompt() -> str:
-    return HELDOUT_TEXT.read_text(encoding="utf-8")[:600]
+    return HELDOUT_TEXT.read_text(encoding="utf-8")[:300]
 
 
 @pytest.mark.parametrize("target", ["executorch", "onnx"])
