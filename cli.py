@@ -400,8 +400,8 @@ def generate(
         from exporter.speculative import check_speculative_options
         from exporter.tokenizer import TextTokenizer
 
-        check_speculative_options(speculative, draft_tokens, compare, temperature, chat)
-        select_artifact(bundle, target.value if target else None)  # a bad bundle or target: before anything loads
+        _, artifact = select_artifact(bundle, target.value if target else None)  # a bad bundle or target: first
+        check_speculative_options(speculative, draft_tokens, compare, temperature, chat, bundle, artifact["target"])
         tokenizer = TextTokenizer.from_folder(bundle)
         template = ChatTemplate.from_folder(bundle) if chat else None
         sample = make_sampler(Sampling(temperature, top_p, seed))

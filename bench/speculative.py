@@ -88,7 +88,8 @@ def bench_runtime(session, prompts, new_tokens: int, eos: list[int], ks: list[in
                 entry["decode_tokens"] += timings.decode_tokens
                 entry["decode_s"] += timings.decode_s
     plain_rate = plain["decode_tokens"] / plain["decode_s"]
-    result = {"plain_tokens_per_s": plain_rate, "same_tokens": same, "speculative": {}}
+    result = {"plain_tokens_per_s": plain_rate, "same_tokens": same, "speculative": {},
+              "call_ms": call_ms(session, prompts[0], [1, *(k + 1 for k in ks)])}
     for k, entry in speculative.items():
         stats = entry["decoder"].stats
         rate = entry["decode_tokens"] / entry["decode_s"]
@@ -97,6 +98,19 @@ def bench_runtime(session, prompts, new_tokens: int, eos: list[int], ks: list[in
             "tokens_per_call": stats.tokens_per_call,
         }
     return result
+
+
+def call_ms(session, prompt: list[int], sizes: list[int], calls: int = 30) -> dict[str, float]:
+    """Median wall time of one forward call of T tokens after the prompt: what a verification costs vs a decode."""
+    session.reset()
+    session.forward(np.asarray(prompt, dtype=np.int64), 0)
+    times: dict[int, list[float]] = {t: [] for t in sizes}
+    for _ in range(calls):
+        for t in sizes:  # interleaved, as in speculative decoding
+            started = time.perf_counter()
+            session.forward(np.asarray(prompt[:t], dtype=np.int64), len(prompt))
+            times[t].append(time.perf_counter() - started)
+    return {f"T={t}": float(np.median(v)) * 1e3 for t, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{v['tokens_per_call']:.2f} tokens/call" for k, v in entry["speculative"].items()]
             print(f"{runtime:<11} plain {entry['plain_tokens_per_s']:.0f} tok/s | " + " | ".join(cells)
                   + ("" if entry["same_tokens"] else " | OUTPUT DIFFERS"))
+            print(f"{'':<11} median call: " + ", ".join(f"{t} {ms:.2f} ms" for t, ms in entry["call_ms"].items()))
     from bench.provenance import provenance
 
     results["provenance"] = provenance(argv)

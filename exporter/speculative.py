@@ -197,8 +197,8 @@ def parse_speculative(value: str):
     raise InputError("--speculative", f"'{value}' is neither ngram nor draft:PATH")
 
 
-def open_drafter(value: str, target_bundle, target: str, max_ngram: int = 3) -> tuple[Drafter, str]:
-    """The drafter `--speculative VALUE` names, and its description in words.
+def check_draft(value: str, target_bundle, target: str | None):
+    """For `draft:PATH`: the draft bundle's path and the target it runs (InputError if unusable); else None.
 
     A draft bundle must share the target bundle's tokenizer (its ids are the target's ids); it runs
     its artifact for the same target when it has one, else its first.
@@ -206,18 +206,29 @@ def open_drafter(value: str, target_bundle, target: str, max_ngram: int = 3) -> 
     from pathlib import Path
 
     from exporter.errors import InputError
-    from exporter.generate import open_bundle_model, select_artifact
+    from exporter.generate import select_artifact
 
     kind, path = parse_speculative(value)
-    if kind == "ngram":
-        return NgramDrafter(max_ngram), f"prompt-lookup drafts (n-grams up to {max_ngram})"
+    if kind != "draft":
+        return None
     manifest, artifact = select_artifact(path)  # a bad draft bundle: a one-line error naming it
     targets = [a["target"] for a in manifest["artifacts"]]
-    draft_target = target if target in targets else artifact["target"]
     if _vocab(path) != _vocab(Path(target_bundle)):
-        raise InputError(path, f"draft bundle's tokenizer differs from {target_bundle}'s: its ids would not be the same tokens")
-    draft = open_bundle_model(path, draft_target)
-    return ModelDrafter(draft.session), f"drafts from {path} ({draft_target} in {draft.runtime})"
+        raise InputError(path, f"draft bundle's tokenizer differs from {target_bundle}'s: its ids would not be "
+                         "the same tokens")
+    return path, target if target in targets else artifact["target"]
+
+
+def open_drafter(value: str, target_bundle, target: str, max_ngram: int = 3) -> tuple[Drafter, str]:
+    """The drafter `--speculative VALUE` names, and its description in words."""
+    from exporter.generate import open_bundle_model
+
+    draft = check_draft(value, target_bundle, target)
+    if draft is None:
+        return NgramDrafter(max_ngram), f"prompt-lookup drafts (n-grams up to {max_ngram})"
+    path, draft_target = draft
+    model = open_bundle_model(path, draft_target)
+    return ModelDrafter(model.session), f"drafts from {path} ({draft_target} in {model.runtime})"
 
 
 def _vocab(folder) -> dict[str, int]:
@@ -240,8 +251,9 @@ class Recorded:
 
 
 def check_speculative_options(speculative: str | None, draft_tokens: int | None, compare: bool,
-                              temperature: float, chat: bool) -> None:
-    """The generate command's speculative flags make sense together (InputError, before anything loads)."""
+                              temperature: float, chat: bool, bundle, target: str | None) -> None:
+    """The generate command's speculative flags make sense together, and a draft bundle is usable
+    (InputError, before any artifact loads)."""
     from exporter.errors import InputError
 
     if speculative is None:
@@ -254,3 +266,4 @@ def check_speculative_options(speculative: str | None, draft_tokens: int | None,
         raise InputError("--speculative", "is exact for greedy decoding only: drop --temperature")
     if compare and chat:
         raise InputError("--compare", "goes with --prompt, not --chat")
+    check_draft(speculative, bundle, target)
