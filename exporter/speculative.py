@@ -148,7 +148,7 @@ class SpeculativeDecoder:
         stops = set(stop_ids)
         # Without the earlier positions' ids (a session used by another source) the drafter sees less context.
         known = self._sequence[:start_pos] if len(self._sequence) >= start_pos else []
-        sequence = known + list(tokens)  # fed to the session, in position order (from len(sequence) - end on)
+        sequence = known + list(tokens)  # the tokens fed to the session: sequence[i] sits at position offset + i
         offset = end - len(sequence)
         started = time.perf_counter()
         logits = session.forward(np.asarray(tokens, dtype=np.int64), start_pos)[-1]
@@ -160,11 +160,11 @@ class SpeculativeDecoder:
         while token not in stops and produced < budget:
             started = time.perf_counter()
             room = budget - produced - 1  # drafts beyond this would only be thrown away
-            drafts = self.drafter.propose(sequence + [token], min(self.draft_tokens, room)) if room > 0 else []
-            result = verify(session, token, drafts[:room], offset + len(sequence))
+            drafts = self.drafter.propose(sequence + [token], min(self.draft_tokens, room))[:room] if room > 0 else []
+            result = verify(session, token, drafts, offset + len(sequence))
             timings.decode_s += time.perf_counter() - started
             self.stats.calls += 1
-            self.stats.drafted += len(drafts[:room])
+            self.stats.drafted += len(drafts)
             self.stats.accepted += len(result.accepted)
             sequence.append(token)
             for accepted in result.accepted:
