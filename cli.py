@@ -429,6 +429,8 @@ def generate(
                 if not line.strip():
                     break
                 timings = Timings()
+                if decoder:
+                    decoder.stats = type(decoder.stats)()  # this answer's counts
                 _stream(conversation.reply(line.strip(), max_new_tokens, sample, timings))
                 _print_speed(timings)
                 if decoder:
