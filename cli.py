@@ -371,6 +371,14 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Above 0, at most 1: sample only among the most likely "
                                                      "tokens whose probabilities sum to P."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, so a run can be repeated."),
+    speculative: Optional[str] = typer.Option(None, "--speculative", metavar="ngram|draft:PATH",
+                                              help="Speculative decoding (greedy only): drafts verified in one call "
+                                                   "of the artifact. ngram: prompt lookup; draft:PATH: a smaller "
+                                                   "bundle with the same tokenizer drafts greedily."),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", "-k", min=1,
+                                               help="With --speculative: drafts per verification call (default 4)."),
+    compare: bool = typer.Option(False, "--compare", help="With --speculative and --prompt: decode plainly first, "
+                                                          "then report the speedup and that both outputs agree."),
     verbose: bool = VerboseOption,
 ) -> None:
     """Generate text with a bundle's artifact in its runtime, streamed as it is produced.
@@ -387,11 +395,14 @@ def generate(
         raise typer.BadParameter("--system goes with --chat", param_hint="--system")
     with _running(verbose):
         from exporter.generate import (
-            Chat, ChatTemplate, Sampling, Timings, complete, make_sampler, open_bundle_model, select_artifact,
+            Chat, ChatTemplate, Sampling, Timings, complete, decode_tokens, make_sampler, open_bundle_model,
+            select_artifact,
         )
+        from exporter.speculative import check_speculative_options
         from exporter.tokenizer import TextTokenizer
 
-        select_artifact(bundle, target.value if target else None)  # a bad bundle or target: before anything loads
+        _, artifact = select_artifact(bundle, target.value if target else None)  # a bad bundle or target: first
+        check_speculative_options(speculative, draft_tokens, compare, temperature, chat, bundle, artifact["target"])
         tokenizer = TextTokenizer.from_folder(bundle)
         template = ChatTemplate.from_folder(bundle) if chat else None
         sample = make_sampler(Sampling(temperature, top_p, seed))
@@ -400,16 +411,31 @@ def generate(
         note = "" if model.passed_check is not False else "; this bundle FAILED its check"
         errors.print(f"{model.target} in {model.runtime}{note}", markup=False, highlight=False, style="dim",
                      soft_wrap=True)
+        source, decoder = decode_tokens, None
+        if speculative:
+            from exporter.speculative import Recorded, SpeculativeDecoder, open_drafter
+
+            with _spinner("loading the draft"):
+                drafter, described = open_drafter(speculative, bundle, model.target)
+            decoder = SpeculativeDecoder(drafter, draft_tokens or 4)
+            source = Recorded(decoder)
+            errors.print(f"speculative decoding: {described}, {decoder.draft_tokens} per call", markup=False,
+                         highlight=False, style="dim", soft_wrap=True)
         if chat:
-            conversation = Chat(model.session, tokenizer.tokenizer, template, model.eos_ids, system=system)
+            conversation = Chat(model.session, tokenizer.tokenizer, template, model.eos_ids, system=system,
+                                source=source)
             while True:
                 errors.print("> ", end="", markup=False, highlight=False)
                 line = sys.stdin.readline()
                 if not line.strip():
                     break
                 timings = Timings()
+                if decoder:
+                    decoder.stats = type(decoder.stats)()  # this answer's counts
                 _stream(conversation.reply(line.strip(), max_new_tokens, sample, timings))
                 _print_speed(timings)
+                if decoder:
+                    _print_speculation(decoder.stats)
         else:
             timings = Timings()
             prompt_ids = tokenizer.encode(prompt)
@@ -418,9 +444,23 @@ def generate(
 
                 raise InputError("--prompt", f"is {len(prompt_ids)} tokens; the artifact holds "
                                  f"{model.session.max_seq_len} positions")
+            plain = None
+            if compare:
+                plain = Recorded(decode_tokens)
+                plain_timings = Timings()
+                with _spinner("plain greedy decoding, for the comparison"):
+                    for _ in complete(model.session, prompt_ids, tokenizer.tokenizer, max_new_tokens, sample,
+                                      model.eos_ids, plain_timings, source=plain):
+                        pass
             _stream(complete(model.session, prompt_ids, tokenizer.tokenizer, max_new_tokens, sample,
-                             model.eos_ids, timings))
+                             model.eos_ids, timings, source=source))
             _print_speed(timings)
+            if decoder:
+                _print_speculation(decoder.stats)
+            if plain is not None:
+                _print_comparison(plain_timings, timings, plain.tokens == source.tokens)
+                if plain.tokens != source.tokens:
+                    raise typer.Exit(1)
 
 
 def _stream(pieces: Iterator[str]) -> None:
@@ -439,6 +479,24 @@ def _print_speed(timings) -> None:
         f"decode {timings.decode_tokens} tokens {timings.decode_tokens_per_s:.0f} tok/s, "
         f"peak memory {peak_memory_mib():.0f} MiB",
         markup=False, highlight=False, style="dim", soft_wrap=True,
+    )
+
+
+def _print_speculation(stats) -> None:
+    errors.print(
+        f"speculative: {stats.calls} verification calls, {stats.accepted} of {stats.drafted} drafts accepted "
+        f"({stats.acceptance_rate:.0%}), {stats.tokens_per_call:.2f} tokens per call",
+        markup=False, highlight=False, style="dim", soft_wrap=True,
+    )
+
+
+def _print_comparison(plain, speculative, same: bool) -> None:
+    ratio = speculative.decode_tokens_per_s / plain.decode_tokens_per_s
+    verdict = "same tokens as plain greedy" if same else "OUTPUT DIFFERS from plain greedy"
+    errors.print(
+        f"plain decode {plain.decode_tokens_per_s:.0f} tok/s, speculative {speculative.decode_tokens_per_s:.0f} "
+        f"tok/s: {ratio:.2f}x; {verdict}",
+        markup=False, highlight=False, style="dim" if same else None, soft_wrap=True,
     )
 
 

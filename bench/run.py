@@ -1,41 +1,54 @@
-"""Decode and prefill speed of the artifacts against PyTorch eager, measured in the same run.
+"""Decode and prefill speed, peak memory and size of the artifacts against PyTorch eager, and llama.cpp
+on the same weights, all measured in the same run.
 
 python -m bench.run --preset minicpm4-0.5b            # synthetic checkpoint of the real 0.5B shape
-python -m bench.run --model exporter/embedded/minicpm-tiny --model exporter/embedded/blockffn-tiny
+python -m bench.run --model exporter/embedded/minicpm-tiny --recipe fp32 --recipe int8 --llamacpp
 
 Each runtime runs in its own process (peak memory is its own); every speed is also reported as a
-ratio to eager measured in this run. Writes results.json, results.md, results.png and
-provenance.json (command, versions, host) to --out.
+ratio to eager measured in this run. `--recipe` (repeatable) exports each target with that recipe's
+spec and passes; `--llamacpp` adds llama.cpp F32 / Q8_0 / Q4_0 (bench/llamacpp.py) for the models
+it can run. Writes results.json (rows + host, versions, command, load), results.md and results.png
+to --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from exporter.errors import InputError
 from exporter.models import load_checkpoint, write_synthetic_checkpoint
 from exporter.models.loader import build_model
+from exporter.passes import apply_passes
 from exporter.targets import ExportContext, get_target
+from recipes import Recipe, load_recipe
 
 console = Console()
+COLUMNS = ("model", "runtime", "recipe", "decode tok/s", "x eager", "prefill tok/s", "x eager", "peak RSS MB",
+           "file MB")
 
 
-def export_artifacts(model_path: Path, targets: list[str], folder: Path, max_seq_len: int) -> dict[str, int]:
+def export_artifacts(model_path: Path, recipe: Recipe, targets: list[str], folder: Path, max_seq_len: int) -> dict[str, int]:
     checkpoint = load_checkpoint(model_path)
-    model = build_model(checkpoint, max_seq_len=max_seq_len)
-    context = ExportContext(max_seq_len, checkpoint.config.vocab_size, checkpoint.config.bos_token_id,
-                            checkpoint.config.eos_token_ids)
+    reference = build_model(checkpoint, max_seq_len=max_seq_len)
+    # The context exactly as exporter.pipeline.export_bundle builds it.
+    context = ExportContext(checkpoint.config.bos_token_id, checkpoint.config.eos_token_ids)
     infos, sizes = [], {}
     for target in targets:
-        with console.status(f"exporting {target} for {model_path.name}"):
-            info = get_target(target).export(model, folder, context, lambda *a: None)
+        spec = recipe.targets[target]
+        model = apply_passes(reference, [*recipe.passes, *spec.passes], target)
+        with console.status(f"exporting {target} ({recipe.name}) for {model_path.name}"):
+            info = get_target(target).export(model, folder, spec, context, lambda *a: None).info
         infos.append(asdict(info))
         sizes[target] = sum(p.stat().st_size for f in info.files for p in _files(folder / f))
     (folder / "artifacts.json").write_text(json.dumps(infos))
@@ -49,52 +62,106 @@ def _files(path: Path) -> list[Path]:
 def run_one(runtime: str, folder: Path, model_path: Path, args, vocab: int) -> dict:
     command = [sys.executable, "-m", "bench.measure", "--runtime", runtime, "--bundle", str(folder),
                "--model", str(model_path), "--max-seq-len", str(args.max_seq_len), "--vocab", str(vocab),
-               "--prefill", str(args.prefill), "--decode", str(args.decode), "--repeats", str(args.repeats)]
+               "--prefill", str(args.prefill), "--decode", str(args.decode), "--repeats", str(args.repeats),
+               "--threads", str(args.threads)]
     with console.status(f"measuring {runtime} on {model_path.name}"):
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def bench_model(model_path: Path, label: str, args) -> list[dict]:
+def with_ratios(row: dict, eager: dict) -> dict:
+    return {**row, "decode_speedup": row["decode_tok_per_s"] / eager["decode_tok_per_s"],
+            "prefill_speedup": row["prefill_tok_per_s"] / eager["prefill_tok_per_s"]}
+
+
+def bench_model(model_path: Path, label: str, args, llama, skipped: list[dict]) -> list[dict]:
     vocab = load_checkpoint(model_path).config.vocab_size
-    rows = []
     with tempfile.TemporaryDirectory(prefix="cpm-bench-") as temp:
-        folder = Path(temp)
-        sizes = export_artifacts(model_path, args.targets, folder, args.max_seq_len)
-        eager = run_one("eager", folder, model_path, args, vocab)
-        rows.append({"model": label, "runtime": "eager", **eager, "size_mb": None})
-        for target in args.targets:
-            result = run_one(target, folder, model_path, args, vocab)
-            rows.append({"model": label, "runtime": target, **result, "size_mb": sizes[target] / 2**20,
-                         "decode_speedup": result["decode_tok_per_s"] / eager["decode_tok_per_s"],
-                         "prefill_speedup": result["prefill_tok_per_s"] / eager["prefill_tok_per_s"]})
-        rows[0].update(decode_speedup=1.0, prefill_speedup=1.0)
+        eager = run_one("eager", Path(temp), model_path, args, vocab)
+        rows = [{"model": label, "runtime": "eager", "recipe": "fp32", **with_ratios(eager, eager), "size_mb": None}]
+        for name in args.recipe:
+            recipe = load_recipe(name)
+            targets = [t for t in args.targets if t in recipe.targets]
+            skipped += [{"model": label, "runtime": t, "recipe": recipe.name, "reason": "target not in the recipe"}
+                        for t in args.targets if t not in recipe.targets]
+            folder = Path(temp) / recipe.name
+            folder.mkdir()
+            sizes = export_artifacts(model_path, recipe, targets, folder, args.max_seq_len)
+            for target in targets:
+                result = run_one(target, folder, model_path, args, vocab)
+                rows.append({"model": label, "runtime": target, "recipe": recipe.name, **with_ratios(result, eager),
+                             "size_mb": sizes[target] / 2**20})
+        if llama is not None:
+            rows += llamacpp_rows(model_path, label, args, llama, eager, Path(temp), skipped)
     return rows
 
 
-def write_outputs(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    from bench.provenance import provenance
+def llamacpp_rows(model_path: Path, label: str, args, llama, eager: dict, folder: Path, skipped: list[dict]) -> list[dict]:
+    from bench import llamacpp
 
-    context = provenance()
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    (out / "provenance.json").write_text(json.dumps(context, indent=2) + "\n")
-    header = "| model | runtime | decode tok/s | x eager | prefill tok/s | x eager | peak RSS MB | artifact MB |"
-    versions = context["versions"]
-    load = context["host"]["load_average"]
-    lines = [f"`{context['command']}` on {context['host']['platform']} ({context['host']['cpus']} CPUs"
-             f"{f', load {load[0]:.1f}' if load else ''}), {context['date']}; torch {versions['torch']}, executorch "
-             f"{versions['executorch']}, onnxruntime {versions['onnxruntime']}", "", header, "|" + "---|" * 8]
+    try:
+        llamacpp.check_supported(model_path)
+        with console.status(f"converting {model_path.name} to GGUF F32 (llama.cpp's convert_hf_to_gguf.py)"):
+            f32 = llamacpp.convert(llama.get(), model_path, folder / "model-F32.gguf")
+    except llamacpp.UnsupportedModel as exc:
+        skipped.append({"model": label, "runtime": "llama.cpp", "recipe": "*", "reason": str(exc)})
+        return []
+    rows = []
+    for qtype in args.llamacpp_types:
+        gguf = f32
+        if qtype != "F32":
+            with console.status(f"llama-quantize {qtype}"):
+                gguf = llamacpp.quantize(llama.get(), f32, folder / f"model-{qtype}.gguf", qtype)
+        with console.status(f"llama-bench {qtype} on {model_path.name}"):
+            result = llamacpp.bench(llama.get(), gguf, args.threads, args.prefill, args.decode, args.repeats)
+        rows.append({"model": label, "runtime": "llama.cpp", "recipe": qtype, **with_ratios(result, eager),
+                     "size_mb": gguf.stat().st_size / 2**20})
+    return rows
+
+
+class _LlamaCppOnFirstUse:
+    """Found (or built: minutes) when the first model reaches its llama.cpp rows, so a build can
+    overlap the export and timing of our own artifacts."""
+
+    def __init__(self):
+        self.found = None
+
+    def get(self):
+        if self.found is None:
+            from bench import llamacpp
+
+            with console.status("finding or building llama.cpp"):
+                self.found = llamacpp.find_or_build(log=console.print)
+        return self.found
+
+
+def host_facts() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return {"node": platform.node(), "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags],
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def write_outputs(rows: list[dict], meta: dict, skipped: list[dict], out: Path, quiet: bool = False) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=2))
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table = Table(title="decode / prefill vs PyTorch eager (same run)")
-    for column in ("model", "runtime", "decode tok/s", "x eager", "prefill tok/s", "x eager", "peak RSS MB", "artifact MB"):
+    for column in COLUMNS:
         table.add_column(column)
     for r in rows:
         size = f"{r['size_mb']:.1f}" if r["size_mb"] is not None else "-"
-        cells = [r["model"], r["runtime"], f"{r['decode_tok_per_s']:.1f}", f"{r['decode_speedup']:.2f}",
+        cells = [r["model"], r["runtime"], r["recipe"], f"{r['decode_tok_per_s']:.1f}", f"{r['decode_speedup']:.2f}",
                  f"{r['prefill_tok_per_s']:.0f}", f"{r['prefill_speedup']:.2f}", f"{r['peak_rss_mb']:.0f}", size]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
-    console.print(table)
+    if not quiet:
+        console.print(table)
+        for s in skipped:
+            console.print(f"not measured: {s['model']} {s['runtime']} {s['recipe']}: {s['reason']}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "results.png")
 
@@ -106,50 +173,71 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(runtimes)
-    for axis, key, title in ((axes[0], "decode_speedup", "decode speed vs eager"),
-                             (axes[1], "prefill_speedup", "prefill speed vs eager")):
-        for index, runtime in enumerate(runtimes):
-            values = [next((r[key] for r in rows if r["model"] == m and r["runtime"] == runtime), 0) for m in models]
-            axis.bar([i + index * width for i in range(len(models))], values, width, label=runtime)
-        axis.axhline(1.0, color="grey", linewidth=0.8)
-        axis.set_xticks([i + width * (len(runtimes) - 1) / 2 for i in range(len(models))], models, fontsize=8)
-        axis.set_title(title)
-        axis.set_ylabel("x eager (higher is faster)")
-    axes[0].legend()
+    panels = (("decode_tok_per_s", "decode tok/s"), ("prefill_tok_per_s", "prefill tok/s"),
+              ("peak_rss_mb", "peak RSS MB"), ("size_mb", "file MB"))
+    fig, axes = plt.subplots(len(models), len(panels), figsize=(4 * len(panels), 3.2 * len(models)), squeeze=False)
+    for row_axes, model in zip(axes, models):
+        mine = [r for r in rows if r["model"] == model]
+        labels = [f"{r['runtime']}\n{r['recipe']}" for r in mine]
+        colors = [f"C{['eager', 'executorch', 'onnx', 'coreml', 'llama.cpp'].index(r['runtime'])}"
+                  if r["runtime"] in ("eager", "executorch", "onnx", "coreml", "llama.cpp") else "grey" for r in mine]
+        for axis, (key, title) in zip(row_axes, panels):
+            axis.bar(range(len(mine)), [r[key] or 0 for r in mine], color=colors)
+            axis.set_xticks(range(len(mine)), labels, fontsize=6, rotation=90)
+            axis.set_title(f"{model}: {title}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
+    try:
+        run(sys.argv[1:])
+    except InputError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        raise SystemExit(2) from None
+
+
+def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, action="append", default=[], help="checkpoint folder (repeatable)")
-    from exporter.models.presets import PRESETS
-
-    parser.add_argument("--preset", action="append", default=[], choices=sorted(PRESETS), metavar="PRESET",
-                        help=f"synthetic checkpoint of a real model's shape (repeatable): {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--preset", action="append", default=[], help="synthetic checkpoint of a preset shape")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    parser.add_argument("--targets", default="executorch,onnx", help="comma-separated: executorch, onnx")
-    parser.add_argument("--max-seq-len", type=int, default=256, help="KV cache positions of the artifacts")
-    parser.add_argument("--prefill", type=int, default=128, help="tokens in the one prefill call")
-    parser.add_argument("--decode", type=int, default=32, help="decode steps timed (median per token)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"),
-                        help="folder for results.json/.md/.png and provenance.json")
-    args = parser.parse_args()
-    args.targets = args.targets.split(",")
-    rows = []
+    parser.add_argument("--targets", default="executorch,onnx")
+    parser.add_argument("--recipe", action="append", default=[], help="recipe per artifact set (repeatable; default fp32)")
+    parser.add_argument("--llamacpp", action="store_true", help="also time llama.cpp (built or found in its cache)")
+    parser.add_argument("--llamacpp-types", default="F32,Q8_0,Q4_0")
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--prefill", type=int, default=64)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    args.targets = [t for t in args.targets.split(",") if t]  # "" : eager (and llama.cpp) only
+    args.recipe = args.recipe or ["fp32"]
+    args.llamacpp_types = args.llamacpp_types.split(",")
+    for name in args.recipe:
+        load_recipe(name)  # a bad name fails before any export starts
+    meta = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "host": host_facts(), "load_average_start": os.getloadavg(), "threads": args.threads}
+    llama = _LlamaCppOnFirstUse() if args.llamacpp else None
+    rows: list[dict] = []
+    skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="cpm-bench-ckpt-") as temp:
         for preset in args.preset:
             overrides = {"num_hidden_layers": args.layers} if args.layers else {}
             with console.status(f"writing synthetic {preset} checkpoint"):
                 path = write_synthetic_checkpoint(Path(temp) / preset, preset, dtype="float32", **overrides)
-            rows += bench_model(path, f"{preset} (synthetic)", args)
+            rows += bench_model(path, f"{preset} (synthetic)", args, llama, skipped)
+            write_outputs(rows, meta, skipped, args.out, quiet=True)  # so far, in case a later model fails
         for model in args.model:
-            rows += bench_model(model, model.name, args)
-    write_outputs(rows, args.out)
+            rows += bench_model(model, model.name, args, llama, skipped)
+            write_outputs(rows, meta, skipped, args.out, quiet=True)
+    from exporter.pipeline import library_versions
+
+    meta.update(load_average_end=os.getloadavg(), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                versions={**library_versions(), **(llama.get().versions() if llama and llama.found else {})})
+    write_outputs(rows, meta, skipped, args.out)
 
 
 if __name__ == "__main__":

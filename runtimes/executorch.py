@@ -18,17 +18,21 @@ import numpy as np
 import torch
 
 from exporter.errors import InputError
+from exporter.kernels.build import BuildError
+from exporter.kernels.loader import load_kernels
 from runtimes.base import register_runtime
 
 METHOD = "forward"
 
 
 @functools.cache
-def load_kernel_libraries() -> None:
+def load_kernel_libraries() -> str | None:
     """Register the kernels an LLM .pte may need beyond the portable ones, once per process.
 
     The custom ops library holds llama::update_cache / custom_sdpa; the quantized kernels
-    (quantized_decomposed::*) must be loaded RTLD_GLOBAL so the runtime's registry sees them.
+    (quantized_decomposed::*) must be loaded RTLD_GLOBAL so the runtime's registry sees them; our
+    own cpm_mobile::* kernels (exporter/kernels) register once, through their idempotent loader.
+    Returns why our kernels are unavailable (no C++ toolchain, say), or None.
     """
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     import executorch.extension.pybindings.portable_lib as portable_lib
@@ -36,6 +40,11 @@ def load_kernel_libraries() -> None:
     quantized = Path(portable_lib.__file__).resolve().parents[2] / "lib" / "libexecutorch_kernels_quantized.so"
     if quantized.is_file():
         ctypes.CDLL(str(quantized), mode=ctypes.RTLD_GLOBAL)
+    try:
+        load_kernels()
+    except BuildError as error:  # only programs that call cpm_mobile::* need them (see _load_forward)
+        return f"cpm_mobile kernels unavailable: {error}"
+    return None
 
 
 def load_program(path: Path):
@@ -83,7 +92,9 @@ class ExecuTorchSession:
         try:
             return self._program.load_method(METHOD)
         except RuntimeError as error:
-            raise InputError(self.path, f"cannot load '{METHOD}' (missing kernels or backend?): {error}") from error
+            unavailable = load_kernel_libraries()
+            detail = f"; {unavailable}" if unavailable else ""
+            raise InputError(self.path, f"cannot load '{METHOD}' (missing kernels or backend?): {error}{detail}") from error
 
     def reset(self) -> None:
         self._stale_end = max(self._stale_end, self._written)

@@ -202,7 +202,7 @@ def test_the_copy_leaves_the_input_model_untouched(tmp_path):
     folder = write_synthetic_checkpoint(tmp_path / "m", "blockffn-small", **SIZES)
     model, _ = load_model(folder, max_seq_len=32, dtype=torch.float32)
     before = _snapshot(model)
-    copy = blockffn_sparse(model, {}, "executorch")
+    copy = blockffn_sparse(model, {}, "onnx")  # the gather form (executorch: tests/test_sparse_kernel.py)
     _logits(copy, [(_random_tokens(9, seed=3), 0), ([5], 9)])  # runs write the copy's own caches
     with torch.no_grad():
         copy(torch.tensor([[7, 8]]), torch.tensor([0]))  # and leave them filled
@@ -262,7 +262,7 @@ def test_artifact_matches_the_dense_reference(artifact, reference, request):
     assert measured["greedy_tokens"] == [NEW_TOKENS] * len(PROMPT_LENGTHS)
 
 
-def test_pte_gathers_expert_rows_outside_the_delegate(pte):
+def test_pte_runs_the_fused_expert_kernel_outside_the_delegate(pte):
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.schema import KernelCall
 
@@ -270,12 +270,9 @@ def test_pte_gathers_expert_rows_outside_the_delegate(pte):
     plan = next(p for p in program.execution_plan if p.name == "forward")
     calls = [i.instr_args for chain in plan.chains for i in chain.instructions if isinstance(i.instr_args, KernelCall)]
     names = [plan.operators[call.op_index].name for call in calls]
-    assert names.count("aten::nonzero") == LAYERS
-    expert_rows = [EXPERTS, HIDDEN * WIDTH]
-    gathered = [call for call, name in zip(calls, names) if name == "aten::index_select"
-                and list(plan.values[call.args[0]].val.sizes) == expert_rows]
-    assert len(gathered) == 2 * LAYERS  # up and down blocks of every layer
-    assert names.count("aten::mm") >= 2 * LAYERS  # the gathered blocks' matmuls run as kernels
+    assert names.count("cpm_mobile::sparse_expert_ffn") == LAYERS  # one kernel call per BlockFFN layer
+    assert "aten::nonzero" not in names and "aten::mm" not in names  # no gathers, no expert matmuls left
+    assert pte.info.metadata["app_kernels"] == {"libcpm_mobile_kernels": ["cpm_mobile::sparse_expert_ffn.out"]}
 
 
 def test_onnx_gathers_expert_rows_after_nonzero(onnx_artifact):

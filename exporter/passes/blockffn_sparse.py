@@ -24,6 +24,8 @@ Export notes (measured with torch 2.13 / executorch 1.5.1, research/executorch_o
 - nothing with an unbacked size is delegated to XNNPACK (its partitioner refuses unbacked dims):
   in a .pte the router is delegated, the gathers and expert matmuls run as portable/optimized
   kernels (slower per FLOP than XNNPACK: see bench/sparse_ffn.py for where sparsity pays).
+- ExecuTorch gets the fused form instead (FusedSparseBlockFFN, exporter/kernels): one custom
+  kernel reads the active experts' rows in place, so neither gathers nor portable matmuls remain.
 - Core ML is not a target for this form (declared at registration, so the recipe is refused up front).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.errors import InputError
+from exporter.kernels.fused_ffn import FusedSparseBlockFFN
 from exporter.models.ffn import BlockFFN
 from exporter.models.transformer import CausalLM
 from exporter.models.variant import derive
@@ -130,15 +133,21 @@ def _scaled_up_projection(tokens: torch.Tensor, up: torch.Tensor, scores: torch.
 
 @register_pass(PASS_NAME, unsupported=UNSUPPORTED_TARGETS)
 def blockffn_sparse(model: CausalLM, options: dict[str, Any], target: str) -> CausalLM:
-    """A variant of the model with each BlockFFN replaced by SparseBlockFFN in the target's form. No options."""
+    """A variant of the model with each BlockFFN replaced by its sparse form for the target. No options.
+
+    ExecuTorch gets FusedSparseBlockFFN (the cpm_mobile::sparse_expert_ffn kernel, exporter/kernels:
+    no gather copies, on ExecuTorch's threadpool); other targets SparseBlockFFN's gathers.
+    """
     if options:
         raise InputError("recipe", f"pass '{PASS_NAME}' takes no options (got {', '.join(sorted(options))})")
     if not any(isinstance(layer.mlp, BlockFFN) for layer in model.layers):
-        if any(isinstance(layer.mlp, SparseBlockFFN) for layer in model.layers):
+        if any(isinstance(layer.mlp, (SparseBlockFFN, FusedSparseBlockFFN)) for layer in model.layers):
             raise InputError("recipe", f"pass '{PASS_NAME}' is already applied to this model (listed twice?)")
         family = getattr(model.config, "family", "this model")
         raise InputError("recipe", f"pass '{PASS_NAME}' needs a model with BlockFFN layers, but {family} has none "
                                    "(its FFN is dense); remove the pass from the recipe")
+    if target == "executorch":
+        return derive(model, lambda _name, m: FusedSparseBlockFFN(m) if isinstance(m, BlockFFN) else None)
     return sparse_variant(model, TOKENS_TRANSPOSED.get(target, True))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.export import Dim, ExportedProgram
 
+from exporter.kernels import app_kernels
 from exporter.models.transformer import CausalLM
 from exporter.models.variant import derive
 from exporter.targets.base import (
@@ -203,7 +204,8 @@ def program_contents(executorch_program) -> dict[str, Any]:
     delegates: dict[str, int] = {}
     for delegate in plan.delegates:
         delegates[delegate.id] = delegates.get(delegate.id, 0) + 1
-    return {"kernels": kernels, "delegates": delegates}
+    # Kernels of ours (exporter/kernels) the app must link, by library: {} for a program without any.
+    return {"kernels": kernels, "delegates": delegates, "app_kernels": app_kernels(kernels)}
 
 
 def artifact_metadata(model: CausalLM, spec: ExecuTorchSpec, methods: dict[str, Any], size: int) -> dict[str, Any]:

@@ -1,0 +1,47 @@
+"""Builds libcpm_mobile_kernels (exporter/kernels) during `pip install -e .` / `pip wheel .`.
+
+Everything else about the package is in pyproject.toml. The library is compiled by
+exporter/kernels/build.py against the executorch wheel that pyproject's build requirements put in
+the build environment (the same pin as the runtime dependency, so the ABI matches).
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+
+
+def _kernel_build():
+    # By path: the package itself is not importable while it is being built.
+    spec = importlib.util.spec_from_file_location("_cpm_kernel_build", HERE / "exporter" / "kernels" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+KERNELS = _kernel_build()
+
+
+class BuildKernels(build_ext):
+    """Compiles each kernel library with build.py's flags instead of Python-extension ones."""
+
+    def get_ext_filename(self, fullname):
+        return str(Path(*fullname.split(".")[:-1]) / KERNELS.library_filename())
+
+    def build_extension(self, ext):
+        try:
+            KERNELS.build(Path(self.get_ext_fullpath(ext.name)))
+        except KERNELS.BuildError as error:
+            if sys.platform.startswith("linux"):
+                raise
+            # Elsewhere (macOS: the Core ML job) the package works without it; the loader says why it is missing.
+            print(f"warning: kernel library not built: {error}", file=sys.stderr)
+
+
+setup(
+    ext_modules=[Extension("exporter.kernels.libcpm_mobile_kernels", sources=[str(s.relative_to(HERE)) for s in KERNELS.SOURCES])],
+    cmdclass={"build_ext": BuildKernels},
+)
