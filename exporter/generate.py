@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from exporter.errors import InputError
+from exporter.tokenizer import read_json_object
 from runtimes.base import Session, open_session
 
 Sampler = Callable[[np.ndarray], int]
@@ -207,7 +208,7 @@ class ChatTemplate:
     def from_folder(cls, folder: Path) -> "ChatTemplate":
         """The chat template a bundle ships: tokenizer_config.json's chat_template (or chat_template.jinja)."""
         config_path = folder / "tokenizer_config.json"
-        config = _read_json_object(config_path)
+        config = read_json_object(config_path)
         template = config.get("chat_template")
         if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -353,7 +354,7 @@ def open_bundle_model(folder: str | Path, target: str | None = None) -> BundleMo
     if getattr(session, "runtime", None) == "interpreter":
         runtime = INTERPRETER_NAME
     report = folder / "report.json"
-    passed = _read_json_object(report).get("passed") if report.is_file() else None
+    passed = read_json_object(report).get("passed") if report.is_file() else None
     return BundleModel(folder, target, session, runtime, list(manifest.get("model", {}).get("eos_ids", [])), passed)
 
 
@@ -370,13 +371,3 @@ def peak_memory_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}

@@ -37,8 +37,8 @@ class TextTokenizer:
     @classmethod
     def from_folder(cls, folder: str | Path) -> "TextTokenizer":
         folder = Path(folder)
-        config = _read_json(folder / TOKENIZER_CONFIG)
-        special_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json_object(folder / TOKENIZER_CONFIG)
+        special_map = read_json_object(folder / "special_tokens_map.json")
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             if config.get(key) is None and special_map.get(key) is not None:
                 config[key] = special_map[key]
@@ -145,7 +145,7 @@ def _content(token: Any) -> str | None:
 def _added_tokens(folder: Path, config: dict) -> dict[int, dict]:
     """{id: AddedToken fields} from tokenizer_config.json's added_tokens_decoder and added_tokens.json."""
     added: dict[int, dict] = {}
-    for content, token_id in _read_json(folder / "added_tokens.json").items():
+    for content, token_id in read_json_object(folder / "added_tokens.json").items():
         if not isinstance(token_id, int):
             raise InputError(folder / "added_tokens.json", f"id of {content!r} must be an int, got {token_id!r}")
         added[token_id] = {"content": content, "special": True}
@@ -159,7 +159,8 @@ def _added_tokens(folder: Path, config: dict) -> dict[int, dict]:
     return added
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file's top-level object ({} when the file is absent or not an object); bad JSON is bad input."""
     if not path.is_file():
         return {}
     try:
