@@ -57,48 +57,39 @@ class Int8Scheme(_Scheme):
         return value
 
 
-class Int4Scheme(_Scheme):
+class _BlockScheme(_Scheme):
+    """4-bit codes in blocks along the input dim (int4 and ternary), embedding and lm_head chosen apart."""
+
+    group_size: Optional[int] = Field(32, description="input channels per scale; null = one per output channel")
+    embedding: Literal["int8", "int4", "fp32"] = "int8"
+    embedding_group_size: Optional[int] = Field(32, description="for a 4-bit embedding; null = one scale per row")
+    lm_head: Literal["int8", "int4", "fp32"] = "int8"
+
+    @field_validator("group_size")
+    @classmethod
+    def _block(cls, value: Optional[int]) -> Optional[int]:
+        return _check_block(value, "group_size")
+
+    @field_validator("embedding_group_size")
+    @classmethod
+    def _embedding_block(cls, value: Optional[int]) -> Optional[int]:
+        return _check_embedding_group(value)
+
+
+class Int4Scheme(_BlockScheme):
     """8da4w: int8 per-token dynamic activations, symmetric int4 weights in blocks along the input dim."""
 
     scheme: Literal["int4"]
-    group_size: Optional[int] = Field(32, description="input channels per scale; null = one per output channel")
     # Defaults chosen by KL on the embedded minicpm-tiny (2555 held-out tokens): 4-bit everywhere with
     # round-to-nearest 0.030, HQQ 0.024, + 8-bit lm_head 0.011, + 8-bit embedding 0.006.
-    embedding: Literal["int8", "int4", "fp32"] = "int8"
-    embedding_group_size: Optional[int] = Field(32, description="for a 4-bit embedding; null = one scale per row")
-    lm_head: Literal["int8", "int4", "fp32"] = "int8"
     rounding: Literal["rtn", "hqq"] = "hqq"
 
-    @field_validator("group_size")
-    @classmethod
-    def _block(cls, value: Optional[int]) -> Optional[int]:
-        return _check_block(value, "group_size")
 
-    @field_validator("embedding_group_size")
-    @classmethod
-    def _embedding_block(cls, value: Optional[int]) -> Optional[int]:
-        return _check_embedding_group(value)
-
-
-class TernaryScheme(_Scheme):
+class TernaryScheme(_BlockScheme):
     """BitCPM-style {-1, 0, +1} x one scale per group (mean |W| of the group), run as 4-bit codes by XNNPACK."""
 
     scheme: Literal["ternary"]
-    group_size: Optional[int] = Field(32, description="input channels per scale; null = one per output channel")
-    embedding: Literal["int8", "int4", "fp32"] = "int8"
-    embedding_group_size: Optional[int] = Field(32, description="for a 4-bit embedding; null = one scale per row")
-    lm_head: Literal["int8", "int4", "fp32"] = "int8"
     rounding: Literal["absmean"] = Field("absmean", description="the only ternary rounding: BitCPM's absmean")
-
-    @field_validator("group_size")
-    @classmethod
-    def _block(cls, value: Optional[int]) -> Optional[int]:
-        return _check_block(value, "group_size")
-
-    @field_validator("embedding_group_size")
-    @classmethod
-    def _embedding_block(cls, value: Optional[int]) -> Optional[int]:
-        return _check_embedding_group(value)
 
 
 ExecuTorchQuantization = Annotated[Union[Int8Scheme, Int4Scheme, TernaryScheme], Field(discriminator="scheme")]
