@@ -1,7 +1,7 @@
 """Quantisation schemes a recipe may ask of each target, typed per target.
 
 Each target's `quantization` field takes one of its own schemes (a union discriminated by
-`scheme`). A target that knows no scheme yet takes none: asking it for one is a one-line error.
+`scheme`), or none; an unknown scheme is a one-line error naming the field.
 The quantisers that carry these schemes out live in exporter/quant/.
 """
 from __future__ import annotations

@@ -61,13 +61,6 @@ class _TargetSpec(Strict):
     faithfulness: Tolerances
     fidelity: Tolerances
 
-    @field_validator("quantization", mode="before", check_fields=False)
-    @classmethod
-    def _known_scheme(cls, value: Any) -> Any:
-        if value is not None and cls.model_fields["quantization"].annotation is type(None):
-            raise ValueError(f"the {cls.model_fields['target'].default} target knows no quantisation scheme")
-        return value
-
 
 class ExecuTorchOptions(Strict):
     backend: Literal["xnnpack"] = "xnnpack"
