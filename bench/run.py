@@ -13,6 +13,7 @@ to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -74,9 +75,28 @@ def with_ratios(row: dict, eager: dict) -> dict:
             "prefill_speedup": row["prefill_tok_per_s"] / eager["prefill_tok_per_s"]}
 
 
+def _workspace(args, label: str):
+    """Where a model's artifacts go: a temporary folder, or with --artifacts one that later runs reuse."""
+    if args.artifacts is None:
+        return tempfile.TemporaryDirectory(prefix="cpm-bench-")
+    folder = args.artifacts / label.replace(" ", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(str(folder))
+
+
+def exported_or_reused(model_path: Path, recipe: Recipe, targets: list[str], folder: Path, max_seq_len: int) -> dict[str, int]:
+    recorded = folder / "sizes.json"
+    if recorded.exists() and all(t in json.loads(recorded.read_text()) for t in targets):
+        return json.loads(recorded.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = export_artifacts(model_path, recipe, targets, folder, max_seq_len)
+    recorded.write_text(json.dumps(sizes))
+    return sizes
+
+
 def bench_model(model_path: Path, label: str, args, llama, skipped: list[dict]) -> list[dict]:
     vocab = load_checkpoint(model_path).config.vocab_size
-    with tempfile.TemporaryDirectory(prefix="cpm-bench-") as temp:
+    with _workspace(args, label) as temp:
         eager = run_one("eager", Path(temp), model_path, args, vocab)
         rows = [{"model": label, "runtime": "eager", "recipe": "fp32", **with_ratios(eager, eager), "size_mb": None}]
         for name in args.recipe:
@@ -85,8 +105,7 @@ def bench_model(model_path: Path, label: str, args, llama, skipped: list[dict]) 
             skipped += [{"model": label, "runtime": t, "recipe": recipe.name, "reason": "target not in the recipe"}
                         for t in args.targets if t not in recipe.targets]
             folder = Path(temp) / recipe.name
-            folder.mkdir()
-            sizes = export_artifacts(model_path, recipe, targets, folder, args.max_seq_len)
+            sizes = exported_or_reused(model_path, recipe, targets, folder, args.max_seq_len)
             for target in targets:
                 result = run_one(target, folder, model_path, args, vocab)
                 rows.append({"model": label, "runtime": target, "recipe": recipe.name, **with_ratios(result, eager),
@@ -101,17 +120,21 @@ def llamacpp_rows(model_path: Path, label: str, args, llama, eager: dict, folder
 
     try:
         llamacpp.check_supported(model_path)
-        with console.status(f"converting {model_path.name} to GGUF F32 (llama.cpp's convert_hf_to_gguf.py)"):
-            f32 = llamacpp.convert(llama.get(), model_path, folder / "model-F32.gguf")
+        f32 = folder / "model-F32.gguf"
+        if not f32.exists():
+            with console.status(f"converting {model_path.name} to GGUF F32 (llama.cpp's convert_hf_to_gguf.py)"):
+                f32 = llamacpp.convert(llama.get(), model_path, f32)
     except llamacpp.UnsupportedModel as exc:
         skipped.append({"model": label, "runtime": "llama.cpp", "recipe": "*", "reason": str(exc)})
         return []
     rows = []
     for qtype in args.llamacpp_types:
         gguf = f32
-        if qtype != "F32":
+        if qtype != "F32" and not (folder / f"model-{qtype}.gguf").exists():
             with console.status(f"llama-quantize {qtype}"):
-                gguf = llamacpp.quantize(llama.get(), f32, folder / f"model-{qtype}.gguf", qtype)
+                llamacpp.quantize(llama.get(), f32, folder / f"model-{qtype}.gguf", qtype)
+        if qtype != "F32":
+            gguf = folder / f"model-{qtype}.gguf"
         with console.status(f"llama-bench {qtype} on {model_path.name}"):
             result = llamacpp.bench(llama.get(), gguf, args.threads, args.prefill, args.decode, args.repeats)
         rows.append({"model": label, "runtime": "llama.cpp", "recipe": qtype, **with_ratios(result, eager),
@@ -212,6 +235,8 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="keep checkpoints and artifacts here and reuse them in later runs (time again without re-exporting)")
     args = parser.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]  # "" : eager (and llama.cpp) only
     args.recipe = args.recipe or ["fp32"]
@@ -226,8 +251,11 @@ def run(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="cpm-bench-ckpt-") as temp:
         for preset in args.preset:
             overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-            with console.status(f"writing synthetic {preset} checkpoint"):
-                path = write_synthetic_checkpoint(Path(temp) / preset, preset, dtype="float32", **overrides)
+            root = args.artifacts / "checkpoints" if args.artifacts else Path(temp)
+            path = root / preset
+            if not (path / "config.json").exists():
+                with console.status(f"writing synthetic {preset} checkpoint"):
+                    path = write_synthetic_checkpoint(path, preset, dtype="float32", **overrides)
             rows += bench_model(path, f"{preset} (synthetic)", args, llama, skipped)
             write_outputs(rows, meta, skipped, args.out, quiet=True)  # so far, in case a later model fails
         for model in args.model:
