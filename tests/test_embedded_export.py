@@ -9,6 +9,8 @@ from exporter.pipeline import export_bundle
 from exporter.tokenizer import TextTokenizer
 from recipes import load_recipe
 
+pytestmark = pytest.mark.slow
+
 FIXTURES = {"minicpm-tiny": DEFAULT_MODEL, "blockffn-tiny": DEFAULT_SPARSE_MODEL}
 
 

@@ -22,6 +22,8 @@ from exporter.tokenizer import TextTokenizer
 from exporter.verify import Twin, build_plan, check_artifacts
 from recipes import load_recipe
 
+pytestmark = pytest.mark.slow
+
 # MiniCPM4-0.5B's depth (24 layers) and GQA grouping, narrowed: depth and logit scale drive fp32 noise.
 DEEP = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
 LOGIT_MAX = 30.0  # trained 0.1-1B models reach 20-40; the embedded models ~14; random weights ~2
