@@ -248,4 +248,7 @@ def test_inspect_reports_the_facts(tmp_path):
     assert facts["tied_embeddings"] is False and facts["dtype_on_disk"] == "bfloat16"
     expected_params = sum(t.numel() for t in load_checkpoint(folder).state.values())
     assert facts["parameters"] == expected_params
-    assert facts["estimated_bytes"]["fp16"] == 2 * expected_params
+    sizes = {(row["recipe"], row["target"]): row["bytes"] for row in facts["artifact_sizes"]}
+    assert ("fp32-sparse", "onnx") in sizes  # a BlockFFN model: the sparse recipe applies
+    assert 4 * expected_params < sizes[("fp32", "onnx")] < sizes[("fp32", "executorch")]  # untied: no second table
+    assert sizes[("coreml-fp16", "coreml")] < sizes[("fp32", "coreml")]
