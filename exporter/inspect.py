@@ -63,11 +63,12 @@ class CheckpointSummary:
 
 
 def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    """Decimal units (1 MB = 10^6 bytes), as file managers and app stores count."""
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} GB"
+        size /= 1000
+    return f"{size:.2f} GB"
 
 
 def summarize(path: str | Path) -> CheckpointSummary:
