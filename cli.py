@@ -99,7 +99,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     verbose: bool = VerboseOption,
 ) -> None:
-    """Describe a checkpoint: family, attention, shapes, parameters, dtype, tying, vocab, artifact sizes."""
+    """Describe a checkpoint: family, attention, shapes, parameters, dtype, tying, vocab, and the size of
+    each shipped recipe's artifact per target (predicted from the shapes: no export)."""
     with _running(verbose):
         from exporter.defaults import DEFAULT_MODEL
         from exporter.inspect import summarize
@@ -116,6 +117,12 @@ def inspect(
     for field, value in summary.rows():
         table.add_row(field, value)
     console.print(table)
+    sizes = _table("artifact sizes (predicted from the shapes)")
+    for column in ("recipe", "target", "size", "vs fp32"):
+        sizes.add_column(column, justify="right" if column in ("size", "vs fp32") else "left")
+    for row in summary.size_rows():
+        sizes.add_row(*row)
+    console.print(sizes)
 
 
 class _Elapsed(ProgressColumn):

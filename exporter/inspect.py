@@ -1,15 +1,12 @@
 """What a checkpoint is: family, shapes, parameter count, and what its artifacts will weigh."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exporter.models.loader import load_checkpoint
 from exporter.models.transformer import max_supported_seq_len
-
-# Bytes per weight parameter in the artifact, by precision. Quantised forms store per-group
-# scales too (int4: one fp16 scale per 32 weights; int8: per-channel scales, negligible).
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4-g32": 0.5 + 2 / 32}
+from exporter.sizes import recipe_sizes
 
 
 @dataclass
@@ -30,7 +27,7 @@ class CheckpointSummary:
     vocab: int
     max_position_embeddings: int
     max_seq_len: int
-    estimated_bytes: dict[str, int]
+    artifact_sizes: list[dict]  # exporter.sizes.ArtifactSize per shipped recipe x target
     sparse_attention: str
     rope: str = "default"
     biases: str = "none"
@@ -56,16 +53,22 @@ class CheckpointSummary:
             ("rope", self.rope),
             ("biases", self.biases),
         ]
-        rows += [(f"est. size {p}", _human(b)) for p, b in self.estimated_bytes.items()]
         return rows
+
+    def size_rows(self) -> list[tuple[str, str, str, str]]:
+        """(recipe, target, predicted artifact size, ratio to the fp32 recipe's artifact) per row."""
+        return [(row["recipe"], row["target"], _human(row["bytes"]),
+                 f"{row['fp32_ratio']:.2f}x" if row["fp32_ratio"] is not None else "-")
+                for row in self.artifact_sizes]
 
 
 def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    """Decimal units (1 MB = 10^6 bytes), as file managers and app stores count."""
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} GB"
+        size /= 1000
+    return f"{size:.2f} GB"
 
 
 def summarize(path: str | Path) -> CheckpointSummary:
@@ -95,7 +98,7 @@ def summarize(path: str | Path) -> CheckpointSummary:
         vocab=config.vocab_size,
         max_position_embeddings=config.max_position_embeddings,
         max_seq_len=max_supported_seq_len(config),
-        estimated_bytes={p: int(parameters * b) for p, b in BYTES_PER_PARAM.items()},
+        artifact_sizes=[asdict(row) for row in recipe_sizes(config, checkpoint.tied)],
         sparse_attention=sparse,
         rope=_rope(config),
         biases=", ".join(n for n, on in (("attention", config.attention_bias), ("mlp", config.mlp_bias)) if on) or "none",

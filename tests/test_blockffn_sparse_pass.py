@@ -294,3 +294,16 @@ def test_coreml_target_refuses_the_sparse_form_before_exporting(dense, tmp_path)
     with pytest.raises(InputError, match="coreml"):
         apply_passes(dense, [PassSpec(name="blockffn_sparse")], "coreml")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("artifact", ["pte", "onnx_artifact"])
+def test_artifact_size_is_the_predicted_one(artifact, dense, request):
+    """The sparse form regroups the experts' weights without adding any: `cpm-mobile inspect`'s
+    prediction (exporter/sizes.py, the pass applied to the shapes) holds within 10 %."""
+    from exporter.sizes import predict_bytes
+
+    exported: Exported = request.getfixturevalue(artifact)
+    target = exported.info.target
+    sparse = apply_passes(dense, [PassSpec(name="blockffn_sparse")], target)
+    size = sum((exported.folder / name).stat().st_size for name in exported.info.files)
+    assert abs(size / predict_bytes(sparse, target_spec(target)) - 1) <= 0.10, (size, predict_bytes(sparse, target_spec(target)))

@@ -16,7 +16,9 @@ from cli import app
 from exporter.errors import InputError
 from exporter.models import load_checkpoint, load_model, prompt_logits, write_synthetic_checkpoint
 from exporter.models.presets import preset_config
+from exporter.models.loader import build_model
 from exporter.models.synthetic import random_state, write_checkpoint
+from recipes import load_recipe
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA
 
 TOKENS = [1, 5, 900, 17, 3]
@@ -248,4 +250,10 @@ def test_inspect_reports_the_facts(tmp_path):
     assert facts["tied_embeddings"] is False and facts["dtype_on_disk"] == "bfloat16"
     expected_params = sum(t.numel() for t in load_checkpoint(folder).state.values())
     assert facts["parameters"] == expected_params
-    assert facts["estimated_bytes"]["fp16"] == 2 * expected_params
+    sizes = {(row["recipe"], row["target"]): row["bytes"] for row in facts["artifact_sizes"]}
+    assert ("fp32-sparse", "onnx") in sizes  # a BlockFFN model: the sparse recipe applies
+    # untied: each table once in a .pte too; 4 bytes per parameter and per RoPE table entry
+    model = build_model(load_checkpoint(folder), max_seq_len=load_recipe("fp32").max_seq_len)
+    rope = model.rope_cos.numel() + model.rope_sin.numel()
+    assert sizes[("fp32", "executorch")] == 4 * (expected_params + rope)
+    assert sizes[("coreml-fp16", "coreml")] < sizes[("fp32", "coreml")]

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL
+from exporter.models.loader import build_model, load_checkpoint
+from exporter.passes import apply_passes
 from exporter.pipeline import export_bundle
+from exporter.sizes import predict_bytes
 from exporter.tokenizer import TextTokenizer
 from recipes import load_recipe
 
@@ -36,6 +39,18 @@ def test_fp32_bundle_passes_on_every_target(fp32_bundle):
     # 3.4e-4 vs 2.2e-3 on minicpm-tiny, 6.7e-4 vs 2.6e-3 on blockffn-tiny, logit scale ~15).
     faithful = artifacts["coreml"]["faithfulness"]["metrics"]
     assert faithful["max_abs_logits"] <= 1e-3 and faithful["max_rel_logits"] * 3 < coreml["max_rel_logits"]
+    _assert_sizes_predicted(FIXTURES[name], result)
+
+
+def _assert_sizes_predicted(checkpoint, result) -> None:
+    """Each artifact within 10 % of what `cpm-mobile inspect` predicts from the shapes (exporter/sizes.py)."""
+    recipe = load_recipe(result.manifest["recipe"]["name"])
+    model = build_model(load_checkpoint(checkpoint), max_seq_len=recipe.max_seq_len)
+    for artifact in result.manifest["artifacts"]:
+        spec = recipe.targets[artifact["target"]]
+        predicted = predict_bytes(apply_passes(model, [*recipe.passes, *spec.passes], artifact["target"]), spec)
+        size = artifact["metadata"]["size_bytes"]
+        assert abs(size / predicted - 1) <= 0.10, (artifact["target"], size, predicted)
 
 
 def test_reference_continuations_read_as_language(fp32_bundle):
@@ -116,3 +131,4 @@ def test_coreml_fp16_meets_its_distribution_gate(name, tmp_path):
     metrics = result.report["artifacts"]["coreml"]["fidelity"]["metrics"]
     assert result.passed, result.report["artifacts"]["coreml"]["breaches"]
     assert metrics["kl"] <= 1e-3 and metrics["top1"] >= 0.99
+    _assert_sizes_predicted(FIXTURES[name], result)

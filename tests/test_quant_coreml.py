@@ -39,7 +39,8 @@ from exporter.quant.coreml import (  # noqa: E402
     weight_file_bytes,
 )
 from exporter.targets import ExportContext, get_target  # noqa: E402
-from exporter.targets.coreml import capture, convert, coreml_ready, save_package  # noqa: E402
+from exporter.sizes import predict_bytes  # noqa: E402
+from exporter.targets.coreml import capture, convert, coreml_ready, package_size, save_package  # noqa: E402
 from exporter.tokenizer import TextTokenizer  # noqa: E402
 from recipes.quant_coreml import CoreMLQuantization  # noqa: E402
 from runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs  # noqa: E402
@@ -179,6 +180,11 @@ def test_compressed_sizes_follow_the_formula(minicpm: Case) -> None:
     int4 = weight_file_bytes(minicpm.compressed("int4", SCHEMES["int4"])[2])
     int8 = weight_file_bytes(minicpm.compressed("int8", SCHEMES["int8"])[2])
     assert int4 < int8 < 0.35 * fp32  # int8 blocks of 32: 8 + 1 bit per weight (fp32 scales)
+    # the whole package (program, weights, manifest) as `cpm-mobile inspect` predicts it (exporter/sizes.py)
+    for name in SCHEMES:
+        quantization, _, package, _ = minicpm.compressed(name, SCHEMES[name])
+        predicted = predict_bytes(minicpm.model, target_spec("coreml", quantization=quantization.model_dump()))
+        assert abs(package_size(package) / predicted - 1) <= 0.10, (name, package_size(package), predicted)
 
 
 def test_structure_refuses_an_uncompressed_program(minicpm: Case) -> None:

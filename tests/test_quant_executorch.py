@@ -26,11 +26,13 @@ from exporter.errors import InputError
 from exporter.models import load_model, write_synthetic_checkpoint
 from exporter.models.transformer import CausalLM
 from exporter.quant.executorch import expected_size_bytes, quantised_weights, quantize_for_executorch
+from exporter.sizes import predict_bytes
 from exporter.targets import executorch as et
 from exporter.tokenizer import TextTokenizer
 from recipes.quant_executorch import ExecuTorchQuantization
 from runtimes import metrics
 from runtimes.executorch import ExecuTorchSession, load_kernel_libraries
+from tests.conftest import target_spec
 
 MAX_SEQ_LEN = 64
 TWIN_MIN_SQNR_DB = 40.0
@@ -219,6 +221,8 @@ def test_quantised_pte_matches_its_twin(model_name, fields, request, tmp_path):
     assert metrics.sqnr_db(twin, got) > TWIN_MIN_SQNR_DB
     assert metrics.top1_agreement(twin, got) == 1.0
     assert abs(path.stat().st_size / expected_size_bytes(variant) - 1) < 0.10
+    # and as `cpm-mobile inspect` predicts it from the shapes alone (exporter/sizes.py)
+    assert abs(path.stat().st_size / predict_bytes(model, target_spec("executorch", quantization=fields)) - 1) < 0.10
 
 
 def test_int4_pte_matches_its_twin_and_stores_4_bit_weights(int4_gqa, fp32_gqa, gqa_model):
@@ -229,6 +233,10 @@ def test_int4_pte_matches_its_twin_and_stores_4_bit_weights(int4_gqa, fp32_gqa, 
     assert metrics.top1_agreement(twin, got) == 1.0
     size = path.stat().st_size
     assert abs(size / expected_size_bytes(variant) - 1) < 0.10
+    spec = target_spec("executorch", quantization={"scheme": "int4", "embedding": "int4", "lm_head": "int4"})
+    assert abs(size / predict_bytes(gqa_model, spec) - 1) < 0.10  # exporter/sizes.py, from the shapes
+    # the fp32 .pte holds the tied table twice (the gather's and the lm_head's), as predicted
+    assert abs(fp32_gqa.stat().st_size / predict_bytes(gqa_model, target_spec("executorch")) - 1) < 0.10
     assert size < 0.2 * fp32_gqa.stat().st_size  # 4 bits + a bf16 scale per 32 weights, vs 32 bits
     assert "quantized_decomposed::embedding_4bit.out" in path.with_suffix(".kernels").read_text().split()
     assert quantised_weights(variant)["lm_head"].block_size == (1, 32)  # the tied lm_head is 4-bit too
