@@ -1,6 +1,6 @@
 """Dense vs sparse BlockFFN artifacts, same runtime, same run: FFN layer and whole-model latency.
 
-python -m bench.sparse_ffn [--models tiny,small] [--runtimes executorch,onnx] [--threads 2] [--out DIR]
+python -m bench.sparse_ffn [--models tiny,small] [--runtimes executorch,onnx] [--quant int8,int4] [--threads 2] [--out DIR]
 
 Sparse form per runtime: ExecuTorch runs the fused kernel (cpm_mobile::sparse_expert_ffn, exporter/
 kernels), onnxruntime the gather form (exporter/passes/blockffn_sparse.py). Models:
@@ -23,6 +23,13 @@ shared: the minimum is the run least disturbed by others), dense and sparse call
   every token (the fraction is then the T1 and the T8 active fraction alike);
 - model: one decode step after a prefill (T1) and one 8-token verify call after it (T8), the dense
   artifact against the sparse artifact of the same model, exported by our targets;
+- quantised (--quant, default int8,int4): the same comparisons with the int8-sparse / int4-sparse
+  recipes' weights, dense quantised artifact against sparse quantised artifact of the same model in
+  the same runtime: "layer_quant" (ExecuTorch: XNNPACK's 8da8w / 8da4w linears against
+  cpm_mobile::sparse_expert_ffn_int8 / _int4; onnxruntime layers are not quantised on their own,
+  the quantiser works on the whole graph) and "model_quant" (both runtimes: MatMulNBits against
+  GatherBlockQuantized expert tables on ONNX). Their max differences are the quantisation's
+  (the dense and sparse forms round activations differently), not a check;
 plus each pair's largest output difference. Writes sparse_ffn.json and sparse_ffn.png to --out.
 """
 from __future__ import annotations
@@ -51,6 +58,7 @@ from exporter.targets import ExportContext, get_target
 from exporter.tokenizer import TextTokenizer
 
 RUNTIMES = ("executorch", "onnx")
+QUANT = ("int8", "int4")  # the int8-sparse / int4-sparse recipes' per-target quantisation
 MODELS = ("tiny", "small", "small-planted")
 PLANTED_POOL, PLANTED_PER_TOKEN = 0.30, 0.20  # small-planted: at most these fractions (CLS_8 >= 70 %, TLS >= 80 %)
 CHUNK = 8
@@ -243,22 +251,46 @@ def planted(dense: BlockFFN, x: torch.Tensor, fraction: float) -> tuple[BlockFFN
     return ffn, x
 
 
-def model_session(runtime: str, model: CausalLM, folder: Path):
+def quant_spec(runtime: str, scheme: str):
+    """The target spec of the `<scheme>-sparse` recipe, without its pass (the bench applies it)."""
+    from recipes.schema import load_recipe
+
+    return load_recipe(f"{scheme}-sparse").targets[runtime].model_copy(update={"passes": []})
+
+
+def quantised_layers(model: CausalLM, scheme: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The timed layer of the ExecuTorch int8/int4 variants of the model: dense (torchao linears)
+    and fused sparse (the same codes in our kernel), as the recipe quantises them."""
+    from exporter.quant.executorch import _plan
+
+    quantization = quant_spec("executorch", scheme).quantization
+    name = f"layers.{PATTERN_LAYER}.mlp"
+    with torch.no_grad():
+        builders = _plan(model, quantization)  # only this layer's builders run (the whole model is not needed)
+        dense = copy.copy(model.layers[PATTERN_LAYER].mlp)
+        dense._modules = {child: builders[f"{name}.{child}"](module) if f"{name}.{child}" in builders else module
+                          for child, module in dense._modules.items()}
+        fused = blockffn_sparse(model, {}, "executorch")
+        sparse = _plan(fused, quantization)[name](fused.layers[PATTERN_LAYER].mlp)
+    return dense, sparse
+
+
+def model_session(runtime: str, model: CausalLM, folder: Path, spec=None):
     from runtimes.base import open_session
     from runtimes.onnx import open_onnx
 
     config = model.config
     context = ExportContext(config.bos_token_id, tuple(config.eos_token_ids))
-    info = get_target(runtime).export(model, folder, None, context).info
+    info = get_target(runtime).export(model, folder, spec, context).info
     if runtime == "onnx":
         return open_onnx(folder, asdict(info), threads=torch.get_num_threads())
     return open_session(folder, asdict(info))
 
 
 def compare_models(runtime: str, dense: CausalLM, ids: np.ndarray, prefill: int, folder: Path,
-                   repeats: int) -> dict:
-    sessions = {"dense": model_session(runtime, dense, folder / "dense"),
-                "sparse": model_session(runtime, blockffn_sparse(dense, {}, runtime), folder / "sparse")}
+                   repeats: int, spec=None) -> dict:
+    sessions = {"dense": model_session(runtime, dense, folder / "dense", spec),
+                "sparse": model_session(runtime, blockffn_sparse(dense, {}, runtime), folder / "sparse", spec)}
     prompt, rest = ids[:prefill], ids[prefill:]
     steps = rest[:16]
     chunk = rest[:CHUNK]
@@ -293,7 +325,8 @@ def bench(name: str, model: CausalLM, ids: np.ndarray, runtimes: list[str], args
     result: dict = {"hidden": model.config.hidden_size, "experts": model.config.num_experts,
                     "expert_size": model.config.expert_size, "layers": model.config.num_layers,
                     "timed_layer": PATTERN_LAYER, "timed_layer_pattern": pattern(active[PATTERN_LAYER]),
-                    "pattern_per_layer": [pattern(a) for a in active], "layer": {}, "sweep": {}, "model": {}}
+                    "pattern_per_layer": [pattern(a) for a in active], "layer": {}, "sweep": {}, "model": {},
+                    "layer_quant": {}, "model_quant": {}}
     print(f"{name}: H={result['hidden']} E={result['experts']} de={result['expert_size']} "
           f"layers={result['layers']}; layer {PATTERN_LAYER} "
           + ", ".join(f"{k} {v:.1%}" for k, v in result["timed_layer_pattern"].items()))
@@ -316,6 +349,18 @@ def bench(name: str, model: CausalLM, ids: np.ndarray, runtimes: list[str], args
             result["model"][runtime] = compare_models(runtime, model, ids, args.prefill, folder / "model",
                                                       args.repeats)
             _print_row(f"  model {runtime}", result["model"][runtime])
+        for scheme in args.quant:
+            if runtime == "executorch":
+                dense_q, sparse_q = quantised_layers(model, scheme)
+                result["layer_quant"].setdefault(runtime, {})[scheme] = compare_layers(
+                    layer_runner(runtime, dense_q, hidden, folder / f"dense-{scheme}"),
+                    layer_runner(runtime, sparse_q, hidden, folder / f"sparse-{scheme}"), x, args.repeats)
+                _print_row(f"  layer {runtime} {scheme}", result["layer_quant"][runtime][scheme])
+            if not args.no_model:
+                result["model_quant"].setdefault(runtime, {})[scheme] = compare_models(
+                    runtime, model, ids, args.prefill, folder / f"model-{scheme}", args.repeats,
+                    quant_spec(runtime, scheme))
+                _print_row(f"  model {runtime} {scheme}", result["model_quant"][runtime][scheme])
     return result
 
 
@@ -401,10 +446,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="compute threads in every runtime")
     parser.add_argument("--no-sweep", action="store_true", help="skip the planted-sparsity sweep")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model timings")
+    parser.add_argument("--quant", default=",".join(QUANT),
+                        help="quantised rows: int8 and/or int4 ('' for none), dense vs sparse at those weights")
     args = parser.parse_args(argv)
+    args.quant = [q for q in args.quant.split(",") if q]
     runtimes = [r for r in args.runtimes.split(",") if r]
     models = [m for m in args.models.split(",") if m]
-    for given, known in ((runtimes, RUNTIMES), (models, MODELS)):
+    for given, known in ((runtimes, RUNTIMES), (models, MODELS), (args.quant, QUANT)):
         if set(given) - set(known):
             parser.error(f"unknown: {', '.join(sorted(set(given) - set(known)))} (known: {', '.join(known)})")
     set_threads(args.threads)

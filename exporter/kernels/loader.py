@@ -15,9 +15,11 @@ from exporter.kernels import KERNEL_LIBRARIES, build
 
 
 def library_path() -> Path:
-    """The built library, building it first when missing (a BuildError says why it cannot be)."""
+    """The built library, building it first when missing or older than its sources (a checkout
+    updated since `pip install -e .`: a stale library lacks the newer kernels). A BuildError says
+    why it cannot be built."""
     path = build.default_output()
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_mtime < max(source.stat().st_mtime for source in build.SOURCES):
         build.build(path)
     return path
 

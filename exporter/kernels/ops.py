@@ -58,3 +58,105 @@ def _out_meta(x, scores, up, down, *, out):
 
 def sparse_expert_ffn(x: torch.Tensor, scores: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.ops.cpm_mobile.sparse_expert_ffn.default(x, scores, up, down)
+
+
+# -- quantised weights ---------------------------------------------------------------------------
+#
+# sparse_expert_ffn_int8(x, scores, up int8 [E*de, H], up_scales fp32 [E*de],
+#                        down int8 [E*de, H], down_scales fp32 [H]) -> [N, H]
+# sparse_expert_ffn_int4(x, scores, up uint8 [E*de, H/2], up_scales [E*de, H/gu],
+#                        down uint8 [E*de, H/2], down_scales [E*de/gd, H]) -> [N, H]   (scales fp32 or bf16)
+#
+# The same computation with the up rows and down rows dequantised (code x scale) from the codes of
+# torchao's per-channel int8 / blockwise int4 quantisation of the dense up [E*de, H] and down
+# [H, E*de] weights (exporter/quant/sparse_executorch.py); activations stay fp32. int4 codes are
+# packed as the C++ kernel reads them (pack_int4). Only the active experts' rows are dequantised.
+
+QUANTISED_OPS = {8: "sparse_expert_ffn_int8", 4: "sparse_expert_ffn_int4"}
+KERNELS_QUANTISED = {bits: f"{NAMESPACE}::{name}.out" for bits, name in QUANTISED_OPS.items()}
+INT4_CHUNK = 32  # codes per packing chunk: byte i holds code i (low nibble) and code i + 16 (high)
+
+for _name in QUANTISED_OPS.values():
+    _library.define(f"{_name}(Tensor x, Tensor scores, Tensor up, Tensor up_scales, Tensor down, "
+                    "Tensor down_scales) -> Tensor")
+    _library.define(f"{_name}.out(Tensor x, Tensor scores, Tensor up, Tensor up_scales, Tensor down, "
+                    "Tensor down_scales, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in -8..7, [R, C] with C a multiple of 32 -> uint8 [R, C / 2] in the kernel's order."""
+    rows, cols = codes.shape
+    chunks = codes.to(torch.int16).reshape(rows, cols // INT4_CHUNK, INT4_CHUNK) & 0xF
+    packed = chunks[..., :INT4_CHUNK // 2] | (chunks[..., INT4_CHUNK // 2:] << 4)
+    return packed.to(torch.uint8).reshape(rows, cols // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 [R, C / 2] -> int8 codes [R, C]."""
+    rows, half = packed.shape
+    chunks = packed.to(torch.int16).reshape(rows, half // (INT4_CHUNK // 2), INT4_CHUNK // 2)
+    nibbles = torch.cat([chunks & 0xF, chunks >> 4], dim=-1)
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8).reshape(rows, 2 * half)
+
+
+def _active_units(scores: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    experts = scores.shape[1]
+    width = units // experts
+    ids = torch.nonzero((scores != 0).any(dim=0)).reshape(-1)
+    return ids, (ids[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def dequantised_rows(bits: int, up, up_scales, down, down_scales, units: torch.Tensor | None = None):
+    """The fp32 up rows and down rows [len(units), H] (all units when None) the codes stand for."""
+    if units is None:
+        units = torch.arange(up.shape[0])
+    if bits == 8:
+        up_rows = up.index_select(0, units).float() * up_scales.float().index_select(0, units)[:, None]
+        down_rows = down.index_select(0, units).float() * down_scales.float()[None, :]
+        return up_rows, down_rows
+    hidden = up.shape[1] * 2
+    up_group = hidden // up_scales.shape[1]
+    down_group = up.shape[0] // down_scales.shape[0]
+    up_rows = unpack_int4(up.index_select(0, units)).float() * \
+        up_scales.float().index_select(0, units).repeat_interleave(up_group, dim=1)
+    down_rows = unpack_int4(down.index_select(0, units)).float() * \
+        down_scales.float().index_select(0, torch.div(units, down_group, rounding_mode="floor"))
+    return up_rows, down_rows
+
+
+def _quantised_impls(bits: int, name: str) -> None:
+    def compute(x, scores, up, up_scales, down, down_scales):
+        ids, units = _active_units(scores, up.shape[0])
+        up_rows, down_rows = dequantised_rows(bits, up, up_scales, down, down_scales, units)
+        inner = F.silu(x @ up_rows.t()) * scores.index_select(1, ids).repeat_interleave(
+            up.shape[0] // scores.shape[1], dim=1)
+        return inner @ down_rows
+
+    @torch.library.impl(_library, name, "CompositeExplicitAutograd")
+    def _functional(x, scores, up, up_scales, down, down_scales):
+        return compute(x, scores, up, up_scales, down, down_scales)
+
+    @torch.library.impl(_library, name, "Meta")
+    def _functional_meta(x, scores, up, up_scales, down, down_scales):
+        return torch.empty_like(x)
+
+    @torch.library.impl(_library, f"{name}.out", "CompositeExplicitAutograd")
+    def _out(x, scores, up, up_scales, down, down_scales, *, out):
+        result = compute(x, scores, up, up_scales, down, down_scales)
+        out.resize_(result.shape)
+        return out.copy_(result)
+
+    @torch.library.impl(_library, f"{name}.out", "Meta")
+    def _out_meta(x, scores, up, up_scales, down, down_scales, *, out):
+        out.resize_(x.shape)
+        return out
+
+
+for _bits, _name in QUANTISED_OPS.items():
+    _quantised_impls(_bits, _name)
+
+
+def sparse_expert_ffn_quantised(bits: int, x: torch.Tensor, scores: torch.Tensor, up: torch.Tensor,
+                                up_scales: torch.Tensor, down: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
+    op = getattr(torch.ops.cpm_mobile, QUANTISED_OPS[bits]).default
+    return op(x, scores, up, up_scales, down, down_scales)

@@ -91,7 +91,10 @@ def with_weights(model: CausalLM, weights: Mapping[str, torch.Tensor],
             return None
         clone = copy.copy(module)
         clone._parameters = dict(module._parameters)
-        clone._modules = dict(module._modules)
+        # An owner with children (the sparse FFN's expert tables beside its router) has its
+        # children's weights replaced too: derive does not descend below a replaced module.
+        clone._modules = {child_name: _rebuild(child, f"{name}.{child_name}", replace) if child is not None else child
+                          for child_name, child in module._modules.items()}
         for attribute, tensor in by_owner[name].items():
             old = module._parameters[attribute]
             if tensor.shape != old.shape:
@@ -99,8 +102,7 @@ def with_weights(model: CausalLM, weights: Mapping[str, torch.Tensor],
             clone._parameters[attribute] = nn.Parameter(tensor.to(old.dtype), requires_grad=False)
         return clone
 
-    # Owners are leaves (Linear, Embedding, norms), so replacing them never hides another owner;
-    # a parameter of the root itself has no owner to replace.
+    # A parameter of the root itself has no owner to replace.
     if "" in by_owner:
         raise KeyError(f"parameters of the model itself are not replaceable: {', '.join(by_owner[''])}")
     return derive(model, replace, caches)

@@ -103,7 +103,9 @@ class SparseBlockFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, self.hidden_size)  # [N, H]
-        scores = self.router_scores(tokens)  # [N, E]
+        # The router on x's own [1, T, H]: a 2-D linear exports as Gemm, which onnxruntime's weight
+        # quantiser (MatMul only) would leave fp32.
+        scores = self.router_scores(x).reshape(-1, self.num_experts)  # [N, E]
         ids = self.active_experts(scores)
         rows = ids.shape[0] * self.expert_size
         up = self.up_experts.index_select(0, ids).reshape(rows, self.hidden_size)  # [n*de, H]

@@ -88,6 +88,9 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
         rounding = "rtn" if scheme.scheme == "ternary" else scheme.rounding
         plan["embed_tokens"] = lambda m, b=bits, g=group, r=rounding: _embedding(m, _intx(m.weight, b, g, r,
                                                                                           dynamic_activations=False))
+    from exporter.quant.sparse_executorch import sparse_ffn_plan
+
+    plan.update(sparse_ffn_plan(model, plan, scheme.group_size))  # fused sparse experts: same codes, our kernel
     return plan
 
 

@@ -85,6 +85,9 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any) -> ir.Model:
         # the passes rebuilt the node list: find the Gather again
         gather = next(node for node in proto.graph.node if node.name == embedding.name)
         _quantize_embedding(proto.graph, gather, scheme)
+    from exporter.quant.sparse_onnx import quantize_expert_tables
+
+    quantize_expert_tables(proto.graph, scheme)  # the blockffn_sparse form's expert tables
     _drop_unused_initializers(proto.graph)
     return ir.serde.deserialize_model(proto)
 

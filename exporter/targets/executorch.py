@@ -80,8 +80,10 @@ class ExecuTorchTarget:
         if spec.quantization is None:
             return model, "eager fp32 model"
         from exporter.quant.executorch import describe, quantize_for_executorch
+        from exporter.quant.sparse_executorch import describe_sparse
 
-        return quantize_for_executorch(model, spec.quantization), describe(spec.quantization)
+        variant = quantize_for_executorch(model, spec.quantization)
+        return variant, describe(spec.quantization) + describe_sparse(variant)
 
 
 # -- steps ---------------------------------------------------------------------------------------
