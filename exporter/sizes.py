@@ -88,10 +88,21 @@ def _matrices(model: CausalLM) -> Iterable[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _rest(model: CausalLM, bits: int) -> list[Stored]:
+# The sparse pass's expert tables (exporter/passes/blockffn_sparse.py, exporter/kernels/fused_ffn.py):
+# raw rows, quantised by the sparse quantisers (exporter/quant/sparse_*.py) when the recipe quantises.
+EXPERT_TABLES = ("up_weight", "down_rows", "up_experts", "down_experts")
+
+
+def _expert_tables(model: CausalLM) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in EXPERT_TABLES]
+
+
+def _rest(model: CausalLM, bits: int, quantised_tables: bool = False) -> list[Stored]:
     """Every tensor besides the matrices' weights, unquantised: norms, biases, a pass's raw weight rows
-    (the quantisers skip those), RoPE tables. The KV caches are state: no data is stored for them."""
+    (unless the recipe quantises them), RoPE tables. The KV caches are state: no data is stored for them."""
     matrices = {id(module.weight) for _, module in _matrices(model)}
+    if quantised_tables:
+        matrices |= {id(p) for _, p in _expert_tables(model)}
     rest = [Stored(name, p.numel(), bits) for name, p in model.named_parameters() if id(p) not in matrices]
     rest += [Stored(name, b.numel(), bits) for name, b in model.named_buffers() if not name.startswith("kv_caches.")]
     return rest
@@ -132,7 +143,15 @@ def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
             group = scheme.group_size if bits == 4 else None
             scale_bytes = BF16 if bits == 4 else FP32
         stored.append(Stored(name, rows * columns, bits, rows * (columns // (group or columns)), scale_bytes))
-    return stored + _rest(model, 32)
+    if scheme is not None:  # expert rows [units, H]: int8 one fp32 scale per row, 4-bit bf16 per block of H
+        hidden = model.config.hidden_size
+        for name, table in _expert_tables(model):
+            bits = TERNARY_CODE_BITS if scheme.scheme == "ternary" else BITS[scheme.scheme]
+            rows = table.numel() // hidden
+            group = scheme.group_size if bits == 4 else None
+            stored.append(Stored(name, table.numel(), bits, rows * (hidden // (group or hidden)),
+                                 BF16 if bits == 4 else FP32))
+    return stored + _rest(model, 32, quantised_tables=scheme is not None)
 
 
 # -- ONNX ----------------------------------------------------------------------------------------
@@ -188,7 +207,12 @@ def onnx_tensors(model: CausalLM, spec: OnnxSpec) -> list[Stored]:
             else:
                 zero_points = None if symmetric else "packed"
             stored.append(_matmul_nbits(name, rows, columns, bits, scheme.block_size, zero_points))
-    return stored + _rest(model, float_bits)
+    if scheme is not None:  # GatherBlockQuantized expert tables, blocked along H, the body's bits
+        hidden = model.config.hidden_size
+        for name, table in _expert_tables(model):
+            stored.append(_matmul_nbits(name, table.numel() // hidden, hidden, SCHEME_BITS[scheme.scheme],
+                                        scheme.block_size, None if symmetric else "packed"))
+    return stored + _rest(model, float_bits, quantised_tables=scheme is not None)
 
 
 # -- Core ML -------------------------------------------------------------------------------------

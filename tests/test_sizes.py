@@ -52,11 +52,11 @@ def test_onnx_artifacts_of_every_recipe_match_the_prediction(minicpm, tmp_path):
     model = minicpm
     specs = {recipe.name: recipe.targets["onnx"] for recipe in map(load_recipe, recipe_names())
              if "onnx" in recipe.targets and not recipe.targets["onnx"].passes}
-    assert set(specs) == {"fp32", "int8", "int4"}
+    assert set(specs) == {"fp32", "int8", "int4", "ternary"}
     exported = OnnxTarget().export(model, tmp_path / "fp32", specs["fp32"]).info
     _assert_close(exported.metadata["size_bytes"], predict_bytes(model, specs["fp32"]), "fp32 onnx")
     graph = ir.load(tmp_path / "fp32" / exported.entry)
-    for name in ("int8", "int4"):  # the target's own quantisation of that graph, saved as it saves it
+    for name in ("int8", "int4", "ternary"):  # the target's own quantisation of that graph, saved as it saves it
         folder = tmp_path / name
         folder.mkdir()
         save_onnx(quantize_onnx(graph, specs[name].quantization), folder, external_data=False)

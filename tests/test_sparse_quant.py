@@ -271,3 +271,16 @@ def test_one_flipped_code_fails_the_twin_gate(bundle):
         expected = greedy_runs(TorchSession(candidate), plan)
         measured = compare(expected, teacher_forced_runs(session, plan, expected), plan, spec.faithfulness.tie_margin_rel)
         assert (not judge(measured, tolerances)) == should_pass, measured
+
+
+def test_embedded_sizes_are_the_predicted_ones(bundle):
+    """The shapes-only prediction `cpm-mobile inspect` prints holds for the quantised sparse forms too."""
+    from exporter.sizes import recipe_sizes
+    from exporter.models.loader import load_checkpoint
+
+    checkpoint = load_checkpoint(DEFAULT_SPARSE_MODEL)
+    predicted = {row.target: row.bytes for row in recipe_sizes(checkpoint.config, checkpoint.tied, ["int4-sparse"])}
+    files = {a["target"]: a["files"] for a in bundle.manifest["artifacts"]}
+    for target in ("executorch", "onnx"):
+        written = sum((bundle.bundle / name).stat().st_size for name in files[target] if name != "genai_config.json")
+        assert abs(written / predicted[target] - 1) <= 0.10, (target, written, predicted[target])
