@@ -183,3 +183,60 @@ def test_onnx_refuses_what_it_cannot_carry(gptq_asym, tmp_path):
     assert all(g.act_order for g in model.config.weight_grid.linears.values())
     with pytest.raises(InputError, match="act-order GPTQ .*cannot carry it losslessly"):
         check_grid(model, parse_onnx({"scheme": "int4"}))
+
+
+def _coreml(model, folder: Path, quantization: dict):
+    from exporter.targets.coreml import CoreMLTarget
+    from recipes.schema import CoreMLSpec
+
+    spec = CoreMLSpec(quantization=quantization, faithfulness={}, fidelity={})
+    return CoreMLTarget().export(model, folder, spec, ExportContext(bos_id=1, eos_ids=(2,)))
+
+
+def _stored_blockwise(package: Path) -> dict[str, dict[str, np.ndarray]]:
+    """data / scale / offset of every constexpr_blockwise_shift_scale of the saved program, by the
+    flattened parameter name it replaces."""
+    from exporter.quant.coreml import base_name
+    from runtimes.coreml.mil_interpreter import load_mil_program
+
+    found = {}
+    for op in load_mil_program(package).functions["main"].operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            offset = op.offset.val if op.offset is not None else None
+            found[base_name(op.name)] = dict(data=np.asarray(op.data.val), scale=np.asarray(op.scale.val),
+                                             offset=None if offset is None else np.asarray(offset))
+    return found
+
+
+@pytest.mark.parametrize("which", ["gptq_sym", "gptq_asym"])
+def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_path):
+    from exporter.quant.coreml import flat_name
+    from runtimes.coreml.session import CoreMLSession
+    from runtimes.metrics import sqnr_db
+
+    model, _ = load_model(request.getfixturevalue(which), max_seq_len=MAX_SEQ_LEN)
+    grid = model.config.weight_grid
+    exported = _coreml(model, tmp_path, {"scheme": "int4", "embedding": "keep", "lm_head": "keep"})
+    stored = _stored_blockwise(tmp_path / exported.info.entry)
+    assert set(stored) == {flat_name(name) for name in grid.linears}
+    for name, entry in grid.linears.items():
+        op = stored[flat_name(name)]
+        assert op["data"].dtype == np.int8 and op["data"].min() >= -8 and op["data"].max() <= 7  # int4 storage
+        assert np.array_equal(op["data"].astype(np.int16) + 8, entry.codes.numpy())
+        assert np.array_equal(op["scale"], entry.scales.numpy())  # fp16 values, held exactly
+        if entry.symmetric:
+            assert op["offset"] is None
+        else:
+            assert np.array_equal(op["offset"].astype(np.int16) + 8, entry.zeros.numpy())
+    # The twin is the dequantised checkpoint itself (with Core ML's fp16 KV cache), weight for weight.
+    twin_weights = dict(exported.twin.named_parameters())
+    for name in grid.linears:
+        assert torch.equal(twin_weights[name], dict(model.named_parameters())[name])
+    session = CoreMLSession(tmp_path / exported.info.entry, exported.info.io,
+                            compression=exported.info.metadata["compression"])
+    assert all(check["passed"] for check in session.structure), session.structure
+    logits = session.forward(PROMPT, 0)
+    exported.twin.reset_cache()
+    with torch.no_grad():
+        expected = exported.twin(torch.from_numpy(PROMPT)[None], torch.tensor([0]))[0].numpy()
+    assert sqnr_db(logits, expected) > 70, sqnr_db(logits, expected)
