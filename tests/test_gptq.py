@@ -240,3 +240,40 @@ def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_pat
     with torch.no_grad():
         expected = exported.twin(torch.from_numpy(PROMPT)[None], torch.tensor([0]))[0].numpy()
     assert sqnr_db(logits, expected) > 70, sqnr_db(logits, expected)
+
+
+def test_executorch_carries_the_codes_with_bf16_scales_and_refuses_zero_points(gptq_sym, gptq_asym, tmp_path):
+    from exporter.quant.executorch import quantised_weights
+    from exporter.targets.executorch import ExecuTorchTarget
+    from recipes.schema import ExecuTorchSpec
+    from runtimes.executorch import ExecuTorchSession
+    from runtimes.metrics import sqnr_db
+
+    def spec(**fields):
+        return ExecuTorchSpec.model_validate({"faithfulness": {}, "fidelity": {}, "quantization": {
+            "scheme": "int4", "embedding": "fp32", "lm_head": "fp32", **fields}})
+
+    model, _ = load_model(gptq_sym, max_seq_len=MAX_SEQ_LEN)
+    grid = model.config.weight_grid
+    exported = ExecuTorchTarget().export(model, tmp_path / "sym", spec())
+    stored = quantised_weights(exported.twin)
+    assert set(f"{name}.weight" for name in stored) == set(grid.linears)
+    for name, weight in stored.items():
+        entry = grid.linears[f"{name}.weight"]
+        assert weight.block_size == (1, entry.group_size) and weight.target_dtype == torch.int4
+        assert torch.equal(weight.qdata.to(torch.int16) + 8, entry.codes.to(torch.int16))  # the codes, exactly
+        assert torch.equal(weight.scale, entry.scales.to(torch.bfloat16).float())  # what XNNPACK stores
+        assert float(((weight.scale - entry.scales).abs() / entry.scales).max()) <= 2.0**-8  # bf16 rounding only
+    session = ExecuTorchSession(tmp_path / "sym" / "model.pte")
+    logits = session.forward(PROMPT, 0)
+    exported.twin.reset_cache()
+    with torch.no_grad():
+        twin = exported.twin(torch.from_numpy(PROMPT)[None], torch.tensor([0]))[0].numpy()
+    assert sqnr_db(twin, logits) > 40.0
+    # Zero points (XNNPACK ignores them) and contradicting block sizes are refused before any work.
+    asym, _ = load_model(gptq_asym, max_seq_len=MAX_SEQ_LEN)
+    with pytest.raises(InputError, match="zero points, which XNNPACK ignores"):
+        ExecuTorchTarget().export(asym, tmp_path / "asym", spec())
+    with pytest.raises(InputError, match="group_size.*64 contradicts the checkpoint's grid \\(groups of 128\\)"):
+        ExecuTorchTarget().export(model, tmp_path / "g64", spec(group_size=64))
+    assert not (tmp_path / "asym").exists() or not any((tmp_path / "asym").iterdir())
