@@ -277,3 +277,60 @@ def test_executorch_carries_the_codes_with_bf16_scales_and_refuses_zero_points(g
     with pytest.raises(InputError, match="group_size.*64 contradicts the checkpoint's grid \\(groups of 128\\)"):
         ExecuTorchTarget().export(model, tmp_path / "g64", spec(group_size=64))
     assert not (tmp_path / "asym").exists() or not any((tmp_path / "asym").iterdir())
+
+
+# -- through the CLI -------------------------------------------------------------------------------
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def gptq_folder(gptq_sym, tokenizer_dir) -> Path:
+    from tests.conftest import with_tokenizer
+
+    return with_tokenizer(gptq_sym, tokenizer_dir)
+
+
+def test_inspect_reports_the_gptq_grid(gptq_folder):
+    result = _cli("inspect", str(gptq_folder))
+    assert result.exit_code == 0, result.output
+    assert "GPTQ checkpoint: 4-bit grid, symmetric, groups of 128, float16 scales" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("recipe", ["checkpoint-grid", "fp32"])
+def test_onnx_export_passes_its_check_against_the_dequantised_checkpoint(gptq_folder, tmp_path, recipe):
+    import json
+
+    result = _cli("export", "--model", str(gptq_folder), "--target", "onnx", "--recipe", recipe,
+                  "--out", str(tmp_path), "--name", "bundle")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["source"]["weight_grid"].startswith("GPTQ checkpoint: 4-bit grid")
+    report = json.loads((tmp_path / "bundle" / "report.json").read_text())
+    assert report["passed"] is True
+
+
+def test_refusals_are_one_line_exit_2_and_write_nothing(gptq_folder, tmp_path, tokenizer_dir):
+    from tests.conftest import with_tokenizer
+
+    act_order = with_tokenizer(write_gptq_checkpoint(tmp_path / "act-order", CONFIG, desc_act=True), tokenizer_dir)
+    cases = [
+        (act_order, "onnx", "checkpoint-grid", "act-order GPTQ"),
+        (act_order, "coreml", "checkpoint-grid", "act-order GPTQ"),
+        (act_order, "executorch", "checkpoint-grid", "act-order GPTQ"),
+        (gptq_folder, "onnx", "int4", "32 contradicts the checkpoint's grid (groups of 128)"),
+        (gptq_folder, "coreml", "coreml-palette4", "a palette would cluster them again"),
+    ]
+    for folder, target, recipe, message in cases:
+        out = tmp_path / f"out-{target}-{recipe}"
+        result = _cli("export", "--model", str(folder), "--target", target, "--recipe", recipe, "--out", str(out))
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert message in lines[0] and target in lines[0], lines[0]
+        assert not out.exists() or not any(out.iterdir())
