@@ -282,11 +282,12 @@ def write_gptq_checkpoint(
 
 
 def grid_state(state: dict[str, torch.Tensor], kind: Literal["int4", "int4-affine", "ternary"],
-               group_size: int | None) -> dict[str, torch.Tensor]:
+               group_size: int | None, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The weights a QAT run leaves on its grid (fake-quantised, fp32 scales): every body linear
     replaced by scale * code per group of input columns (None = per output channel).
     int4: symmetric, scale = max |W| / 7; int4-affine: 16 levels from min to max with an integer
-    zero point; ternary: BitCPM / BitNet b1.58 absmean, codes clip(round(W / s), -1, 1)."""
+    zero point; ternary: BitCPM / BitNet b1.58 absmean, codes clip(round(W / s), -1, 1). Scales are
+    rounded to scale_dtype (a run that keeps them in bf16)."""
     result = dict(state)
     for name in _body_linears(state):
         weight = state[name].to(torch.float32)
@@ -294,14 +295,14 @@ def grid_state(state: dict[str, torch.Tensor], kind: Literal["int4", "int4-affin
         size = group_size or columns
         blocks = weight.reshape(rows, columns // size, size)
         if kind == "ternary":
-            scale = blocks.abs().mean(-1, keepdim=True)
+            scale = blocks.abs().mean(-1, keepdim=True).to(scale_dtype).float()
             snapped = scale * torch.clamp(torch.round(blocks / scale), -1, 1)
         elif kind == "int4":
-            scale = blocks.abs().amax(-1, keepdim=True) / 7
+            scale = (blocks.abs().amax(-1, keepdim=True) / 7).to(scale_dtype).float()
             snapped = scale * torch.clamp(torch.round(blocks / scale), -8, 7)
         else:
             low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-            scale = (high - low) / 15
+            scale = ((high - low) / 15).to(scale_dtype).float()
             zero = torch.round(-low / scale)
             snapped = scale * (torch.clamp(torch.round(blocks / scale) + zero, 0, 15) - zero)
         result[name] = snapped.reshape(rows, columns)
@@ -310,9 +311,9 @@ def grid_state(state: dict[str, torch.Tensor], kind: Literal["int4", "int4-affin
 
 def write_grid_checkpoint(
     folder: str | Path, config_dict: dict[str, Any], kind: Literal["int4", "int4-affine", "ternary"] = "int4", *,
-    group_size: int | None = 128, seed: int = 0, dtype: str = "bfloat16",
+    group_size: int | None = 128, seed: int = 0, dtype: str = "bfloat16", scale_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """A fake-quantised checkpoint (MiniCPM4-0.5B-QAT-Int4-unquantized, BitCPM4): float weights, stored
     in `dtype`, whose body linears lie on a grid (see grid_state)."""
-    return write_checkpoint(folder, config_dict, grid_state(random_state(config_dict, seed), kind, group_size),
-                            dtype=dtype)
+    return write_checkpoint(folder, config_dict, grid_state(random_state(config_dict, seed), kind, group_size,
+                                                            scale_dtype), dtype=dtype)
