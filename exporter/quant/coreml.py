@@ -291,7 +291,8 @@ def check_grid(model: CausalLM, scheme: Any) -> None:
     where = f"coreml target, scheme {scheme.scheme}"
     if scheme.scheme not in LINEAR_SCHEMES:
         raise InputError("quantization.scheme", f"{where}: the checkpoint's weights are already on a grid "
-                                                f"({grid.describe()}); a palette would cluster them again: use int4")
+                                                f"({grid.describe()}); a palette would cluster them again: use int4 (it carries "
+                                                f"4-bit and ternary grids exactly)")
     bits = SCHEME_BITS[scheme.scheme]
     for name, linear in grid.linears.items():
         if linear.act_order:
@@ -303,7 +304,8 @@ def check_grid(model: CausalLM, scheme: Any) -> None:
             raise InputError("quantization", f"{where}: {name} has a zero point of {int(linear.zeros.max())} "
                                              f"(a GPTQ v1 zero of 0 stored as -1), beyond {linear.bits}-bit offsets")
         per_channel = linear.group_size == linear.codes.shape[1]
-        if "group_size" in scheme.model_fields_set and scheme.group_size != (None if per_channel else linear.group_size):
+        if "group_size" in scheme.model_fields_set and scheme.group_size != linear.group_size \
+                and not (per_channel and scheme.group_size is None):
             raise InputError("quantization.group_size", f"{where}: {scheme.group_size} contradicts the checkpoint's "
                                                         f"grid (groups of {linear.group_size}); leave group_size unset")
         if "symmetric" in scheme.model_fields_set and scheme.symmetric and not linear.symmetric:
@@ -316,9 +318,10 @@ def grid_scheme(model: CausalLM, scheme: Any) -> Any:
     grid = model.config.weight_grid
     if grid is None or scheme.scheme not in LINEAR_SCHEMES:
         return scheme
-    first = grid.first()
-    per_channel = first.group_size == first.codes.shape[1]
-    return scheme.model_copy(update={"group_size": None if per_channel else first.group_size,
+    grouped = [g.group_size for g in grid.linears.values() if g.group_size != g.codes.shape[1]]
+    # A group as wide as a layer's input is one scale per channel there too (groups of 128 with
+    # 128 inputs): the scheme's group size is the grouped layers' one, None when none is grouped.
+    return scheme.model_copy(update={"group_size": grouped[0] if grouped else None,
                                      "symmetric": all(g.symmetric for g in grid.linears.values())})
 
 

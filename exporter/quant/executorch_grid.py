@@ -49,7 +49,8 @@ def check_grid(model: Any, scheme: Any) -> None:
         if not per_channel and linear.group_size % XNNPACK_BLOCK:
             raise InputError("quantization", f"{where}: {name} has groups of {linear.group_size}; XNNPACK's "
                                              f"4-bit kernels take blocks of a multiple of {XNNPACK_BLOCK}")
-        if "group_size" in scheme.model_fields_set and scheme.group_size != (None if per_channel else linear.group_size):
+        if "group_size" in scheme.model_fields_set and scheme.group_size != linear.group_size \
+                and not (per_channel and scheme.group_size is None):
             raise InputError("quantization.group_size", f"{where}: {scheme.group_size} contradicts the checkpoint's "
                                                         f"grid (groups of {linear.group_size}); leave group_size unset")
     if "rounding" in scheme.model_fields_set and scheme.rounding == "hqq":
