@@ -76,7 +76,11 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any, grid: Any = None) -> ir.Mod
     if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if grid is not None:
-        _grid_linears(graph, initializers, body, grid, scheme)
+        on_grid = [linear for linear in body if linear.param in grid.linears]
+        _grid_linears(graph, initializers, on_grid, grid, scheme)
+        if len(on_grid) < len(body):  # weights the grid does not cover (none in GPTQ / QAT checkpoints)
+            proto = _library_pass(proto, exclude=[linear.node for linear in head], bits=SCHEME_BITS[scheme.scheme],
+                                  symmetric=_table_symmetric(scheme), scheme=scheme, algorithm="rtn")
     elif scheme.scheme == "ternary":
         _ternary(graph, initializers, body, scheme)
     else:
