@@ -31,6 +31,7 @@ class CheckpointSummary:
     sparse_attention: str
     rope: str = "default"
     biases: str = "none"
+    weight_grid: str = "none"  # the integer grid the linears carry (GPTQ, or float weights on a grid)
 
     def rows(self) -> list[tuple[str, str]]:
         experts = f"{self.experts} x {self.expert_size}" if self.experts else "-"
@@ -52,6 +53,7 @@ class CheckpointSummary:
             ("sparse attention", self.sparse_attention),
             ("rope", self.rope),
             ("biases", self.biases),
+            ("weight grid", self.weight_grid),
         ]
         return rows
 
@@ -102,7 +104,15 @@ def summarize(path: str | Path) -> CheckpointSummary:
         sparse_attention=sparse,
         rope=_rope(config),
         biases=", ".join(n for n, on in (("attention", config.attention_bias), ("mlp", config.mlp_bias)) if on) or "none",
+        weight_grid=_weight_grid(config),
     )
+
+
+def _weight_grid(config) -> str:
+    if config.weight_grid is None:
+        return "none (float weights on no integer grid)"
+    how = "int4 / ternary recipes export it as it is (recipes/checkpoint-grid.yaml); fp32 exports it dequantised"
+    return f"{config.weight_grid.describe()}; {how}"
 
 
 def _rope(config) -> str:

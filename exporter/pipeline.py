@@ -105,6 +105,7 @@ def export_bundle(
                 "sha256": checkpoint.sha256(),
                 "family": config.family,
                 "dtypes_on_disk": checkpoint.dtypes_on_disk,
+                "weight_grid": config.weight_grid.describe() if config.weight_grid is not None else None,
             },
             "model": {
                 "vocab_size": config.vocab_size,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,6 +96,9 @@ class ModelConfig:
     torch_dtype: str = "float32"
     # config.json's quantization_config as written (GPTQ and others), kept for the loaders that read it.
     quantization_config: dict | None = None
+    # The integer grid the checkpoint's linears carry (exporter/models/grid.py WeightGrid: GPTQ codes,
+    # or float weights found on a grid), set by the loader; quantisers export it instead of rounding.
+    weight_grid: Any = field(default=None, compare=False, repr=False)
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -136,7 +139,7 @@ class ModelConfig:
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(replace(self, weight_grid=None)).items() if k != "weight_grid"}
 
     # -- parsing -----------------------------------------------------------------------------
     @classmethod

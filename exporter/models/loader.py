@@ -1,6 +1,7 @@
 """Checkpoint -> validated state dict -> CausalLM. Strict: every tensor accounted for."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from exporter.models.checkpoint import (
     read_all_tensors,
 )
 from exporter.models.config import ModelConfig
+from exporter.models.grid import detect_grid
+from exporter.models.gptq import is_gptq, read_gptq
 from exporter.models.transformer import CausalLM
 
 EMBED = "model.embed_tokens.weight"
@@ -113,11 +116,45 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     files = find_files(path)
     config = ModelConfig.from_file(files.config)
     raw, origin = read_all_tensors(files)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})
     expected = expected_shapes(config)
+    grid = None
+    if is_gptq(config):
+        raw, origin, grid = read_gptq(raw, origin, config, files.config, set(expected))
     state, origin = canonical_state(raw, origin, config, expected)
     tied = validate_state(state, expected, config, files, origin)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})
+    if grid is None:
+        grid = _float_grid(state, config)
+    else:
+        _check_grid_names(grid, expected, files)
+    if grid is not None:
+        config = replace(config, weight_grid=grid)
     return Checkpoint(files=files, config=config, state=state, tied=tied, dtypes_on_disk=dtypes)
+
+
+def _linear_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The body's linear weights (module names): every 2-d weight but the embedding and the head."""
+    return [name for name, tensor in state.items() if tensor.dim() == 2 and name not in (EMBED, LM_HEAD)]
+
+
+def _float_grid(state: dict[str, torch.Tensor], config: ModelConfig):
+    """A grid the float linears already lie on (QAT / BitCPM checkpoints); their weights in `state`
+    become the grid's exact values (they differ by the storage dtype's rounding)."""
+    names = _linear_names(state)
+    dtypes = {state[name].dtype for name in names}
+    if len(dtypes) != 1:
+        return None
+    grid = detect_grid({_module_name(name): state[name] for name in names}, dtypes.pop())
+    if grid is not None:
+        for name in names:
+            state[name] = grid.linears[_module_name(name)].dequantize()
+    return grid
+
+
+def _check_grid_names(grid, expected: dict[str, torch.Size], files: CheckpointFiles) -> None:
+    unknown = [name for name in grid.linears if _hf_name(name) not in expected]
+    if unknown:
+        raise InputError(files.index or files.folder, f"GPTQ linears the model does not have: {_names(unknown)}")
 
 
 def build_model(checkpoint: Checkpoint, max_seq_len: int = 512, dtype: torch.dtype = torch.float32) -> CausalLM:

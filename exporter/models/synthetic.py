@@ -207,3 +207,113 @@ def write_trained_like_checkpoint(
         current = float(model(tokens, torch.tensor([0])).abs().max())
     state[disk_name(LM_HEAD, model.config)] = state[disk_name(LM_HEAD, model.config)] * (logit_max / current)
     return write_checkpoint(folder, config_dict, state, dtype="float32")
+
+
+# -- quantised layouts: GPTQ packed int codes, and float weights that lie on a grid ----------------
+
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _body_linears(state: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n, t in state.items() if t.dim() == 2 and n not in ("model.embed_tokens.weight", LM_HEAD)]
+
+
+def gptq_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx: torch.Tensor):
+    """AutoGPTQ's round-to-nearest grid of one [out, in] weight: (codes [in, out], zeros [groups, out],
+    fp16 scales [groups, out]); sym puts every zero at 2**(bits-1), as AutoGPTQ does."""
+    maxq = (1 << bits) - 1
+    out_features, in_features = weight.shape
+    groups = in_features // group_size
+    by_group = [weight[:, g_idx == g] for g in range(groups)]
+    low = torch.stack([b.amin(1).clamp(max=0) for b in by_group])  # [groups, out]
+    high = torch.stack([b.amax(1).clamp(min=0) for b in by_group])
+    if sym:
+        high = torch.maximum(low.abs(), high)
+        low = -high
+    scale = ((high - low) / maxq).clamp(min=1e-8).to(torch.float16).to(torch.float32)
+    zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-low / scale)
+    codes = torch.clamp(torch.round(weight.T / scale[g_idx]) + zero[g_idx], 0, maxq)
+    return codes.to(torch.int64), zero.to(torch.int64), scale.to(torch.float16)
+
+
+def _pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """32 / bits values per int32 along `dim`, the first in the lowest bits (two's complement wrap)."""
+    per_word = 32 // bits
+    values = values.movedim(dim, 0)
+    values = values.reshape(values.shape[0] // per_word, per_word, *values.shape[1:])
+    packed = torch.zeros(values.shape[0], *values.shape[2:], dtype=torch.int64)
+    for j in range(per_word):
+        packed |= (values[:, j] & ((1 << bits) - 1)) << (bits * j)
+    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)
+    return packed.to(torch.int32).movedim(0, dim).contiguous()
+
+
+def write_gptq_checkpoint(
+    folder: str | Path, config_dict: dict[str, Any], *, seed: int = 0, bits: int = 4, group_size: int = 128,
+    sym: bool = True, desc_act: bool = False, checkpoint_format: str = "gptq",
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """A GPTQ-format checkpoint as AutoGPTQ / GPTQModel write it (see exporter/models/gptq.py): every
+    body linear as qweight / qzeros / scales / g_idx, everything else fp16, config.json carrying
+    quantization_config. desc_act permutes g_idx (act-order); "gptq" stores zeros minus one."""
+    state = dict(state if state is not None else random_state(config_dict, seed))
+    generator = torch.Generator().manual_seed(seed + 7)
+    packed: dict[str, torch.Tensor] = {}
+    for name in _body_linears(state):
+        weight = state.pop(name).to(torch.float32)
+        in_features = weight.shape[1]
+        group = in_features if group_size == -1 else group_size
+        order = torch.randperm(in_features, generator=generator) if desc_act else torch.arange(in_features)
+        g_idx = torch.empty(in_features, dtype=torch.int64)
+        g_idx[order] = torch.arange(in_features) // group
+        codes, zeros, scales = gptq_quantize(weight, bits, group, sym, g_idx)
+        stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
+        prefix = name.removesuffix(".weight")
+        packed[f"{prefix}.qweight"] = _pack_int32(codes, bits, 0)
+        packed[f"{prefix}.qzeros"] = _pack_int32(stored_zeros, bits, 1)
+        packed[f"{prefix}.scales"] = scales
+        packed[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
+    quant = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+             "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": checkpoint_format}
+    path = write_checkpoint(folder, {**config_dict, "quantization_config": quant}, state, dtype="float16")
+    floats = {name: tensor.to(torch.float16).contiguous() for name, tensor in state.items()}
+    save_file({**floats, **packed}, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def grid_state(state: dict[str, torch.Tensor], kind: Literal["int4", "int4-affine", "ternary"],
+               group_size: int | None, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The weights a QAT run leaves on its grid (fake-quantised, fp32 scales): every body linear
+    replaced by scale * code per group of input columns (None = per output channel).
+    int4: symmetric, scale = max |W| / 7; int4-affine: 16 levels from min to max with an integer
+    zero point; ternary: BitCPM / BitNet b1.58 absmean, codes clip(round(W / s), -1, 1). Scales are
+    rounded to scale_dtype (a run that keeps them in bf16)."""
+    result = dict(state)
+    for name in _body_linears(state):
+        weight = state[name].to(torch.float32)
+        rows, columns = weight.shape
+        size = group_size or columns
+        blocks = weight.reshape(rows, columns // size, size)
+        if kind == "ternary":
+            scale = blocks.abs().mean(-1, keepdim=True).to(scale_dtype).float()
+            snapped = scale * torch.clamp(torch.round(blocks / scale), -1, 1)
+        elif kind == "int4":
+            scale = (blocks.abs().amax(-1, keepdim=True) / 7).to(scale_dtype).float()
+            snapped = scale * torch.clamp(torch.round(blocks / scale), -8, 7)
+        else:
+            low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+            scale = ((high - low) / 15).to(scale_dtype).float()
+            zero = torch.round(-low / scale)
+            snapped = scale * (torch.clamp(torch.round(blocks / scale) + zero, 0, 15) - zero)
+        result[name] = snapped.reshape(rows, columns)
+    return result
+
+
+def write_grid_checkpoint(
+    folder: str | Path, config_dict: dict[str, Any], kind: Literal["int4", "int4-affine", "ternary"] = "int4", *,
+    group_size: int | None = 128, seed: int = 0, dtype: str = "bfloat16", scale_dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A fake-quantised checkpoint (MiniCPM4-0.5B-QAT-Int4-unquantized, BitCPM4): float weights, stored
+    in `dtype`, whose body linears lie on a grid (see grid_state)."""
+    return write_checkpoint(folder, config_dict, grid_state(random_state(config_dict, seed), kind, group_size,
+                                                            scale_dtype), dtype=dtype)

@@ -100,6 +100,8 @@ def program_weights(mlmodel: Any) -> list[ProgramWeight]:
         value = op.outputs[0].val
         if not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.kind != "f":
             continue
+        if any(child.op_type.startswith("constexpr_") for child in op.outputs[0].child_ops):
+            continue  # the scale of a weight already compressed (a checkpoint grid's), not a weight
         weights.append(ProgramWeight(op.name, tuple(value.shape), _roles(op, vocab)))
     return weights
 
@@ -150,7 +152,10 @@ def _check_divides(scheme: Any, choice: str, name: str, shape: tuple[int, ...]) 
 
 
 def check_scheme(model: CausalLM, scheme: Any) -> None:
-    """Refuse, before any work, a scheme this model's shapes cannot carry (one-line InputError)."""
+    """Refuse, before any work, a scheme this model's shapes (or its checkpoint's grid) cannot carry
+    (one-line InputError)."""
+    check_grid(model, scheme)
+    scheme = grid_scheme(model, scheme)
     embedding = model.embed_tokens.weight
     lm_head = getattr(getattr(model, "lm_head", None), "weight", None)
     seen: set[int] = set()
@@ -244,14 +249,20 @@ def compression_plan(mlmodel: Any, scheme: Any) -> dict[str, tuple[str, Any]]:
     return plan
 
 
-def compress_mlmodel(mlmodel: Any, scheme: Any) -> Any:
+def compress_mlmodel(mlmodel: Any, scheme: Any, grid: Any = None) -> Any:
     """The program with its weights compressed as `scheme` says (a new MLModel; `mlmodel` is untouched).
 
     Palettes first, then linear quantisation (int8 embeddings next to a palettised body): each
-    pass only sees the constants named for it, so nothing is compressed twice."""
+    pass only sees the constants named for it, so nothing is compressed twice. With the
+    checkpoint's grid (exporter/models/grid.py) the body's linears carry its codes and scales as
+    they are; the scheme then only decides the embedding and lm_head."""
     import coremltools.optimize.coreml as cto
 
+    if grid is not None:
+        mlmodel = _compress_grid(mlmodel, grid, scheme)
     plan = compression_plan(mlmodel, scheme)
+    if not plan and grid is not None:
+        return mlmodel
     if not plan:
         raise InputError("quantization", "the scheme leaves every weight uncompressed (embedding and lm_head "
                                          "'keep' and no other weight in the program)")
@@ -266,6 +277,96 @@ def compress_mlmodel(mlmodel: Any, scheme: Any) -> Any:
     if missing:
         raise RuntimeError(f"coremltools left {len(missing)} weight(s) uncompressed: {', '.join(missing[:4])}")
     return compressed
+
+
+# -- a checkpoint's own grid ---------------------------------------------------------------------
+
+
+def check_grid(model: CausalLM, scheme: Any) -> None:
+    """Refuse, before any work, a checkpoint grid this scheme cannot carry losslessly in
+    constexpr_blockwise_shift_scale, or a scheme that contradicts it (one-line InputError)."""
+    grid = model.config.weight_grid
+    if grid is None:
+        return
+    where = f"coreml target, scheme {scheme.scheme}"
+    if scheme.scheme not in LINEAR_SCHEMES:
+        raise InputError("quantization.scheme", f"{where}: the checkpoint's weights are already on a grid "
+                                                f"({grid.describe()}); a palette would cluster them again: use int4 (it carries "
+                                                f"4-bit and ternary grids exactly)")
+    bits = SCHEME_BITS[scheme.scheme]
+    for name, linear in grid.linears.items():
+        if linear.act_order:
+            raise InputError("quantization", f"{where}: {name} is act-order GPTQ (g_idx permutes the inputs); "
+                                             f"Core ML blocks are consecutive inputs, so it cannot carry it losslessly")
+        if linear.bits > bits:
+            raise InputError("quantization.scheme", f"{where}: {bits}-bit codes cannot hold {grid.describe()}")
+        if int(linear.zeros.max()) >= 1 << linear.bits:
+            raise InputError("quantization", f"{where}: {name} has a zero point of {int(linear.zeros.max())} "
+                                             f"(a GPTQ v1 zero of 0 stored as -1), beyond {linear.bits}-bit offsets")
+        per_channel = linear.group_size == linear.codes.shape[1]
+        if "group_size" in scheme.model_fields_set and scheme.group_size != linear.group_size \
+                and not (per_channel and scheme.group_size is None):
+            raise InputError("quantization.group_size", f"{where}: {scheme.group_size} contradicts the checkpoint's "
+                                                        f"grid (groups of {linear.group_size}); leave group_size unset")
+        if "symmetric" in scheme.model_fields_set and scheme.symmetric and not linear.symmetric:
+            raise InputError("quantization.symmetric", f"{where}: true contradicts the checkpoint's grid, which has "
+                                                       f"zero points; leave symmetric unset to use it")
+
+
+def grid_scheme(model: CausalLM, scheme: Any) -> Any:
+    """The scheme as the program carries it with the checkpoint's grid: its group size and symmetry."""
+    grid = model.config.weight_grid
+    if grid is None or scheme.scheme not in LINEAR_SCHEMES:
+        return scheme
+    grouped = [g.group_size for g in grid.linears.values() if g.group_size != g.codes.shape[1]]
+    # A group as wide as a layer's input is one scale per channel there too (groups of 128 with
+    # 128 inputs): the scheme's group size is the grouped layers' one, None when none is grouped.
+    return scheme.model_copy(update={"group_size": grouped[0] if grouped else None,
+                                     "symmetric": all(g.symmetric for g in grid.linears.values())})
+
+
+def _compress_grid(mlmodel: Any, grid: Any, scheme: Any) -> Any:
+    """Every body linear's weight constant -> constexpr_blockwise_shift_scale over the grid's codes
+    (signed, as coremltools stores int4/int8: code - 2**(bits-1)), scales and zero points."""
+    from coremltools import _SPECIFICATION_VERSION_IOS_18
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.models.utils import _apply_graph_pass
+
+    bits = SCHEME_BITS[scheme.scheme]
+    storage = types.np_int4_dtype if bits == 4 else np.int8
+    by_flat = {flat_name(name): entry for name, entry in grid.linears.items()}
+    targets = {w.name: by_flat[w.parameter] for w in program_weights(mlmodel)
+               if w.roles == frozenset({LINEAR}) and w.parameter in by_flat}
+    if len(targets) != len(by_flat):
+        raise RuntimeError(f"the program holds {len(targets)} of the grid's {len(by_flat)} linear weights")
+
+    class GridWeights(AbstractGraphPass):
+        def apply(self, prog: Any) -> None:
+            for op in list(prog.functions["main"].operations):
+                entry = targets.get(op.name)
+                if entry is None:
+                    continue
+                dtype = op.outputs[0].val.dtype
+                scales = entry.scales.numpy().astype(dtype)
+                if not np.array_equal(scales.astype(np.float32), entry.scales.numpy()):
+                    raise InputError("precision", f"coreml target: {op.name}'s grid scales are not exact in "
+                                                  f"{dtype} (the program's precision); export fp32")
+                middle = 1 << (entry.bits - 1)
+                data = (entry.codes.numpy().astype(np.int16) - middle).astype(storage)
+                offset = None
+                if not entry.symmetric:
+                    offset = (entry.zeros.numpy().astype(np.int16) - middle).astype(storage)
+                with prog.functions["main"]:
+                    new = mb.constexpr_blockwise_shift_scale(data=data, scale=scales, offset=offset, before_op=op,
+                                                             name=op.name + "_quantized")
+                op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
+                                                                no_check_var_types=True)
+                op.enclosing_block.remove_ops([op])
+
+    with _quiet():
+        return _apply_graph_pass(mlmodel, GridWeights(), spec_version=_SPECIFICATION_VERSION_IOS_18)
 
 
 # -- what the program stores ---------------------------------------------------------------------
@@ -440,6 +541,7 @@ STORAGE_DTYPES = {"int8": "int8", "int4": "int4", "palette4": "uint4", "palette2
 def compression_metadata(mlmodel: Any, scheme: Any, model: CausalLM, precision: str) -> dict[str, Any]:
     """What the artifact's manifest says about its compression; the structural checks hold the saved
     program to it (runtimes/coreml/structure.py). Expectations come from the scheme, not the program."""
+    scheme = grid_scheme(model, scheme)
     stored = stored_weights(mlmodel)
     kept = sorted(w.name for w in stored.values() if not w.compressed and w.value.ndim == 2)
     kind = "linear" if scheme.scheme in LINEAR_SCHEMES else "palette"

@@ -68,10 +68,13 @@ def quantize_for_executorch(model: CausalLM, scheme: Scheme) -> CausalLM:
 def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
     """Module name -> function building its quantised replacement."""
     linear_bits = TERNARY_CODE_BITS if scheme.scheme == "ternary" else BITS[scheme.scheme]
+    grid = model.config.weight_grid
     plan = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":
-            if scheme.scheme == "ternary":
+            if grid is not None:
+                plan[name] = lambda m, e=grid.linears[f"{name}.weight"]: _linear(m, _grid_intx(e))
+            elif scheme.scheme == "ternary":
                 plan[name] = lambda m, g=scheme.group_size: _linear(m, _ternary(m.weight, g))
             else:
                 plan[name] = lambda m: _linear(m, _intx(m.weight, linear_bits, scheme.group_size, scheme.rounding,
@@ -95,7 +98,11 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
 
 
 def check_fits(model: CausalLM, scheme: Scheme) -> None:
-    """Every group size divides the input dim it splits, before any work."""
+    """Every group size divides the input dim it splits, and the checkpoint's grid is one XNNPACK
+    runs as it is, before any work."""
+    from exporter.quant.executorch_grid import check_grid
+
+    check_grid(model, scheme)
     group = scheme.group_size
     if group is not None:
         for name, module in model.named_modules():
@@ -140,6 +147,17 @@ def _with_bf16_scales(quantised, weight: torch.Tensor):
                             output_dtype=torch.int8, quant_min=qmin, quant_max=qmax)
     return type(quantised)(codes, scale, quantised.zero_point, quantised.target_dtype, quantised.block_size,
                            quantised.dtype, quantised.activation_quantization)
+
+
+def _grid_intx(entry):
+    """A checkpoint grid's codes as torchao int4 codes (code - zero: the zero is 2**(bits-1), the grid
+    being symmetric); its scales rounded to bf16, what XNNPACK stores (exact for bf16 scales)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    codes = entry.codes.to(torch.int16) - entry.zeros.to(torch.int16).repeat_interleave(entry.group_size, dim=1)
+    scale = entry.scales.to(torch.bfloat16).to(torch.float32)
+    return IntxUnpackedToInt8Tensor(codes.to(torch.int8), scale, torch.zeros_like(scale, dtype=torch.int8),
+                                    torch.int4, (1, entry.group_size), torch.float32, "int8_asym_per_token")
 
 
 def _ternary(weight: torch.Tensor, group_size: Optional[int]):

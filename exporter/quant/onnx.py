@@ -57,8 +57,11 @@ def int8_activations(bits: int, block_size: int, accuracy_level: int) -> bool:
     return accuracy_level == 4 and (bits != 2 or block_size >= 32)
 
 
-def quantize_onnx(onnx_model: ir.Model, scheme: Any) -> ir.Model:
-    """The graph with its weights quantised per `scheme` (recipes.quant_onnx); the input is not changed."""
+def quantize_onnx(onnx_model: ir.Model, scheme: Any, grid: Any = None) -> ir.Model:
+    """The graph with its weights quantised per `scheme` (recipes.quant_onnx); the input is not changed.
+
+    grid: the checkpoint's own integer grid (exporter/models/grid.py WeightGrid); its codes, scales and
+    zero points become the body linears' MatMulNBits as they are, nothing rounded again."""
     proto = ir.serde.serialize_model(onnx_model)
     graph = proto.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
@@ -72,7 +75,13 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any) -> ir.Model:
     body = [linear for linear in linears if linear.param != LM_HEAD]
     if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    if scheme.scheme == "ternary":
+    if grid is not None:
+        on_grid = [linear for linear in body if linear.param in grid.linears]
+        _grid_linears(graph, initializers, on_grid, grid, scheme)
+        if len(on_grid) < len(body):  # weights the grid does not cover (none in GPTQ / QAT checkpoints)
+            proto = _library_pass(proto, exclude=[linear.node for linear in head], bits=SCHEME_BITS[scheme.scheme],
+                                  symmetric=_table_symmetric(scheme), scheme=scheme, algorithm="rtn")
+    elif scheme.scheme == "ternary":
         _ternary(graph, initializers, body, scheme)
     else:
         proto = _library_pass(proto, exclude=[linear.node for linear in head], bits=SCHEME_BITS[scheme.scheme],
@@ -292,6 +301,97 @@ def _ternary(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], 
             attrs["accuracy_level"] = scheme.accuracy_level
         new = helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output),
                                name=f"{node.name}_Q2", domain=MS_DOMAIN, **attrs)
+        new.metadata_props.add(key=WEIGHT_KEY, value=linear.param)
+        replaced.append((index, new))
+    for index, new in replaced:
+        graph.node[index].CopyFrom(new)
+
+
+def check_grid(model: CausalLM, scheme: Any, precision: str = "fp32") -> None:
+    """Refuse, before any work, a checkpoint grid MatMulNBits cannot carry losslessly, or a scheme
+    that contradicts it (one-line InputError naming the target and why)."""
+    grid = model.config.weight_grid
+    if grid is None:
+        return
+    bits = SCHEME_BITS[scheme.scheme]
+    where = f"onnx target, scheme {scheme.scheme}"
+    linears = {f"{name}.weight" for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name != "lm_head"}
+    missing = sorted(linears - set(grid.linears))
+    if missing:
+        raise InputError("quantization", f"{where}: the checkpoint's grid does not cover {missing[0]}")
+    for name in sorted(linears):
+        linear = grid.linears[name]
+        if linear.act_order:
+            raise InputError("quantization", f"{where}: {name} is act-order GPTQ (g_idx permutes the inputs); "
+                                             f"MatMulNBits groups consecutive inputs, so it cannot carry it losslessly")
+        if linear.bits > bits or (scheme.scheme == "ternary" and not linear.ternary):
+            raise InputError("quantization.scheme", f"{where}: the checkpoint's grid is {grid.describe()}; "
+                                                    f"{bits}-bit codes cannot hold it (use int4)")
+        if int(linear.zeros.max()) >= 1 << linear.bits:
+            raise InputError("quantization", f"{where}: {name} has a zero point of {int(linear.zeros.max())} "
+                                             f"(a GPTQ v1 zero of 0 stored as -1), beyond {linear.bits}-bit zero points")
+        size = linear.group_size
+        if size not in BLOCK_SIZES or (scheme.scheme == "ternary" and size < 32):
+            raise InputError("quantization", f"{where}: {name} has groups of {size}; MatMulNBits runs blocks of "
+                                             f"{', '.join(map(str, BLOCK_SIZES))} only")
+        if "block_size" in scheme.model_fields_set and scheme.block_size != size:
+            raise InputError("quantization.block_size", f"{where}: {scheme.block_size} contradicts the checkpoint's "
+                                                        f"grid (groups of {size}); leave block_size unset to use it")
+        if getattr(scheme, "symmetric", False) and "symmetric" in scheme.model_fields_set and not linear.symmetric:
+            raise InputError("quantization.symmetric", f"{where}: true contradicts the checkpoint's grid, which has "
+                                                       f"zero points; leave symmetric unset to use it")
+        if precision == "fp16" and not torch.equal(linear.scales.to(torch.float16).to(torch.float32), linear.scales):
+            raise InputError("precision", f"{where}: {name}'s scales are not exact in fp16 (MatMulNBits takes "
+                                          f"scales in the activations' dtype); export fp32")
+    if "algorithm" in scheme.model_fields_set and getattr(scheme, "algorithm", "rtn") != "rtn":
+        raise InputError("quantization.algorithm", f"{where}: the checkpoint's grid is exported as it is; "
+                                                   f"'{scheme.algorithm}' would round the weights again")
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _grid_linears(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], linears: list[WeightMatMul],
+                  grid: Any, scheme: Any) -> None:
+    """Every body linear -> MatMulNBits holding the checkpoint grid's own codes (shifted to the
+    scheme's bit width when wider: the differences code - zero are kept), scales and zero points."""
+    bits = SCHEME_BITS[scheme.scheme]
+    by_name = {linear.node: linear for linear in linears}
+    replaced = []
+    for index, node in enumerate(graph.node):
+        linear = by_name.get(node.name)
+        if linear is None:
+            continue
+        entry = grid.linears[linear.param]
+        shift = (1 << (bits - 1)) - (1 << (entry.bits - 1))
+        codes = entry.codes.numpy().astype(np.int32) + shift  # [N, K]
+        blocks = linear.k // entry.group_size
+        per_byte = 8 // bits
+        grouped = codes.reshape(linear.n, blocks, entry.group_size)
+        packed = np.zeros((linear.n, blocks, entry.group_size // per_byte), np.uint8)
+        for j in range(per_byte):  # the first code in the lowest bits, as MatMulNBits reads them
+            packed |= (grouped[..., j::per_byte] << (bits * j)).astype(np.uint8)
+        dtype = numpy_helper.to_array(initializers[linear.weight]).dtype
+        b_name, s_name = f"{linear.weight}_Q{bits}", f"{linear.weight}_scales"
+        graph.initializer.extend([numpy_helper.from_array(packed, b_name),
+                                  numpy_helper.from_array(entry.scales.numpy().astype(dtype), s_name)])
+        inputs = [node.input[0], b_name, s_name]
+        if not entry.symmetric:
+            zeros = entry.zeros.numpy().astype(np.int32) + shift  # [N, blocks]
+            padded = np.zeros((linear.n, -(-blocks // per_byte) * per_byte), np.int32)
+            padded[:, :blocks] = zeros
+            zero_points = np.zeros((linear.n, padded.shape[1] // per_byte), np.uint8)
+            for j in range(per_byte):
+                zero_points |= (padded[:, j::per_byte] << (bits * j)).astype(np.uint8)
+            z_name = f"{linear.weight}_zero_points"
+            graph.initializer.append(numpy_helper.from_array(zero_points, z_name))
+            inputs.append(z_name)
+        attrs = dict(K=linear.k, N=linear.n, bits=bits, block_size=entry.group_size)
+        if scheme.accuracy_level:
+            attrs["accuracy_level"] = scheme.accuracy_level
+        new = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
+                               domain=MS_DOMAIN, **attrs)
         new.metadata_props.add(key=WEIGHT_KEY, value=linear.param)
         replaced.append((index, new))
     for index, new in replaced:

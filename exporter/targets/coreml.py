@@ -78,7 +78,7 @@ class CoreMLTarget:
         compression = None
         if spec.quantization is not None:
             progress(f"coremltools.optimize: {spec.quantization.scheme}", 0.5)
-            mlmodel = quant.compress_mlmodel(mlmodel, spec.quantization)
+            mlmodel = quant.compress_mlmodel(mlmodel, spec.quantization, model.config.weight_grid)
             twin = quant.coreml_twin(model, mlmodel)
             description = f"eager model with the program's dequantised {spec.quantization.scheme} weights, fp16 KV cache"
             compression = quant.compression_metadata(mlmodel, spec.quantization, model, spec.precision)

@@ -28,7 +28,7 @@ from torch import nn
 from exporter.models.attention import Attend
 from exporter.models.kv_cache import grouped_sdpa
 from exporter.models.transformer import CausalLM
-from exporter.quant.onnx import onnx_twin, quantize_onnx
+from exporter.quant.onnx import check_grid, onnx_twin, quantize_onnx
 from exporter.targets.base import (
     ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
 )
@@ -313,12 +313,14 @@ class OnnxTarget:
         """The graph, quantised when the spec asks, with the twin it computes."""
         converted, description = self._converted(model, spec)
         layout = CacheLayout.of(converted, TORCH_DTYPES[spec.precision], pad_values=spec.options.pad_mla_values)
+        if spec.quantization is not None:
+            check_grid(model, spec.quantization, spec.precision)  # the checkpoint's grid, before any work
         progress("onnx: exporting graph (torch.export + dynamo)", 0.0)
         onnx_model = build_onnx(converted, layout, spec.options.opset)
         if spec.quantization is None:
             return onnx_model, layout, converted, description
         progress(f"onnx: quantising ({spec.quantization.scheme})", 0.5)
-        onnx_model = quantize_onnx(onnx_model, spec.quantization)
+        onnx_model = quantize_onnx(onnx_model, spec.quantization, model.config.weight_grid)
         twin = onnx_twin(converted, onnx_model, spec.quantization)
         return onnx_model, layout, twin, f"eager model with the graph's dequantised {spec.quantization.scheme} weights" \
             " and MatMulNBits' int8 activation rounding"
