@@ -52,7 +52,7 @@ def test_onnx_artifacts_of_every_recipe_match_the_prediction(minicpm, tmp_path):
     model = minicpm
     specs = {recipe.name: recipe.targets["onnx"] for recipe in map(load_recipe, recipe_names())
              if "onnx" in recipe.targets and not recipe.targets["onnx"].passes}
-    assert set(specs) == {"fp32", "int8", "int4", "ternary"}
+    assert {"fp32", "int8", "int4", "ternary"} <= set(specs)
     exported = OnnxTarget().export(model, tmp_path / "fp32", specs["fp32"]).info
     _assert_close(exported.metadata["size_bytes"], predict_bytes(model, specs["fp32"]), "fp32 onnx")
     graph = ir.load(tmp_path / "fp32" / exported.entry)
