@@ -227,7 +227,8 @@ def expected_size_bytes(model: CausalLM) -> int:
         bf16_scales = bits == 4 and weight.activation_quantization is not None
         total += weight.qdata.numel() * bits // 8 + weight.scale.numel() * (2 if bf16_scales else 4)
     quantised_params = {f"{name}.weight" for name in quantised}
-    for name, parameter in model.named_parameters():
+    # remove_duplicate=False: a .pte stores a tied fp32 table twice (the gather's and the lm_head's constant)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
         if name not in quantised_params:
             total += parameter.numel() * parameter.element_size()
     for name, buffer in model.named_buffers():
