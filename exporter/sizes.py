@@ -44,6 +44,9 @@ FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 # weight.bin's blob headers and alignment (~20 KB). A .pte's program and tables are 2.5-3.5 % of the
 # embedded models' (measured 65-76 KB at 4 layers) and left out.
 GRAPH_OVERHEAD_BYTES = {"onnx": (29_000, 90_000), "coreml": (32_000, 20_000), "executorch": (0, 0)}
+# The sparse pass's ONNX gather form adds nodes (NonZero, Gather, the union of active experts): measured
+# 52 KB (blockffn-tiny int4-sparse) to 82 KB (a 2-layer MLA fp32-sparse) more graph per sparse layer.
+ONNX_SPARSE_LAYER_BYTES = 65_000
 BF16, FP32 = 2, 4
 LM_HEAD, EMBEDDING = "lm_head", "embed_tokens"
 
@@ -244,6 +247,8 @@ def predict_bytes(model: CausalLM, spec: Any) -> int:
     else:
         raise TypeError(f"no size rule for {type(spec).__name__}")
     fixed, per_layer = GRAPH_OVERHEAD_BYTES[spec.target]
+    if spec.target == "onnx" and _expert_tables(model):
+        tensors += ONNX_SPARSE_LAYER_BYTES * model.config.num_layers
     return tensors + fixed + per_layer * model.config.num_layers
 
 
