@@ -76,6 +76,10 @@ def export_bundle(
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
     config = checkpoint.config
     tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
+    if recipe.weights == "checkpoint_grid" and config.weight_grid is None:
+        raise InputError(checkpoint.files.config, f"recipe {recipe.name} exports a checkpoint's own integer grid, and "
+                                                  "this checkpoint's weights lie on none (see `cpm-mobile inspect`): "
+                                                  "use int4 or ternary to quantise it")
     plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len, config.eos_token_ids,
                       heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)

@@ -254,13 +254,16 @@ def predict_bytes(model: CausalLM, spec: Any) -> int:
 
 def recipe_sizes(config: ModelConfig, tied: bool, recipes: Iterable[str] | None = None) -> list[ArtifactSize]:
     """One row per (recipe, target) of the recipes (default: the shipped ones) that run on this model;
-    a recipe whose passes refuse the model (fp32-sparse on a dense FFN) has no rows."""
+    a recipe whose passes refuse the model (fp32-sparse on a dense FFN), or that needs a weight grid the
+    checkpoint lacks, has no rows."""
     fp32 = load_recipe("fp32")
     baseline = {target: predict_bytes(shape_model(config, tied, fp32.max_seq_len), spec)
                 for target, spec in fp32.targets.items()}
     rows = []
     for name in recipes or recipe_names():
         recipe = load_recipe(name)
+        if recipe.weights == "checkpoint_grid" and config.weight_grid is None:
+            continue
         model = shape_model(config, tied, recipe.max_seq_len)
         try:
             sizes = {target: predict_bytes(apply_passes(model, [*recipe.passes, *spec.passes], target), spec)

@@ -121,6 +121,9 @@ class Recipe(Strict):
     description: str = ""
     max_seq_len: int = Field(256, ge=8)
     dtype: Literal["float32"] = "float32"
+    weights: Literal["any", "checkpoint_grid"] = Field(
+        "any", description="checkpoint_grid: only for checkpoints whose weights already lie on an integer grid "
+                           "(GPTQ, QAT fake-quant, BitCPM); any other checkpoint is refused before work")
     passes: list[PassSpec] = Field(default_factory=list, description="applied for every target")
     targets: dict[TargetName, TargetSpec]
     check: CheckSpec

@@ -111,8 +111,24 @@ def test_inspect_reports_the_grid(tmp_path, kind, text):
     result = CliRunner().invoke(app, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert text in " ".join(result.output.split())
+    assert "checkpoint-grid" in result.output  # its size row: the recipe applies to this checkpoint
     plain = CliRunner().invoke(app, ["inspect", str(DEFAULT_MODEL)])
     assert "none (float weights on no integer grid)" in " ".join(plain.output.split())
+    assert "checkpoint-grid" not in plain.output
+
+
+@pytest.mark.parametrize("recipe", ["checkpoint-grid", "ternary-grid"])
+def test_grid_recipes_refuse_a_checkpoint_without_a_grid_before_work(tmp_path, recipe):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["export", "--model", str(DEFAULT_MODEL), "--recipe", recipe,
+                                      "--target", "onnx", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "lie on none" in lines[0] and "config.json" in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_ternary_grid_exports_as_2_bit_matmulnbits_codes(tmp_path):
