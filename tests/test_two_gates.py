@@ -39,8 +39,8 @@ def deep_bundle(tmp_path_factory):
         shutil.copy(DEFAULT_MODEL / name, checkpoint / name)
     # The fp32 recipe's bounds as shipped; a shorter plan (the Core ML interpreter walks 24 layers per step).
     recipe = load_recipe("fp32")
-    recipe = recipe.model_copy(update={"check": recipe.check.model_copy(update={"max_new_tokens": 32,
-                                                                               "heldout_windows": 2})})
+    recipe = recipe.model_copy(update={"check": recipe.check.model_copy(update={
+        "prompts": recipe.check.prompts[:1], "max_new_tokens": 16, "heldout_windows": 2})})
     result = export_bundle(checkpoint, recipe, root / "out")
     return checkpoint, recipe, result
 
