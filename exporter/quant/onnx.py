@@ -20,7 +20,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -280,31 +280,42 @@ def _tag(graph: onnx.GraphProto, params_by_node: dict[str, str]) -> None:
                 node.metadata_props.add(key=WEIGHT_KEY, value=params_by_node[original])
 
 
-def _ternary(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], linears: list[WeightMatMul],
-             scheme: Any) -> None:
-    """BitCPM / BitNet b1.58 rounding per block: scale = mean |W|, code = clip(round(W / scale), -1, 1),
-    stored as 2-bit MatMulNBits codes code + 2 with the default zero point 2. Written here because no
-    onnxruntime quantiser rounds to ternary."""
+def _swap_in_matmul_nbits(graph: onnx.GraphProto, linears: list[WeightMatMul], scheme: Any,
+                          stored_form: Callable[[WeightMatMul], tuple[int, int, dict[str, np.ndarray]]]) -> None:
+    """Each linear's MatMul -> a MatMulNBits over the tensors `stored_form(linear)` gives: (bits, block size,
+    {"Q<bits>": codes, "scales": ..., optionally "zero_points": ...}), added as `<weight>_<role>` initializers."""
     by_name = {linear.node: linear for linear in linears}
     replaced = []
     for index, node in enumerate(graph.node):
         linear = by_name.get(node.name)
         if linear is None:
             continue
-        stored = numpy_helper.to_array(initializers[linear.weight])
-        packed, scales = ternary_codes(stored.T.astype(np.float32), scheme.block_size)  # weight [N, K]
-        scales = scales.astype(stored.dtype)  # MatMulNBits takes scales in the activations' dtype
-        b_name, s_name = f"{linear.weight}_Q2", f"{linear.weight}_scales"
-        graph.initializer.extend([numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)])
-        attrs = dict(K=linear.k, N=linear.n, bits=2, block_size=scheme.block_size)
+        bits, block_size, tensors = stored_form(linear)
+        names = [f"{linear.weight}_{role}" for role in tensors]
+        graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in zip(names, tensors.values()))
+        attrs = dict(K=linear.k, N=linear.n, bits=bits, block_size=block_size)
         if scheme.accuracy_level:
             attrs["accuracy_level"] = scheme.accuracy_level
-        new = helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output),
-                               name=f"{node.name}_Q2", domain=MS_DOMAIN, **attrs)
+        new = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                               name=f"{node.name}_Q{bits}", domain=MS_DOMAIN, **attrs)
         new.metadata_props.add(key=WEIGHT_KEY, value=linear.param)
         replaced.append((index, new))
     for index, new in replaced:
         graph.node[index].CopyFrom(new)
+
+
+def _ternary(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], linears: list[WeightMatMul],
+             scheme: Any) -> None:
+    """BitCPM / BitNet b1.58 rounding per block: scale = mean |W|, code = clip(round(W / scale), -1, 1),
+    stored as 2-bit MatMulNBits codes code + 2 with the default zero point 2. Written here because no
+    onnxruntime quantiser rounds to ternary."""
+    def stored_form(linear: WeightMatMul):
+        stored = numpy_helper.to_array(initializers[linear.weight])
+        packed, scales = ternary_codes(stored.T.astype(np.float32), scheme.block_size)  # weight [N, K]
+        # MatMulNBits takes scales in the activations' dtype
+        return 2, scheme.block_size, {"Q2": packed, "scales": scales.astype(stored.dtype)}
+
+    _swap_in_matmul_nbits(graph, linears, scheme, stored_form)
 
 
 def check_grid(model: CausalLM, scheme: Any, precision: str = "fp32") -> None:
@@ -357,45 +368,32 @@ def _grid_linears(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorPro
     """Every body linear -> MatMulNBits holding the checkpoint grid's own codes (shifted to the
     scheme's bit width when wider: the differences code - zero are kept), scales and zero points."""
     bits = SCHEME_BITS[scheme.scheme]
-    by_name = {linear.node: linear for linear in linears}
-    replaced = []
-    for index, node in enumerate(graph.node):
-        linear = by_name.get(node.name)
-        if linear is None:
-            continue
+
+    def stored_form(linear: WeightMatMul):
         entry = grid.linears[linear.param]
         shift = (1 << (bits - 1)) - (1 << (entry.bits - 1))
-        codes = entry.codes.numpy().astype(np.int32) + shift  # [N, K]
         blocks = linear.k // entry.group_size
-        per_byte = 8 // bits
-        grouped = codes.reshape(linear.n, blocks, entry.group_size)
-        packed = np.zeros((linear.n, blocks, entry.group_size // per_byte), np.uint8)
-        for j in range(per_byte):  # the first code in the lowest bits, as MatMulNBits reads them
-            packed |= (grouped[..., j::per_byte] << (bits * j)).astype(np.uint8)
+        codes = (entry.codes.numpy().astype(np.int32) + shift).reshape(linear.n, blocks, entry.group_size)  # [N, K]
         dtype = numpy_helper.to_array(initializers[linear.weight]).dtype
-        b_name, s_name = f"{linear.weight}_Q{bits}", f"{linear.weight}_scales"
-        graph.initializer.extend([numpy_helper.from_array(packed, b_name),
-                                  numpy_helper.from_array(entry.scales.numpy().astype(dtype), s_name)])
-        inputs = [node.input[0], b_name, s_name]
-        if not entry.symmetric:
-            zeros = entry.zeros.numpy().astype(np.int32) + shift  # [N, blocks]
+        tensors = {f"Q{bits}": pack_codes(codes, bits), "scales": entry.scales.numpy().astype(dtype)}
+        if not entry.symmetric:  # zero points per row, padded to whole bytes
+            per_byte = 8 // bits
             padded = np.zeros((linear.n, -(-blocks // per_byte) * per_byte), np.int32)
-            padded[:, :blocks] = zeros
-            zero_points = np.zeros((linear.n, padded.shape[1] // per_byte), np.uint8)
-            for j in range(per_byte):
-                zero_points |= (padded[:, j::per_byte] << (bits * j)).astype(np.uint8)
-            z_name = f"{linear.weight}_zero_points"
-            graph.initializer.append(numpy_helper.from_array(zero_points, z_name))
-            inputs.append(z_name)
-        attrs = dict(K=linear.k, N=linear.n, bits=bits, block_size=entry.group_size)
-        if scheme.accuracy_level:
-            attrs["accuracy_level"] = scheme.accuracy_level
-        new = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
-                               domain=MS_DOMAIN, **attrs)
-        new.metadata_props.add(key=WEIGHT_KEY, value=linear.param)
-        replaced.append((index, new))
-    for index, new in replaced:
-        graph.node[index].CopyFrom(new)
+            padded[:, :blocks] = entry.zeros.numpy().astype(np.int32) + shift
+            tensors["zero_points"] = pack_codes(padded, bits)
+        return bits, entry.group_size, tensors
+
+    _swap_in_matmul_nbits(graph, linears, scheme, stored_form)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes along the last axis -> uint8, 8 / bits per byte, the first in the lowest bits (MatMulNBits'
+    and GatherBlockQuantized's order)."""
+    per_byte = 8 // bits
+    packed = np.zeros((*codes.shape[:-1], codes.shape[-1] // per_byte), np.uint8)
+    for j in range(per_byte):
+        packed |= (codes[..., j::per_byte] << (bits * j)).astype(np.uint8)
+    return packed
 
 
 def ternary_codes(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -405,10 +403,7 @@ def ternary_codes(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
     scales = np.abs(blocks).mean(-1).astype(np.float32)
     safe = np.where(scales > 0, scales, 1)[..., None]
     codes = (np.clip(np.rint(blocks / safe), -1, 1) + 2).astype(np.uint8)  # {1, 2, 3}
-    packed = np.zeros((n, k // block_size, block_size // 4), np.uint8)
-    for j in range(4):  # four 2-bit codes per byte, the first in the lowest bits
-        packed |= codes[..., j::4] << (2 * j)
-    return packed, scales
+    return pack_codes(codes, 2), scales
 
 
 def _quantize_embedding(graph: onnx.GraphProto, gather: onnx.NodeProto, scheme: Any) -> None:
