@@ -120,8 +120,6 @@ def _float(name: str, module: nn.Module, bits: int) -> Stored:
 
 def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
     """The tensors of the .pte, as exporter/quant/executorch.py's plan quantises them."""
-    from exporter.quant.executorch import BITS, TERNARY_CODE_BITS
-
     scheme = spec.quantization
     stored = []
     for name, module in _matrices(model):  # the tied lm_head is its own tensor here: stored twice
@@ -137,24 +135,25 @@ def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
         if choice == "fp32":
             stored.append(_float(name, module, 32))
             continue
-        bits = TERNARY_CODE_BITS if choice == "ternary" else BITS[choice]
         rows, columns = module.weight.shape
-        if name == EMBEDDING:  # weight-only embedding kernels keep fp32 scales
-            group = getattr(scheme, "embedding_group_size", None) if bits == 4 else None
-            scale_bytes = FP32
-        else:  # XNNPACK: 4-bit scales bf16 (per channel too), 8-bit per channel fp32
-            group = scheme.group_size if bits == 4 else None
-            scale_bytes = BF16 if bits == 4 else FP32
-        stored.append(Stored(name, rows * columns, bits, rows * (columns // (group or columns)), scale_bytes))
-    if scheme is not None:  # expert rows [units, H]: int8 one fp32 scale per row, 4-bit bf16 per block of H
+        # The embedding runs in weight-only kernels (its own group size); every linear in XNNPACK.
+        group = getattr(scheme, "embedding_group_size", None) if name == EMBEDDING else scheme.group_size
+        stored.append(_pte_codes(name, rows, columns, choice, group, dynamic_activations=name != EMBEDDING))
+    if scheme is not None:  # expert rows [units, H], quantised by the dense quantiser's own builders
         hidden = model.config.hidden_size
         for name, table in _expert_tables(model):
-            bits = TERNARY_CODE_BITS if scheme.scheme == "ternary" else BITS[scheme.scheme]
-            rows = table.numel() // hidden
-            group = scheme.group_size if bits == 4 else None
-            stored.append(Stored(name, table.numel(), bits, rows * (hidden // (group or hidden)),
-                                 BF16 if bits == 4 else FP32))
+            stored.append(_pte_codes(name, table.numel() // hidden, hidden, scheme.scheme, scheme.group_size, True))
     return stored + _rest(model, 32, quantised_tables=scheme is not None)
+
+
+def _pte_codes(name: str, rows: int, columns: int, choice: str, group: int | None, dynamic_activations: bool) -> Stored:
+    """A [rows, columns] weight as torchao codes: 4-bit in groups along columns, 8-bit one scale per row."""
+    from exporter.quant.executorch import BITS, TERNARY_CODE_BITS, bf16_scales
+
+    bits = TERNARY_CODE_BITS if choice == "ternary" else BITS[choice]
+    group = group if bits == 4 else None
+    scale_bytes = BF16 if bf16_scales(bits, dynamic_activations) else FP32
+    return Stored(name, rows * columns, bits, rows * (columns // (group or columns)), scale_bytes)
 
 
 # -- ONNX ----------------------------------------------------------------------------------------

@@ -132,9 +132,15 @@ def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: 
         activation_quantization="int8_asym_per_token" if dynamic_activations else None,
         intx_choose_qparams_algorithm="hqq_scale_only" if rounding == "hqq" else "affine",
     )
-    if bits == 4 and dynamic_activations:  # XNNPACK runs every 4-bit linear, per channel too, with bf16 scales
+    if bf16_scales(bits, dynamic_activations):
         quantised = _with_bf16_scales(quantised, weight)
     return quantised
+
+
+def bf16_scales(bits: int, dynamic_activations: bool) -> bool:
+    """Whether the .pte stores this weight's scales as bf16: XNNPACK runs every 4-bit linear, per channel
+    too, with bf16 scales; 8-bit linears and the weight-only embedding kernels keep fp32."""
+    return bits == 4 and dynamic_activations
 
 
 def _with_bf16_scales(quantised, weight: torch.Tensor):
@@ -224,8 +230,8 @@ def expected_size_bytes(model: CausalLM) -> int:
     total = 0
     for name, weight in quantised.items():
         bits = int(str(weight.target_dtype).removeprefix("torch.int"))
-        bf16_scales = bits == 4 and weight.activation_quantization is not None
-        total += weight.qdata.numel() * bits // 8 + weight.scale.numel() * (2 if bf16_scales else 4)
+        scale_bytes = 2 if bf16_scales(bits, weight.activation_quantization is not None) else 4
+        total += weight.qdata.numel() * bits // 8 + weight.scale.numel() * scale_bytes
     quantised_params = {f"{name}.weight" for name in quantised}
     # remove_duplicate=False: a .pte stores a tied fp32 table twice (the gather's and the lm_head's constant)
     for name, parameter in model.named_parameters(remove_duplicate=False):
