@@ -40,10 +40,10 @@ SHOWN = ("kl", "ppl_rel_delta", "top1", "sqnr_db")
 def recipe_rows(model_path: Path, recipe_name: str, out: Path) -> list[dict]:
     recipe = load_recipe(recipe_name)
     result = export_bundle(model_path, recipe, out, name=f"{model_path.name}-{recipe_name}", force=True)
-    files = {a["target"]: a["files"] for a in result.manifest["artifacts"]}
+    sizes = {a["target"]: a["metadata"]["size_bytes"] for a in result.manifest["artifacts"]}
     rows = []
     for target, entry in result.report["artifacts"].items():
-        size = sum(_bytes(result.bundle / name) for name in files[target])
+        size = sizes[target]
         rows.append({
             "model": model_path.name, "recipe": recipe_name, "runtime": target, "size_mb": size / 2**20,
             **{k: entry["fidelity"]["metrics"].get(k) for k in SHOWN},
@@ -52,10 +52,6 @@ def recipe_rows(model_path: Path, recipe_name: str, out: Path) -> list[dict]:
             "faithfulness_sqnr_db": entry["faithfulness"]["metrics"].get("sqnr_db"),
         })
     return rows
-
-
-def _bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def llamacpp_rows(model_path: Path) -> list[dict]:
