@@ -64,3 +64,17 @@ def target_spec(target: str, **fields):
     from recipes.schema import SPEC_TYPES
 
     return SPEC_TYPES[target].model_validate({"faithfulness": {}, "fidelity": {}, **fields})
+
+
+def short_recipe(name: str, targets=None, max_seq_len: int | None = None, **check):
+    """A shipped recipe with a shorter check plan (`check` fields), and optionally fewer targets or a shorter
+    max_seq_len: fixtures export in seconds while every tolerance stays the shipped one."""
+    from recipes import load_recipe
+
+    recipe = load_recipe(name)
+    if targets is not None:
+        recipe = recipe.select(list(targets))
+    update = {"check": recipe.check.model_copy(update=check)}
+    if max_seq_len is not None:
+        update["max_seq_len"] = max_seq_len
+    return recipe.model_copy(update=update)

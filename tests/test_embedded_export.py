@@ -11,6 +11,7 @@ from exporter.pipeline import export_bundle
 from exporter.sizes import predict_bytes
 from exporter.tokenizer import TextTokenizer
 from recipes import load_recipe
+from tests.conftest import short_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +21,7 @@ FIXTURES = {"minicpm-tiny": DEFAULT_MODEL, "blockffn-tiny": DEFAULT_SPARSE_MODEL
 @pytest.fixture(scope="module", params=list(FIXTURES))
 def fp32_bundle(request, tmp_path_factory):
     # The shipped recipe with 4 of its 16 held-out windows (bench.quality runs the whole plan).
-    recipe = load_recipe("fp32")
-    recipe = recipe.model_copy(update={"check": recipe.check.model_copy(update={"heldout_windows": 4})})
-    result = export_bundle(FIXTURES[request.param], recipe, tmp_path_factory.mktemp("out"))
+    result = export_bundle(FIXTURES[request.param], short_recipe("fp32", heldout_windows=4), tmp_path_factory.mktemp("out"))
     return request.param, result
 
 

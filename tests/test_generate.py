@@ -20,8 +20,7 @@ from exporter.generate import (
 )
 from exporter.pipeline import export_bundle
 from exporter.tokenizer import TextTokenizer
-from recipes import load_recipe
-from recipes.schema import recipe_from_dict
+from tests.conftest import short_recipe
 
 runner = CliRunner()
 NEW_TOKENS = 32
@@ -29,11 +28,9 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    data = load_recipe("fp32").model_dump(mode="json")
-    data["max_seq_len"] = 128
-    data["check"].update(prompts=["The interpreter reads", "A list comprehension"], max_new_tokens=NEW_TOKENS,
-                         heldout_windows=1, heldout_tokens=64)
-    result = export_bundle(DEFAULT_MODEL, recipe_from_dict(data), tmp_path_factory.mktemp("gen"), name="tiny")
+    recipe = short_recipe("fp32", max_seq_len=128, prompts=["The interpreter reads", "A list comprehension"],
+                          max_new_tokens=NEW_TOKENS, heldout_windows=1, heldout_tokens=64)
+    result = export_bundle(DEFAULT_MODEL, recipe, tmp_path_factory.mktemp("gen"), name="tiny")
     assert result.passed, result.report
     return result.bundle
 

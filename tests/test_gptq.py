@@ -31,14 +31,6 @@ PROMPT = np.array([1, 17, 42, 300, 5, 99, 123, 2, 60, 311, 42, 7, 500, 8, 9, 10]
 parse_onnx = TypeAdapter(OnnxQuantization).validate_python
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gptq_sym(tmp_path_factory) -> Path:
     return write_gptq_checkpoint(tmp_path_factory.mktemp("gptq-sym"), CONFIG, sym=True, group_size=128)

@@ -45,14 +45,6 @@ FIDELITY = {"int8": dict(kl=1e-3, ppl=0.005, top1=0.95), "int4": dict(kl=1.5e-2,
 parse = TypeAdapter(OnnxQuantization).validate_python
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _export(checkpoint: Path, folder: Path):
     model, _ = load_model(checkpoint, max_seq_len=MAX_SEQ_LEN)
     context = ExportContext(bos_id=model.config.bos_token_id, eos_ids=model.config.eos_token_ids)

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli import app
@@ -35,7 +34,6 @@ def folder_bytes(folder: Path) -> int:
 
 @pytest.fixture(scope="module")
 def minicpm():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     return build_model(load_checkpoint(EMBEDDED / "minicpm-tiny"), max_seq_len=load_recipe("fp32").max_seq_len)
 
 

@@ -29,6 +29,7 @@ from exporter.quant.executorch import _intx, _linear, _ternary
 from exporter.quant.sparse_executorch import quantise_fused
 from exporter.targets.executorch import emit, lower, write_program
 from recipes.schema import load_recipe
+from tests.conftest import short_recipe
 from runtimes.base import open_session
 from runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs
 from runtimes.torch_session import TorchSession
@@ -181,11 +182,9 @@ def test_layer_files_hold_the_codes_as_stored(methods):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    recipe = load_recipe("int4-sparse")
-    check = recipe.check.model_copy(update={"prompts": recipe.check.prompts[:1], "max_new_tokens": 24,
-                                            "heldout_windows": 2, "heldout_tokens": 128})
-    return export_bundle(DEFAULT_SPARSE_MODEL, recipe.model_copy(update={"check": check}),
-                         tmp_path_factory.mktemp("out"), name="sparse-int4")
+    recipe = short_recipe("int4-sparse", prompts=load_recipe("int4-sparse").check.prompts[:1], max_new_tokens=24,
+                          heldout_windows=2, heldout_tokens=128)
+    return export_bundle(DEFAULT_SPARSE_MODEL, recipe, tmp_path_factory.mktemp("out"), name="sparse-int4")
 
 
 def test_embedded_int4_sparse_passes_both_gates(bundle):

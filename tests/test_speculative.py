@@ -20,19 +20,15 @@ from exporter.generate import Chat, ChatTemplate, decode_tokens, greedy, make_sa
 from exporter.pipeline import export_bundle
 from exporter.speculative import ModelDrafter, NgramDrafter, SpeculativeDecoder, verify
 from exporter.tokenizer import TextTokenizer
-from recipes import load_recipe
-from recipes.schema import recipe_from_dict
+from tests.conftest import short_recipe
 
 runner = CliRunner()
 NEW_TOKENS = 48
 
 
 def _short_recipe(name: str, targets: tuple[str, ...]):
-    data = load_recipe(name).model_dump(mode="json")
-    data["max_seq_len"] = 128
-    data["targets"] = {k: v for k, v in data["targets"].items() if k in targets}
-    data["check"].update(prompts=["The interpreter reads"], max_new_tokens=8, heldout_windows=1, heldout_tokens=32)
-    return recipe_from_dict(data)
+    return short_recipe(name, targets, max_seq_len=128, prompts=["The interpreter reads"], max_new_tokens=8,
+                        heldout_windows=1, heldout_tokens=32)
 
 
 @pytest.fixture(scope="module")

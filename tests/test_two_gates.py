@@ -21,6 +21,7 @@ from exporter.targets import get_target
 from exporter.tokenizer import TextTokenizer
 from exporter.verify import Twin, build_plan, check_artifacts
 from recipes import load_recipe
+from tests.conftest import short_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +39,7 @@ def deep_bundle(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEFAULT_MODEL / name, checkpoint / name)
     # The fp32 recipe's bounds as shipped; a shorter plan (the Core ML interpreter walks 24 layers per step).
-    recipe = load_recipe("fp32")
-    recipe = recipe.model_copy(update={"check": recipe.check.model_copy(update={
-        "prompts": recipe.check.prompts[:1], "max_new_tokens": 16, "heldout_windows": 2})})
+    recipe = short_recipe("fp32", prompts=load_recipe("fp32").check.prompts[:1], max_new_tokens=16, heldout_windows=2)
     result = export_bundle(checkpoint, recipe, root / "out")
     return checkpoint, recipe, result
 

@@ -24,14 +24,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE = "model.layers.1.mlp.down_proj.weight"  # 256 inputs: two groups of 128, four of 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _expected_codes(kind: str, group: int | None, weight: torch.Tensor, scale_dtype=torch.float32):
     """The integer levels the QAT rounding put each weight on (code - zero), from the fp32 source."""
     rows, columns = weight.shape
