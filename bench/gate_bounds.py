@@ -5,7 +5,7 @@ fits a laptop, with trained-like logit magnitudes (exporter.models.synthetic.wri
 export every target with a recipe and print the metrics of both gates, the bounds they are held to,
 and the headroom. Also exports one copy with a single flipped weight, to show the margin to a fault.
 
-    python -m bench.gate_bounds [--recipe fp32] [--preset minicpm4-0.5b --preset blockffn-large ...]
+    python -m bench.gate_bounds [--recipe fp32] [--target onnx ...] [--preset minicpm4-0.5b --preset blockffn-large ...]
 """
 from __future__ import annotations
 
@@ -47,10 +47,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fp32")
     parser.add_argument("--preset", action="append", choices=sorted(NARROW))
+    parser.add_argument("--target", action="append", help="only these targets of the recipe (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench/reports/gate_bounds.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     recipe = load_recipe(args.recipe)
+    if args.target:
+        recipe = recipe.select(args.target)
     # Logit errors do not need 16 held-out windows; 4 keep the run short at 40 layers.
     recipe = recipe.model_copy(update={"check": recipe.check.model_copy(update={"heldout_windows": 4})})
     results = {}

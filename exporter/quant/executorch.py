@@ -224,12 +224,17 @@ def quantised_weights(model: CausalLM) -> dict[str, object]:
             if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor)}
 
 
+def code_bits(weight) -> int:
+    """The width of a torchao intx weight's codes (its target dtype torch.int4 / torch.int8)."""
+    return int(str(weight.target_dtype).removeprefix("torch.int"))
+
+
 def expected_size_bytes(model: CausalLM) -> int:
     """The formula: codes x bits / 8 + scales (bf16 for XNNPACK's 4-bit linears, fp32 otherwise) + unquantised tensors."""
     quantised = quantised_weights(model)
     total = 0
     for name, weight in quantised.items():
-        bits = int(str(weight.target_dtype).removeprefix("torch.int"))
+        bits = code_bits(weight)
         scale_bytes = 2 if bf16_scales(bits, weight.activation_quantization is not None) else 4
         total += weight.qdata.numel() * bits // 8 + weight.scale.numel() * scale_bytes
     quantised_params = {f"{name}.weight" for name in quantised}

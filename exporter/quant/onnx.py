@@ -415,34 +415,47 @@ def _quantize_embedding(graph: onnx.GraphProto, gather: onnx.NodeProto, scheme: 
     prefix = gather.input[0]
     reshape = None
     if head is not None:
-        b_name, scales, zero_points = head.input[1], head.input[2], (head.input[3] if len(head.input) > 3 else None)
+        b_name = head.input[1]
         vocab = _attribute(head, "N")
         shape = numpy_helper.from_array(np.array([vocab, -1], np.int64), f"{prefix}_rows")
         graph.initializer.append(shape)
-        data = f"{b_name}_rows"
-        reshape = helper.make_node("Reshape", [b_name, shape.name], [data], name=f"{gather.name}_rows")
+        reshape = helper.make_node("Reshape", [b_name, shape.name], [f"{b_name}_rows"], name=f"{gather.name}_rows")
+        tables = [f"{b_name}_rows", *(name for name in head.input[2:4] if name)]  # its scales (and zero points)
     else:
         stored = numpy_helper.to_array(_initializer(graph, gather.input[0]))  # [V, H]
-        table = stored.astype(np.float32)
-        library = _matmul_nbits_module()
-        symmetric = _table_symmetric(scheme)
-        quantizer = library.DefaultWeightOnlyQuantizer(library.DefaultWeightOnlyQuantConfig(
-            block_size=scheme.block_size, is_symmetric=symmetric, bits=bits))
-        packed, block_scales, packed_zero = quantizer.qbits_block_quant(np.ascontiguousarray(table.T))
-        data, scales = f"{prefix}_Q{bits}", f"{prefix}_scales"
-        graph.initializer.extend([numpy_helper.from_array(packed.reshape(len(table), -1), data),
-                                  numpy_helper.from_array(block_scales.astype(stored.dtype), scales)])
-        zero_points = None
-        if not symmetric:
-            zero_points = f"{prefix}_zero_points"
-            graph.initializer.append(numpy_helper.from_array(packed_zero, zero_points))
-    inputs = [data, gather.input[1], scales] + ([zero_points] if zero_points else [])
-    new = helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name=f"{gather.name}_Q{bits}",
-                           domain=MS_DOMAIN, bits=bits, block_size=scheme.block_size, gather_axis=0, quantize_axis=1)
-    new.metadata_props.add(key=WEIGHT_KEY, value=EMBEDDING)
-    gather.CopyFrom(new)
+        tables = block_quantized_table(graph, prefix, stored, bits, scheme.block_size, _table_symmetric(scheme),
+                                       stored.dtype)
+    new = gather_block_quantized(gather, tables, bits, scheme.block_size, EMBEDDING)
     if reshape is not None:
         _insert_before(graph, new.name, reshape)
+
+
+def block_quantized_table(graph: onnx.GraphProto, prefix: str, table: np.ndarray, bits: int, block_size: int,
+                          symmetric: bool, scale_dtype: Any) -> list[str]:
+    """A [rows, columns] table -> onnxruntime's block codes along each row (its own quantiser: round to
+    nearest), added as initializers; returns GatherBlockQuantized's data, scales (and zero points) inputs."""
+    library = _matmul_nbits_module()
+    quantizer = library.DefaultWeightOnlyQuantizer(library.DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, bits=bits))
+    packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(table.astype(np.float32).T))
+    names = [f"{prefix}_Q{bits}", f"{prefix}_scales"]
+    graph.initializer.extend([numpy_helper.from_array(packed.reshape(len(table), -1), names[0]),
+                              numpy_helper.from_array(scales.astype(scale_dtype), names[1])])
+    if not symmetric:
+        names.append(f"{prefix}_zero_points")
+        graph.initializer.append(numpy_helper.from_array(zero_points, names[2]))
+    return names
+
+
+def gather_block_quantized(gather: onnx.NodeProto, tables: list[str], bits: int, block_size: int,
+                           param: str) -> onnx.NodeProto:
+    """Gather(table, ids) -> GatherBlockQuantized(data, ids, scales[, zero points]) in place, tagged with `param`."""
+    new = helper.make_node("GatherBlockQuantized", [tables[0], gather.input[1], *tables[1:]], list(gather.output),
+                           name=f"{gather.name}_Q{bits}", domain=MS_DOMAIN, bits=bits, block_size=block_size,
+                           gather_axis=0, quantize_axis=1)
+    new.metadata_props.add(key=WEIGHT_KEY, value=param)
+    gather.CopyFrom(new)
+    return new
 
 
 def _tied_head(graph: onnx.GraphProto, gather: onnx.NodeProto) -> onnx.NodeProto | None:

@@ -20,6 +20,7 @@ from torch import nn
 from exporter.errors import InputError
 from exporter.kernels import ops
 from exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
+from exporter.quant.executorch import code_bits
 
 LinearBuilder = Callable[[nn.Linear], nn.Linear]  # nn.Linear -> nn.Linear holding a torchao weight
 
@@ -43,7 +44,7 @@ def sparse_ffn_plan(model: nn.Module, linear_plan: dict[str, LinearBuilder],
 def quantise_fused(fused: FusedSparseBlockFFN, build: LinearBuilder, name: str) -> QuantisedFusedSparseBlockFFN:
     up = build(_as_linear(fused.up_weight)).weight  # [E*de, H]
     down = build(_as_linear(fused.down_rows.t())).weight  # [H, E*de]: the dense down projection
-    bits = int(str(up.target_dtype).removeprefix("torch.int"))
+    bits = code_bits(up)
     if bits == 8:
         return QuantisedFusedSparseBlockFFN(fused, build(fused.router_proj), 8, up.qdata.contiguous(),
                                             up.scale.reshape(-1).contiguous(), down.qdata.t().contiguous(),

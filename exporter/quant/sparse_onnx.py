@@ -30,7 +30,7 @@ TABLE_BITS = {"int8": 8, "int4": 4}
 
 def quantize_expert_tables(graph: onnx.GraphProto, scheme: Any) -> list[str]:
     """Replace every Gather of an expert table by GatherBlockQuantized; the parameters quantised."""
-    from exporter.quant.onnx import MS_DOMAIN, WEIGHT_KEY, _matmul_nbits_module, _module_path
+    from exporter.quant.onnx import _module_path, block_quantized_table, gather_block_quantized
 
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     gathers = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in initializers
@@ -41,34 +41,19 @@ def quantize_expert_tables(graph: onnx.GraphProto, scheme: Any) -> list[str]:
         raise InputError("quantization.scheme", f"the sparse experts (pass blockffn_sparse) take int8 or int4 on ONNX, "
                                                 f"not {scheme.scheme}")
     bits = TABLE_BITS[scheme.scheme]
-    library = _matmul_nbits_module()
-    quantizer = library.DefaultWeightOnlyQuantizer(library.DefaultWeightOnlyQuantConfig(
-        block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=bits))
     params = []
     for gather in gathers:
         axis = next((helper.get_attribute_value(a) for a in gather.attribute if a.name == "axis"), 0)
-        table = numpy_helper.to_array(initializers[gather.input[0]]).astype(np.float32)  # [E, de*H]
+        table = numpy_helper.to_array(initializers[gather.input[0]])  # [E, de*H]
         if axis != 0 or table.ndim != 2:
             raise ValueError(f"{gather.name}: expected a row gather of a 2-D expert table")
         if table.shape[1] % scheme.block_size:
             raise InputError("quantization.block_size", f"{scheme.block_size} does not divide the expert rows "
                              f"({table.shape[1]}) of {gather.input[0]}")
-        packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(table.T))
-        rows = len(table)
         prefix = gather.input[0]
-        data, scale_name = f"{prefix}_Q{bits}", f"{prefix}_scales"
-        graph.initializer.extend([numpy_helper.from_array(packed.reshape(rows, -1), data),
-                                  numpy_helper.from_array(scales.reshape(rows, -1).astype(np.float32), scale_name)])
-        inputs = [data, gather.input[1], scale_name]
-        if not scheme.symmetric:
-            graph.initializer.append(numpy_helper.from_array(zero_points.reshape(rows, -1), f"{prefix}_zero_points"))
-            inputs.append(f"{prefix}_zero_points")
+        tables = block_quantized_table(graph, prefix, table, bits, scheme.block_size, scheme.symmetric, np.float32)
         module = _module_path(gather)
         param = f"{module}.{prefix.rpartition('.')[2]}" if module else prefix.removeprefix("model.")
-        new = helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name=f"{gather.name}_Q{bits}",
-                               domain=MS_DOMAIN, bits=bits, block_size=scheme.block_size, gather_axis=0,
-                               quantize_axis=1)
-        new.metadata_props.add(key=WEIGHT_KEY, value=param)
-        gather.CopyFrom(new)
+        gather_block_quantized(gather, tables, bits, scheme.block_size, param)
         params.append(param)
     return params
