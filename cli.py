@@ -23,7 +23,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from exporter.errors import CpmMobileError
+from cpm_mobile.exporter.errors import CpmMobileError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 console = Console()  # the terminal's own width (80 when not a terminal): tables are built to fit it
@@ -49,13 +49,13 @@ class TargetOrAll(str, Enum):
 
 def _builtin_recipes() -> list[str]:
     # Read the folder without importing recipes/ (pydantic): --help stays fast.
-    folder = Path(find_spec("recipes").submodule_search_locations[0])
+    folder = Path(find_spec("cpm_mobile.recipes").submodule_search_locations[0])
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def _version(value: bool) -> None:
     if value:
-        from exporter import __version__
+        from cpm_mobile.exporter import __version__
 
         typer.echo(f"cpm-mobile {__version__}")
         raise typer.Exit()
@@ -76,7 +76,7 @@ def _fail(error: CpmMobileError) -> None:
 @contextmanager
 def _running(verbose: bool) -> Iterator[None]:
     """A command's body: library chatter hidden unless --verbose, our errors as one line and exit code."""
-    from exporter.quiet import quiet_libraries
+    from cpm_mobile.exporter.quiet import quiet_libraries
 
     with quiet_libraries(verbose) as own_stderr:
         errors.file = own_stderr
@@ -102,8 +102,8 @@ def inspect(
     """Describe a checkpoint: family, attention, shapes, parameters, dtype, tying, vocab, and the size of
     each shipped recipe's artifact per target (predicted from the shapes: no export)."""
     with _running(verbose):
-        from exporter.defaults import DEFAULT_MODEL
-        from exporter.inspect import summarize
+        from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+        from cpm_mobile.exporter.inspect import summarize
 
         summary = summarize(path or DEFAULT_MODEL)
     if as_json:
@@ -221,10 +221,10 @@ def export(
     Exit 0 when every artifact passes, 1 when one breaches its recipe's tolerances, 2 on bad input.
     """
     with _running(verbose):
-        from exporter.bundle import writable_file
-        from exporter.defaults import DEFAULT_MODEL
-        from exporter.pipeline import export_bundle
-        from recipes import load_recipe
+        from cpm_mobile.exporter.bundle import writable_file
+        from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+        from cpm_mobile.exporter.pipeline import export_bundle
+        from cpm_mobile.recipes import load_recipe
 
         loaded = load_recipe(recipe)
         selected = loaded.select(list(loaded.targets) if target is TargetOrAll.all else [target.value])
@@ -235,7 +235,7 @@ def export(
                                    progress=progress, force=force)
     _print_report(result.report)
     if junit:
-        from runtimes.junit import write_junit
+        from cpm_mobile.runtimes.junit import write_junit
 
         write_junit(result.report, junit, result.manifest["name"])
     if not result.passed:
@@ -260,8 +260,8 @@ def check(
     Exit 0 pass, 1 breach (or changed bytes), 2 bad input.
     """
     with _running(verbose):
-        from exporter.bundle import writable_file
-        from exporter.bundle_check import check_bundle
+        from cpm_mobile.exporter.bundle import writable_file
+        from cpm_mobile.exporter.bundle_check import check_bundle
 
         for destination in (junit, report):
             if destination:
@@ -273,11 +273,11 @@ def check(
     for breach in result.report.get("bundle_breaches", []):
         console.print(f"[red]bundle[/]: {breach}")
     if junit:
-        from runtimes.junit import write_junit
+        from cpm_mobile.runtimes.junit import write_junit
 
         write_junit(result.report, junit, bundle.name)
     if report:
-        from exporter.bundle import write_json
+        from cpm_mobile.exporter.bundle import write_json
 
         write_json(report, result.report)
     if not result.passed:
@@ -299,12 +299,12 @@ def sparsity(
 ) -> None:
     """BlockFFN activation sparsity per layer: token-level (TLS) and chunk-level (CLS); table, JSON, PNGs."""
     with _running(verbose):
-        from exporter.analysis.sparsity import (
+        from cpm_mobile.exporter.analysis.sparsity import (
             profile_sparsity, render_table, write_expert_firing_png, write_heatmap_png,
         )
-        from exporter.bundle import output_folder, publish, staging_folder
-        from exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
-        from exporter.errors import InputError
+        from cpm_mobile.exporter.bundle import output_folder, publish, staging_folder
+        from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+        from cpm_mobile.exporter.errors import InputError
 
         model_dir = model or DEFAULT_SPARSE_MODEL
         text_path = text or HELDOUT_TEXT
@@ -333,7 +333,7 @@ def recipes_list(ctx: typer.Context) -> None:
     """List the built-in recipes: name, targets, one line on what each is for."""
     if ctx.invoked_subcommand is not None:
         return
-    from recipes import load_recipe
+    from cpm_mobile.recipes import load_recipe
 
     table = _table("recipes (cpm-mobile recipes show NAME for the full file)")
     table.add_column("name", style="bold", no_wrap=True)
@@ -348,8 +348,8 @@ def recipes_list(ctx: typer.Context) -> None:
 @recipes_app.command("show")
 def recipes_show(name: str = typer.Argument(..., metavar="NAME", help="A recipe name from `cpm-mobile recipes`.")) -> None:
     """Print a built-in recipe's YAML: targets, passes, tolerances and the check's prompts."""
-    from exporter.errors import InputError
-    from recipes.schema import RECIPES_DIR
+    from cpm_mobile.exporter.errors import InputError
+    from cpm_mobile.recipes.schema import RECIPES_DIR
 
     path = RECIPES_DIR / f"{name}.yaml"
     if name not in _builtin_recipes():
@@ -401,12 +401,12 @@ def generate(
     if system is not None and not chat:
         raise typer.BadParameter("--system goes with --chat", param_hint="--system")
     with _running(verbose):
-        from exporter.generate import (
+        from cpm_mobile.exporter.generate import (
             Chat, ChatTemplate, Sampling, Timings, complete, decode_tokens, make_sampler, open_bundle_model,
             select_artifact,
         )
-        from exporter.speculative import check_speculative_options
-        from exporter.tokenizer import TextTokenizer
+        from cpm_mobile.exporter.speculative import check_speculative_options
+        from cpm_mobile.exporter.tokenizer import TextTokenizer
 
         _, artifact = select_artifact(bundle, target.value if target else None)  # a bad bundle or target: first
         check_speculative_options(speculative, draft_tokens, compare, temperature, chat, bundle, artifact["target"])
@@ -420,7 +420,7 @@ def generate(
                      soft_wrap=True)
         source, decoder = decode_tokens, None
         if speculative:
-            from exporter.speculative import Recorded, SpeculativeDecoder, open_drafter
+            from cpm_mobile.exporter.speculative import Recorded, SpeculativeDecoder, open_drafter
 
             with _spinner("loading the draft"):
                 drafter, described = open_drafter(speculative, bundle, model.target)
@@ -447,7 +447,7 @@ def generate(
             timings = Timings()
             prompt_ids = tokenizer.encode(prompt)
             if len(prompt_ids) >= model.session.max_seq_len:
-                from exporter.errors import InputError
+                from cpm_mobile.exporter.errors import InputError
 
                 raise InputError("--prompt", f"is {len(prompt_ids)} tokens; the artifact holds "
                                  f"{model.session.max_seq_len} positions")
@@ -479,7 +479,7 @@ def _stream(pieces: Iterator[str]) -> None:
 
 
 def _print_speed(timings) -> None:
-    from exporter.generate import peak_memory_mib
+    from cpm_mobile.exporter.generate import peak_memory_mib
 
     errors.print(
         f"prefill {timings.prefill_tokens} tokens {timings.prefill_tokens_per_s:.0f} tok/s, "

@@ -1,6 +1,9 @@
-"""Builds libcpm_mobile_kernels (exporter/kernels) during `pip install -e .` / `pip wheel .`.
+"""The package layout, and the build of libcpm_mobile_kernels (exporter/kernels) during `pip install .`.
 
-Everything else about the package is in pyproject.toml. The library is compiled by
+The repository's top-level folders (exporter/, runtimes/, recipes/, cli.py) install as one package,
+`cpm_mobile` (this folder, through package_dir), so nothing of ours lands at the top of
+site-packages under a generic name. bench/ and tests/ are not installed. Everything else about the
+package is in pyproject.toml. The library is compiled by
 exporter/kernels/build.py against the executorch wheel that pyproject's build requirements put in
 the build environment (the same pin as the runtime dependency, so the ABI matches).
 """
@@ -8,7 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +26,13 @@ def _kernel_build():
 
 
 KERNELS = _kernel_build()
+NAMESPACE = "cpm_mobile"
+INSTALLED = ("exporter", "runtimes", "recipes")
+
+
+def _packages() -> list[str]:
+    found = find_packages(where=str(HERE), include=[f"{name}*" for name in INSTALLED])
+    return [NAMESPACE, *(f"{NAMESPACE}.{name}" for name in found)]
 
 
 class BuildKernels(build_ext):
@@ -42,6 +52,9 @@ class BuildKernels(build_ext):
 
 
 setup(
-    ext_modules=[Extension("exporter.kernels.libcpm_mobile_kernels", sources=[str(s.relative_to(HERE)) for s in KERNELS.SOURCES])],
+    package_dir={NAMESPACE: "."},
+    packages=_packages(),
+    py_modules=[],
+    ext_modules=[Extension(f"{NAMESPACE}.exporter.kernels.libcpm_mobile_kernels", sources=[str(s.relative_to(HERE)) for s in KERNELS.SOURCES])],
     cmdclass={"build_ext": BuildKernels},
 )

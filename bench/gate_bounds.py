@@ -1,7 +1,7 @@
 """Measure both gates of the fp32 recipe at real depth, to set (and re-check) its bounds.
 
 For presets of the real shapes at their real depth (24-40 layers), narrowed in width so the run
-fits a laptop, with trained-like logit magnitudes (exporter.models.synthetic.write_trained_like_checkpoint),
+fits a laptop, with trained-like logit magnitudes (bench.synthetic.write_trained_like_checkpoint),
 export every target with a recipe and print the metrics of both gates, the bounds they are held to,
 and the headroom. Also exports one copy with a single flipped weight, to show the margin to a fault.
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from exporter.defaults import DEFAULT_MODEL
-from exporter.models.synthetic import write_trained_like_checkpoint
-from exporter.pipeline import export_bundle
-from recipes import load_recipe
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+from bench.synthetic import write_trained_like_checkpoint
+from cpm_mobile.exporter.pipeline import export_bundle
+from cpm_mobile.recipes import load_recipe
 
 # Real depth, narrow width: depth and logit scale drive the fp32 noise; width mostly does not.
 NARROW = {

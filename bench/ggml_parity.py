@@ -1,4 +1,4 @@
-"""exporter.quant.ggml against llama-quantize itself, tensor by tensor, byte for byte.
+"""bench.ggml against llama-quantize itself, tensor by tensor, byte for byte.
 
 python -m bench.ggml_parity --model exporter/embedded/minicpm-tiny
 python -m bench.ggml_parity --preset minicpm4-0.5b --layers 2      # hidden 1024: the Q6_K output path
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from bench import llamacpp
-from exporter.models import load_model, write_synthetic_checkpoint
-from exporter.quant import ggml
+from cpm_mobile.exporter.models import load_model
+from bench.synthetic import write_synthetic_checkpoint
+from bench import ggml
 
 _GGUF_TO_OURS = {"token_embd": "embed_tokens", "output": "lm_head", "attn_q": "self_attn.q_proj",
                  "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
@@ -81,8 +82,8 @@ def write_q6k_fixture(path: Path, folder: Path, llama: llamacpp.LlamaCpp, rows: 
     and llama-quantize's Q6_K blocks of the first `rows` rows are saved."""
     from gguf import GGUFReader
 
-    from exporter.models.presets import preset_config
-    from exporter.models.synthetic import random_state, write_checkpoint
+    from bench.presets import preset_config
+    from bench.synthetic import random_state, write_checkpoint
 
     config = preset_config("minicpm4-0.5b", num_hidden_layers=1, hidden_size=256, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=256, vocab_size=4096)

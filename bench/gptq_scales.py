@@ -26,15 +26,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from exporter.defaults import HELDOUT_TEXT
-    from exporter.models import load_checkpoint, load_model
-    from exporter.models.loader import checkpoint_state, build_model
-    from exporter.models.synthetic import write_gptq_checkpoint
-    from exporter.models.variant import derive
-    from exporter.quant import executorch as et_quant
-    from exporter.tokenizer import TextTokenizer
-    from recipes.quant_executorch import Int4Scheme
-    from runtimes.metrics import mean_kl_divergence, perplexity, top1_agreement
+    from cpm_mobile.exporter.defaults import HELDOUT_TEXT
+    from cpm_mobile.exporter.models import load_checkpoint, load_model
+    from cpm_mobile.exporter.models.loader import checkpoint_state, build_model
+    from bench.synthetic import write_gptq_checkpoint
+    from cpm_mobile.exporter.models.variant import derive
+    from cpm_mobile.exporter.quant import executorch as et_quant
+    from cpm_mobile.exporter.tokenizer import TextTokenizer
+    from cpm_mobile.recipes.quant_executorch import Int4Scheme
+    from cpm_mobile.runtimes.metrics import mean_kl_divergence, perplexity, top1_agreement
 
     embedded = Path(__file__).resolve().parents[1] / "exporter" / "embedded" / "minicpm-tiny"
     source = build_model(load_checkpoint(embedded), max_seq_len=args.window)
@@ -79,7 +79,7 @@ def main() -> None:
 
 def _with_scales(module, grid, name):
     """The twin's linear with the grid's exact fp16 scales instead of their bf16 rounding."""
-    from exporter.quant.executorch import _linear
+    from cpm_mobile.exporter.quant.executorch import _linear
 
     entry = grid.linears.get(f"{name}.weight")
     if entry is None:

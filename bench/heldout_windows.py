@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
-from exporter.models.loader import build_model, load_checkpoint
-from exporter.models.variant import with_weights
-from exporter.tokenizer import TextTokenizer
-from runtimes import metrics
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
+from cpm_mobile.exporter.models.variant import with_weights
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.runtimes import metrics
 
 WINDOW, TOTAL_WINDOWS, GROUP_SIZES = 256, 64, (2, 8, 16, 32)
 

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.defaults import DEFAULT_MODEL
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL
 
 CACHE = Path(os.environ.get("CPM_MOBILE_LLAMACPP", "~/.cache/cpm-mobile/llama.cpp")).expanduser()
 TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
@@ -125,7 +125,7 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def check_supported(checkpoint: Path) -> None:
-    from exporter.models import load_checkpoint
+    from cpm_mobile.exporter.models import load_checkpoint
 
     config = load_checkpoint(checkpoint).config
     if config.ffn == "blockffn":

@@ -17,11 +17,11 @@ import numpy as np
 
 def _session(runtime: str, bundle: Path, model_path: Path, max_seq_len: int):
     if runtime == "eager":
-        from exporter.models import load_model
-        from runtimes.torch_session import TorchSession
+        from cpm_mobile.exporter.models import load_model
+        from cpm_mobile.runtimes.torch_session import TorchSession
 
         return TorchSession(load_model(model_path, max_seq_len=max_seq_len)[0])
-    from runtimes.base import open_session
+    from cpm_mobile.runtimes.base import open_session
 
     manifest = json.loads((bundle / "artifacts.json").read_text())
     return open_session(bundle, next(a for a in manifest if a["target"] == runtime))

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 
 def provenance(argv: list[str] | None = None) -> dict:
-    from exporter.pipeline import library_versions
+    from cpm_mobile.exporter.pipeline import library_versions
 
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     program = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]

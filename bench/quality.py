@@ -5,7 +5,7 @@
 For each model and recipe, `export_bundle` exports every target of the recipe and checks it (both gates, the
 recipe's own held-out plan: 16 windows x 256 tokens); the rows are the report's fidelity metrics (vs fp32) and
 whether each gate passed, with the artifact's size. The llama.cpp rows are the same weights rounded exactly as
-llama-quantize rounds them (exporter.quant.ggml, byte-identical to llama-quantize: bench.ggml_parity), run in
+llama-quantize rounds them (bench.ggml, byte-identical to llama-quantize: bench.ggml_parity), run in
 PyTorch eager on the same held-out windows and prompts against the same fp32 reference, weights only and with
 the q8_0 activation rounding llama.cpp's CPU dot products apply (blocks of 32, int8).
 Writes quality.json, quality.md and quality.png to --out.
@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
-from exporter.models.loader import load_model
-from exporter.models.variant import derive
-from exporter.pipeline import export_bundle
-from exporter.quant.ggml import llamacpp_rounded
-from exporter.quant.onnx import Int8ActivationLinear
-from exporter.tokenizer import TextTokenizer
-from exporter.verify import build_plan
-from recipes import load_recipe
-from runtimes.check import compare, greedy_runs, teacher_forced_runs
-from runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+from cpm_mobile.exporter.models.loader import load_model
+from cpm_mobile.exporter.models.variant import derive
+from cpm_mobile.exporter.pipeline import export_bundle
+from bench.ggml import llamacpp_rounded
+from cpm_mobile.exporter.quant.onnx import Int8ActivationLinear
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.verify import build_plan
+from cpm_mobile.recipes import load_recipe
+from cpm_mobile.runtimes.check import compare, greedy_runs, teacher_forced_runs
+from cpm_mobile.runtimes.torch_session import TorchSession
 
 console = Console()
 RECIPES = ("fp32", "int8", "int4", "coreml-palette4", "coreml-palette2", "ternary")

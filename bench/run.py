@@ -27,12 +27,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from exporter.errors import InputError
-from exporter.models import load_checkpoint, write_synthetic_checkpoint
-from exporter.models.loader import build_model
-from exporter.passes import apply_passes
-from exporter.targets import ExportContext, get_target
-from recipes import Recipe, load_recipe
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import load_checkpoint
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.models.loader import build_model
+from cpm_mobile.exporter.passes import apply_passes
+from cpm_mobile.exporter.targets import ExportContext, get_target
+from cpm_mobile.recipes import Recipe, load_recipe
 
 console = Console()
 COLUMNS = ("model", "runtime", "recipe", "decode tok/s", "x eager", "prefill tok/s", "x eager", "peak RSS MB",
@@ -257,7 +258,7 @@ def run(argv: list[str]) -> None:
         for model in args.model:
             rows += bench_model(model, model.name, args, llama, skipped)
             write_outputs(rows, meta, skipped, args.out, quiet=True)
-    from exporter.pipeline import library_versions
+    from cpm_mobile.exporter.pipeline import library_versions
 
     meta.update(load_average_end=os.getloadavg(), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 versions={**library_versions(), **(llama.get().versions() if llama and llama.found else {})})

@@ -46,16 +46,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exporter.analysis.sparsity import sparsity_metrics
-from exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
-from exporter.kernels.fused_ffn import FusedSparseBlockFFN
-from exporter.models import load_checkpoint, load_model, write_synthetic_checkpoint
-from exporter.models.ffn import BlockFFN
-from exporter.models.loader import build_model
-from exporter.models.transformer import CausalLM
-from exporter.passes.blockffn_sparse import TOKENS_TRANSPOSED, SparseBlockFFN, blockffn_sparse
-from exporter.targets import ExportContext, get_target
-from exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.analysis.sparsity import sparsity_metrics
+from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
+from cpm_mobile.exporter.models import load_checkpoint, load_model
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.models.ffn import BlockFFN
+from cpm_mobile.exporter.models.loader import build_model
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.passes.blockffn_sparse import TOKENS_TRANSPOSED, SparseBlockFFN, blockffn_sparse
+from cpm_mobile.exporter.targets import ExportContext, get_target
+from cpm_mobile.exporter.tokenizer import TextTokenizer
 
 RUNTIMES = ("executorch", "onnx")
 QUANT = ("int8", "int4")  # the int8-sparse / int4-sparse recipes' per-target quantisation
@@ -207,8 +208,8 @@ def layer_runner(runtime: str, module: torch.nn.Module, hidden: int, folder: Pat
         return lambda x: session.run(None, {"x": x})[0]
     from executorch.runtime import Runtime
 
-    from exporter.kernels.loader import load_kernels
-    from exporter.targets.executorch import emit, lower, write_program
+    from cpm_mobile.exporter.kernels.loader import load_kernels
+    from cpm_mobile.exporter.targets.executorch import emit, lower, write_program
 
     load_kernels()
     with torch.no_grad():
@@ -253,7 +254,7 @@ def planted(dense: BlockFFN, x: torch.Tensor, fraction: float) -> tuple[BlockFFN
 
 def quant_spec(runtime: str, scheme: str):
     """The target spec of the `<scheme>-sparse` recipe, without its pass (the bench applies it)."""
-    from recipes.schema import load_recipe
+    from cpm_mobile.recipes.schema import load_recipe
 
     return load_recipe(f"{scheme}-sparse").targets[runtime].model_copy(update={"passes": []})
 
@@ -261,7 +262,7 @@ def quant_spec(runtime: str, scheme: str):
 def quantised_layers(model: CausalLM, scheme: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The timed layer of the ExecuTorch int8/int4 variants of the model: dense (torchao linears)
     and fused sparse (the same codes in our kernel), as the recipe quantises them."""
-    from exporter.quant.executorch import _plan
+    from cpm_mobile.exporter.quant.executorch import _plan
 
     quantization = quant_spec("executorch", scheme).quantization
     name = f"layers.{PATTERN_LAYER}.mlp"
@@ -276,8 +277,8 @@ def quantised_layers(model: CausalLM, scheme: str) -> tuple[torch.nn.Module, tor
 
 
 def model_session(runtime: str, model: CausalLM, folder: Path, spec=None):
-    from runtimes.base import open_session
-    from runtimes.onnx import open_onnx
+    from cpm_mobile.runtimes.base import open_session
+    from cpm_mobile.runtimes.onnx import open_onnx
 
     config = model.config
     context = ExportContext(config.bos_token_id, tuple(config.eos_token_ids))

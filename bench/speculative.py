@@ -24,9 +24,9 @@ RUNTIMES = ("executorch", "onnx")
 
 
 def export(model: Path, recipe_name: str, max_seq_len: int, folder: Path) -> Path:
-    from exporter.pipeline import export_bundle
-    from recipes import load_recipe
-    from recipes.schema import recipe_from_dict
+    from cpm_mobile.exporter.pipeline import export_bundle
+    from cpm_mobile.recipes import load_recipe
+    from cpm_mobile.recipes.schema import recipe_from_dict
 
     data = load_recipe(recipe_name).model_dump(mode="json")
     data["max_seq_len"] = max_seq_len
@@ -40,7 +40,7 @@ def export(model: Path, recipe_name: str, max_seq_len: int, folder: Path) -> Pat
 
 
 def prompts_from_heldout(tokenizer, count: int, length: int) -> list[list[int]]:
-    from exporter.defaults import HELDOUT_TEXT
+    from cpm_mobile.exporter.defaults import HELDOUT_TEXT
 
     ids = tokenizer.encode(HELDOUT_TEXT.read_text(encoding="utf-8"))
     stride = (len(ids) - length) // count
@@ -48,19 +48,19 @@ def prompts_from_heldout(tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def open_session(bundle: Path, runtime: str, threads: int):
-    from exporter.generate import select_artifact
-    from runtimes.base import open_session as open_any
+    from cpm_mobile.exporter.generate import select_artifact
+    from cpm_mobile.runtimes.base import open_session as open_any
 
     _, artifact = select_artifact(bundle, runtime)
     if runtime == "onnx":
-        from runtimes.onnx import open_onnx
+        from cpm_mobile.runtimes.onnx import open_onnx
 
         return open_onnx(bundle, artifact, threads=threads)
     return open_any(bundle, artifact)
 
 
 def decode(session, source, prompt: list[int], new_tokens: int, eos: list[int]):
-    from exporter.generate import Timings, greedy
+    from cpm_mobile.exporter.generate import Timings, greedy
 
     timings = Timings()
     session.reset()
@@ -69,8 +69,8 @@ def decode(session, source, prompt: list[int], new_tokens: int, eos: list[int]):
 
 
 def bench_runtime(session, prompts, new_tokens: int, eos: list[int], ks: list[int], repeats: int) -> dict:
-    from exporter.generate import decode_tokens
-    from exporter.speculative import NgramDrafter, SpeculativeDecoder
+    from cpm_mobile.exporter.generate import decode_tokens
+    from cpm_mobile.exporter.speculative import NgramDrafter, SpeculativeDecoder
 
     plain = {"decode_tokens": 0, "decode_s": 0.0}
     speculative = {k: {"decode_tokens": 0, "decode_s": 0.0, "decoder": SpeculativeDecoder(NgramDrafter(), k)}
@@ -114,7 +114,7 @@ def call_ms(session, prompt: list[int], sizes: list[int], calls: int = 30) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from exporter.defaults import DEFAULT_SPARSE_MODEL
+    from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_SPARSE_MODEL)
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     from executorch.extension.pybindings import portable_lib
 
     portable_lib._unsafe_reset_threadpool(args.threads)
-    from exporter.generate import select_artifact
-    from exporter.tokenizer import TextTokenizer
+    from cpm_mobile.exporter.generate import select_artifact
+    from cpm_mobile.exporter.tokenizer import TextTokenizer
 
     with tempfile.TemporaryDirectory(prefix="speculative-") as scratch:
         started = time.perf_counter()

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from exporter.errors import InputError
+from cpm_mobile.exporter.errors import InputError
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -80,7 +80,7 @@ _WORK_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-
 
 
 def default_bundle_name(model_path: str | Path, recipe_name: str) -> str:
-    from exporter.models.checkpoint import resolve_folder
+    from cpm_mobile.exporter.models.checkpoint import resolve_folder
 
     return f"{resolve_folder(model_path).name}-{recipe_name}"
 

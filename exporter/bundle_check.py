@@ -5,17 +5,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exporter.bundle import MANIFEST, sha256_file
-from exporter.errors import InputError
-from exporter.models.loader import build_model, load_checkpoint
-from exporter.defaults import HELDOUT_TEXT
-from exporter.passes import apply_passes
-from exporter.pipeline import read_heldout
-from exporter.targets import get_target
-from exporter.targets.base import Progress, no_progress
-from exporter.tokenizer import TextTokenizer
-from exporter.verify import CheckResult, Twin, build_plan, check_artifacts
-from recipes.schema import recipe_from_dict
+from cpm_mobile.exporter.bundle import MANIFEST, sha256_file
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
+from cpm_mobile.exporter.defaults import HELDOUT_TEXT
+from cpm_mobile.exporter.passes import apply_passes
+from cpm_mobile.exporter.pipeline import read_heldout
+from cpm_mobile.exporter.targets import get_target
+from cpm_mobile.exporter.targets.base import Progress, no_progress
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.verify import CheckResult, Twin, build_plan, check_artifacts
+from cpm_mobile.recipes.schema import recipe_from_dict
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:

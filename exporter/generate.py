@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from exporter.errors import InputError
-from exporter.tokenizer import read_json_object
-from runtimes.base import Session, open_session
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.tokenizer import read_json_object
+from cpm_mobile.runtimes.base import Session, open_session
 
 Sampler = Callable[[np.ndarray], int]
 
@@ -330,7 +330,7 @@ INTERPRETER_NAME = "the numpy ML Program interpreter (Core ML itself runs only o
 
 def select_artifact(folder: str | Path, target: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The bundle's manifest and `target`'s entry in it (default: the first artifact); InputError if absent."""
-    from exporter.bundle_check import read_manifest
+    from cpm_mobile.exporter.bundle_check import read_manifest
 
     folder = Path(folder)
     manifest = read_manifest(folder)

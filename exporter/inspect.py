@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporter.models.loader import load_checkpoint
-from exporter.models.transformer import max_supported_seq_len
-from exporter.sizes import recipe_sizes
+from cpm_mobile.exporter.models.loader import load_checkpoint
+from cpm_mobile.exporter.models.transformer import max_supported_seq_len
+from cpm_mobile.exporter.sizes import recipe_sizes
 
 
 @dataclass

@@ -8,18 +8,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from exporter import __version__
-from exporter.bundle import (
+from cpm_mobile.exporter import __version__
+from cpm_mobile.exporter.bundle import (
     MANIFEST, REPORT, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
 )
-from exporter.defaults import HELDOUT_TEXT
-from exporter.errors import InputError
-from exporter.models.loader import build_model, load_checkpoint
-from exporter.passes import apply_passes, check_passes
-from exporter.targets import ExportContext, Progress, get_target, no_progress
-from exporter.tokenizer import TextTokenizer
-from exporter.verify import Twin, build_plan, check_artifacts
-from recipes.schema import Recipe
+from cpm_mobile.exporter.defaults import HELDOUT_TEXT
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
+from cpm_mobile.exporter.passes import apply_passes, check_passes
+from cpm_mobile.exporter.targets import ExportContext, Progress, get_target, no_progress
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.verify import Twin, build_plan, check_artifacts
+from cpm_mobile.recipes.schema import Recipe
 
 BUNDLE_FORMAT = "cpm-mobile-bundle/1"
 LIBRARIES = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript", "coremltools", "tokenizers", "numpy")

@@ -30,11 +30,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.models.config import ModelConfig
-from exporter.models.transformer import CausalLM
-from exporter.passes import apply_passes
-from recipes.schema import CoreMLSpec, ExecuTorchSpec, OnnxSpec, load_recipe, recipe_names
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.passes import apply_passes
+from cpm_mobile.recipes.schema import CoreMLSpec, ExecuTorchSpec, OnnxSpec, load_recipe, recipe_names
 
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 # The formats' own bytes beyond the tensors, (fixed, per decoder layer), fitted to exports of minicpm-tiny's
@@ -148,7 +148,7 @@ def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
 
 def _pte_codes(name: str, rows: int, columns: int, choice: str, group: int | None, dynamic_activations: bool) -> Stored:
     """A [rows, columns] weight as torchao codes: 4-bit in groups along columns, 8-bit one scale per row."""
-    from exporter.quant.executorch import BITS, TERNARY_CODE_BITS, bf16_scales
+    from cpm_mobile.exporter.quant.executorch import BITS, TERNARY_CODE_BITS, bf16_scales
 
     bits = TERNARY_CODE_BITS if choice == "ternary" else BITS[choice]
     group = group if bits == 4 else None
@@ -174,7 +174,7 @@ def _matmul_nbits(name: str, rows: int, columns: int, bits: int, block: int, zer
 
 def onnx_tensors(model: CausalLM, spec: OnnxSpec) -> list[Stored]:
     """The initializers of the .onnx, as exporter/quant/onnx.py's quantize_onnx writes them."""
-    from exporter.quant.onnx import SCHEME_BITS
+    from cpm_mobile.exporter.quant.onnx import SCHEME_BITS
 
     float_bits = 8 * FLOAT_BYTES[spec.precision]
     scheme = spec.quantization
@@ -224,7 +224,7 @@ def coreml_weight_bytes(model: CausalLM, spec: CoreMLSpec) -> int:
     """weight.bin's payload: exporter/quant/coreml.py's formula for a compressed program, else every
     tensor (a tied table once) in the program's precision."""
     if spec.quantization is not None:
-        from exporter.quant.coreml import expected_weight_bytes
+        from cpm_mobile.exporter.quant.coreml import expected_weight_bytes
 
         return expected_weight_bytes(model, spec.quantization, spec.precision)
     bits = 8 * FLOAT_BYTES[spec.precision]

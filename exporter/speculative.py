@@ -25,7 +25,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from runtimes.base import Session
+from cpm_mobile.runtimes.base import Session
 
 
 class Drafter(Protocol):
@@ -134,7 +134,7 @@ class SpeculativeDecoder:
 
     def __call__(self, session: Session, tokens: Sequence[int], start_pos: int, max_new_tokens: int,
                  sample, stop_ids: Sequence[int] = (), timings=None) -> Iterator[int]:
-        from exporter.generate import Timings, greedy
+        from cpm_mobile.exporter.generate import Timings, greedy
 
         if sample is not greedy:
             raise ValueError("speculative decoding here is exact for greedy decoding only")
@@ -188,7 +188,7 @@ def parse_speculative(value: str):
     """`ngram` or `draft:PATH` -> ("ngram", None) or ("draft", Path); InputError for anything else."""
     from pathlib import Path
 
-    from exporter.errors import InputError
+    from cpm_mobile.exporter.errors import InputError
 
     if value == "ngram":
         return "ngram", None
@@ -205,8 +205,8 @@ def check_draft(value: str, target_bundle, target: str | None):
     """
     from pathlib import Path
 
-    from exporter.errors import InputError
-    from exporter.generate import select_artifact
+    from cpm_mobile.exporter.errors import InputError
+    from cpm_mobile.exporter.generate import select_artifact
 
     kind, path = parse_speculative(value)
     if kind != "draft":
@@ -221,7 +221,7 @@ def check_draft(value: str, target_bundle, target: str | None):
 
 def open_drafter(value: str, target_bundle, target: str, max_ngram: int = 3) -> tuple[Drafter, str]:
     """The drafter `--speculative VALUE` names, and its description in words."""
-    from exporter.generate import open_bundle_model
+    from cpm_mobile.exporter.generate import open_bundle_model
 
     draft = check_draft(value, target_bundle, target)
     if draft is None:
@@ -232,7 +232,7 @@ def open_drafter(value: str, target_bundle, target: str, max_ngram: int = 3) -> 
 
 
 def _vocab(folder) -> dict[str, int]:
-    from exporter.tokenizer import TextTokenizer
+    from cpm_mobile.exporter.tokenizer import TextTokenizer
 
     return TextTokenizer.from_folder(folder).tokenizer.get_vocab(with_added_tokens=True)
 
@@ -254,7 +254,7 @@ def check_speculative_options(speculative: str | None, draft_tokens: int | None,
                               temperature: float, chat: bool, bundle, target: str | None) -> None:
     """The generate command's speculative flags make sense together, and a draft bundle is usable
     (InputError, before any artifact loads)."""
-    from exporter.errors import InputError
+    from cpm_mobile.exporter.errors import InputError
 
     if speculative is None:
         for flag, given in (("--draft-tokens", draft_tokens is not None), ("--compare", compare)):

@@ -14,8 +14,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, processors
 
-from exporter.errors import InputError
-from exporter.tokenizer_spm import SPM_MODEL, tokenizer_from_sentencepiece
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.tokenizer_spm import SPM_MODEL, tokenizer_from_sentencepiece
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, normalizers
 
-from exporter.errors import InputError
+from cpm_mobile.exporter.errors import InputError
 
 SPM_MODEL = "tokenizer.model"
 BPE_MODEL_TYPE = 2  # sentencepiece's TrainerSpec.ModelType.BPE

@@ -18,14 +18,14 @@ from typing import Any
 
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.models.transformer import CausalLM
-from exporter.targets.base import Progress, no_progress
-from exporter.tokenizer import TextTokenizer
-from recipes.schema import Recipe
-from runtimes.base import open_session
-from runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs
-from runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.targets.base import Progress, no_progress
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.recipes.schema import Recipe
+from cpm_mobile.runtimes.base import open_session
+from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs
+from cpm_mobile.runtimes.torch_session import TorchSession
 
 GATES = ("faithfulness", "fidelity")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from recipes.quant_executorch import ExecuTorchQuantization as _ExecuTorchSchemes  # noqa: E402
-from recipes.quant_onnx import OnnxQuantization as _OnnxSchemes  # noqa: E402
-from recipes.quant_coreml import CoreMLQuantization as _CoreMLSchemes  # noqa: E402
+from cpm_mobile.recipes.quant_executorch import ExecuTorchQuantization as _ExecuTorchSchemes  # noqa: E402
+from cpm_mobile.recipes.quant_onnx import OnnxQuantization as _OnnxSchemes  # noqa: E402
+from cpm_mobile.recipes.quant_coreml import CoreMLQuantization as _CoreMLSchemes  # noqa: E402
 
 ExecuTorchQuantization = Optional[_ExecuTorchSchemes]
 OnnxQuantization = Optional[_OnnxSchemes]

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from exporter.errors import InputError
-from recipes import quantization as quant
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.recipes import quantization as quant
 
 TargetName = Literal["executorch", "onnx", "coreml"]
 TARGET_NAMES: tuple[str, ...] = ("executorch", "onnx", "coreml")

@@ -43,7 +43,7 @@ def open_session(bundle_dir: Path, artifact: dict[str, Any]) -> Session:
 def _import_runtime(target: str) -> None:
     import importlib
 
-    module = {"executorch": "runtimes.executorch", "onnx": "runtimes.onnx", "coreml": "runtimes.coreml.session"}.get(target)
+    module = {"executorch": "cpm_mobile.runtimes.executorch", "onnx": "cpm_mobile.runtimes.onnx", "coreml": "cpm_mobile.runtimes.coreml.session"}.get(target)
     if module is None:
         raise KeyError(f"no runtime for target '{target}'")
     importlib.import_module(module)

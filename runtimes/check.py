@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtimes import metrics
-from runtimes.base import Session
+from cpm_mobile.runtimes import metrics
+from cpm_mobile.runtimes.base import Session
 
 
 @dataclass

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporter.errors import InputError
-from exporter.kernels.build import BuildError
-from exporter.kernels.loader import load_kernels
-from runtimes.base import register_runtime
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.kernels.build import BuildError
+from cpm_mobile.exporter.kernels.loader import load_kernels
+from cpm_mobile.runtimes.base import register_runtime
 
 METHOD = "forward"
 

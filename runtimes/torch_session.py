@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 
 class TorchSession:

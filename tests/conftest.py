@@ -61,7 +61,7 @@ def with_tokenizer(checkpoint: Path, tokenizer_folder: Path) -> Path:
 
 def target_spec(target: str, **fields):
     """A typed target spec as a recipe would give it (no bounds: tests judge the numbers themselves)."""
-    from recipes.schema import SPEC_TYPES
+    from cpm_mobile.recipes.schema import SPEC_TYPES
 
     return SPEC_TYPES[target].model_validate({"faithfulness": {}, "fidelity": {}, **fields})
 
@@ -69,7 +69,7 @@ def target_spec(target: str, **fields):
 def short_recipe(name: str, targets=None, max_seq_len: int | None = None, **check):
     """A shipped recipe with a shorter check plan (`check` fields), and optionally fewer targets or a shorter
     max_seq_len: fixtures export in seconds while every tolerance stays the shipped one."""
-    from recipes import load_recipe
+    from cpm_mobile.recipes import load_recipe
 
     recipe = load_recipe(name)
     if targets is not None:

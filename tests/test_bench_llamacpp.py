@@ -9,7 +9,7 @@ import pytest
 
 from bench import llamacpp
 from bench.run import with_ratios
-from exporter.defaults import EMBEDDED
+from cpm_mobile.exporter.defaults import EMBEDDED
 
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from exporter.models.ffn import BlockFFN
+from cpm_mobile.exporter.models.ffn import BlockFFN
 
 HIDDEN, EXPERTS, WIDTH, EPS = 16, 4, 8, 1e-5
 

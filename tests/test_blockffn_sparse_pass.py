@@ -16,19 +16,20 @@ import onnx
 import pytest
 import torch
 
-from exporter.errors import InputError
-from exporter.models import CausalLM, ModelConfig, load_model, write_synthetic_checkpoint
-from exporter.models.ffn import BlockFFN
-from exporter.models.presets import preset_config
-from exporter.passes import PASSES, apply_passes
-from exporter.passes.blockffn_sparse import SparseBlockFFN, blockffn_sparse
-from exporter.targets.base import ArtifactInfo, ExportContext
-from exporter.targets.executorch import ExecuTorchTarget
-from exporter.targets.onnx import OnnxTarget
-from recipes.schema import PassSpec, load_recipe
-from runtimes.base import open_session
-from runtimes.check import CheckPlan, Observations, compare, greedy_runs, teacher_forced_runs
-from runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import CausalLM, ModelConfig, load_model
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.models.ffn import BlockFFN
+from bench.presets import preset_config
+from cpm_mobile.exporter.passes import PASSES, apply_passes
+from cpm_mobile.exporter.passes.blockffn_sparse import SparseBlockFFN, blockffn_sparse
+from cpm_mobile.exporter.targets.base import ArtifactInfo, ExportContext
+from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget
+from cpm_mobile.exporter.targets.onnx import OnnxTarget
+from cpm_mobile.recipes.schema import PassSpec, load_recipe
+from cpm_mobile.runtimes.base import open_session
+from cpm_mobile.runtimes.check import CheckPlan, Observations, compare, greedy_runs, teacher_forced_runs
+from cpm_mobile.runtimes.torch_session import TorchSession
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA, target_spec
 
 MAX_SEQ_LEN = 128
@@ -289,7 +290,7 @@ def test_onnx_gathers_expert_rows_after_nonzero(onnx_artifact):
 
 
 def test_coreml_target_refuses_the_sparse_form_before_exporting(dense, tmp_path):
-    from exporter.errors import InputError
+    from cpm_mobile.exporter.errors import InputError
 
     with pytest.raises(InputError, match="coreml"):
         apply_passes(dense, [PassSpec(name="blockffn_sparse")], "coreml")
@@ -300,7 +301,7 @@ def test_coreml_target_refuses_the_sparse_form_before_exporting(dense, tmp_path)
 def test_artifact_size_is_the_predicted_one(artifact, dense, request):
     """The sparse form regroups the experts' weights without adding any: `cpm-mobile inspect`'s
     prediction (exporter/sizes.py, the pass applied to the shapes) holds within 10 %."""
-    from exporter.sizes import predict_bytes
+    from cpm_mobile.exporter.sizes import predict_bytes
 
     exported: Exported = request.getfixturevalue(artifact)
     target = exported.info.target

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.bundle import remove_dead_work_folders
-from exporter.models import write_synthetic_checkpoint
-from recipes import load_recipe
+from cpm_mobile.cli import app
+from cpm_mobile.exporter.bundle import remove_dead_work_folders
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.recipes import load_recipe
 from tests.conftest import TINY_GQA, TOKENIZER_TEXT, with_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

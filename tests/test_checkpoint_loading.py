@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.errors import InputError
-from exporter.models import load_checkpoint, load_model, prompt_logits, write_synthetic_checkpoint
-from exporter.models.presets import preset_config
-from exporter.models.loader import build_model
-from exporter.models.synthetic import random_state, write_checkpoint
-from recipes import load_recipe
+from cpm_mobile.cli import app
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import load_checkpoint, load_model, prompt_logits
+from bench.synthetic import write_synthetic_checkpoint
+from bench.presets import preset_config
+from cpm_mobile.exporter.models.loader import build_model
+from bench.synthetic import random_state, write_checkpoint
+from cpm_mobile.recipes import load_recipe
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA
 
 TOKENS = [1, 5, 900, 17, 3]

@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 import yaml
 
-from cli import app
-from exporter.defaults import DEFAULT_MODEL
-from recipes import load_recipe, recipe_names
-from recipes.schema import recipe_from_dict
+from cpm_mobile.cli import app
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+from cpm_mobile.recipes import load_recipe, recipe_names
+from cpm_mobile.recipes.schema import recipe_from_dict
 
 runner = CliRunner()
 
@@ -93,7 +93,7 @@ def test_inspect_table_fits_80_columns():
 def test_progress_clock_keeps_running_after_a_stage_completes():
     from rich.progress import Progress
 
-    from cli import _Elapsed
+    from cpm_mobile.cli import _Elapsed
 
     column = _Elapsed()
     progress = Progress(column, disable=True)
@@ -104,7 +104,7 @@ def test_progress_clock_keeps_running_after_a_stage_completes():
 
 
 def test_an_error_after_the_progress_started_is_one_line(tmp_path):
-    from exporter.models import write_synthetic_checkpoint
+    from bench.synthetic import write_synthetic_checkpoint
     from tests.conftest import TINY_GQA
 
     folder = write_synthetic_checkpoint(tmp_path / "m", "minicpm4-0.5b", vocab_size=400, **TINY_GQA)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL
-from exporter.models.loader import build_model, load_checkpoint
-from exporter.passes import apply_passes
-from exporter.pipeline import export_bundle
-from exporter.sizes import predict_bytes
-from exporter.tokenizer import TextTokenizer
-from recipes import load_recipe
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
+from cpm_mobile.exporter.passes import apply_passes
+from cpm_mobile.exporter.pipeline import export_bundle
+from cpm_mobile.exporter.sizes import predict_bytes
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.recipes import load_recipe
 from tests.conftest import short_recipe
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_text_llm_runner_encodes_and_generates_the_reports_continuation(fp32_bun
     """ExecuTorch's runner with its own tokenizer (the bundle's tokenizer.json) and one BOS, as the check prompts."""
     from pytorch_tokenizers import CppHFTokenizer
 
-    from runtimes.executorch import load_kernel_libraries
+    from cpm_mobile.runtimes.executorch import load_kernel_libraries
 
     load_kernel_libraries()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-import exporter
-from exporter.analysis.sparsity import profile_sparsity
-from exporter.models import load_model
-from exporter.training.evaluate import greedy_text, perplexity
+from cpm_mobile import exporter
+from cpm_mobile.exporter.analysis.sparsity import profile_sparsity
+from cpm_mobile.exporter.models import load_model
+from bench.training.evaluate import greedy_text, perplexity
 
 EMBEDDED = Path(exporter.__file__).parent / "embedded"
 MODELS = ("minicpm-tiny", "blockffn-tiny")
@@ -100,7 +100,7 @@ def test_heldout_perplexities_are_close():
 
 @lru_cache(maxsize=None)
 def known_words() -> frozenset[str]:
-    from exporter.training.corpus import build_corpus
+    from bench.training.corpus import build_corpus
 
     corpus = build_corpus()
     return frozenset(re.findall(r"[a-z]+", (corpus.train_text + corpus.heldout_text).lower()))

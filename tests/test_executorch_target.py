@@ -15,16 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.errors import InputError
-from exporter.models import load_model, write_synthetic_checkpoint
-from exporter.models.kv_cache import StaticKVCache
-from exporter.models.transformer import CausalLM
-from exporter.targets.base import ArtifactInfo, ExportContext
-from exporter.targets.executorch import ExecuTorchTarget, export_ready
-from runtimes.base import open_session
-from runtimes.check import CheckPlan, compare, greedy_runs, teacher_forced_runs
-from runtimes.executorch import ExecuTorchSession, load_program, read_constant_method
-from runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import load_model
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.models.kv_cache import StaticKVCache
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.targets.base import ArtifactInfo, ExportContext
+from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget, export_ready
+from cpm_mobile.runtimes.base import open_session
+from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, teacher_forced_runs
+from cpm_mobile.runtimes.executorch import ExecuTorchSession, load_program, read_constant_method
+from cpm_mobile.runtimes.torch_session import TorchSession
 from tests.conftest import target_spec
 
 MAX_SEQ_LEN = 128
@@ -341,7 +342,7 @@ def _torch_greedy(model: CausalLM, prompt: list[int], max_new_tokens: int, stop_
 def test_llm_runner_generates_the_reference_text(name, request, tokenizer_folder):
     from tokenizers import Tokenizer
 
-    from runtimes.executorch import load_kernel_libraries
+    from cpm_mobile.runtimes.executorch import load_kernel_libraries
 
     load_kernel_libraries()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner

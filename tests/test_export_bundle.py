@@ -13,10 +13,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.bundle import sha256_file
-from exporter.models import write_synthetic_checkpoint
-from recipes import load_recipe
+from cpm_mobile.cli import app
+from cpm_mobile.exporter.bundle import sha256_file
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.recipes import load_recipe
 from tests.conftest import TINY_GQA, TOKENIZER_TEXT, with_tokenizer
 
 runner = CliRunner()

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.defaults import DEFAULT_MODEL
-from exporter.generate import (
+from cpm_mobile.cli import app
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+from cpm_mobile.exporter.generate import (
     Chat, ChatTemplate, Sampling, TextStream, Timings, complete, decode_tokens, greedy, make_sampler,
     open_bundle_model, render_chat,
 )
-from exporter.pipeline import export_bundle
-from exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.pipeline import export_bundle
+from cpm_mobile.exporter.tokenizer import TextTokenizer
 from tests.conftest import short_recipe
 
 runner = CliRunner()
@@ -57,7 +57,7 @@ def test_greedy_generate_prints_the_reports_reference_text(bundle, tokenizer, ta
     prompt_tokens = len(tokenizer.encode(sample["prompt"]))
     assert stats.startswith(f"prefill {prompt_tokens} tokens ") and f"decode {NEW_TOKENS - 1} tokens " in stats and "MiB" in stats
     if target == "coreml":
-        from runtimes.coreml.session import coreml_available
+        from cpm_mobile.runtimes.coreml.session import coreml_available
 
         expected = "Core ML (CPU only)" if coreml_available() else "numpy ML Program interpreter"
         assert expected in result.stderr

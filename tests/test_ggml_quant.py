@@ -13,10 +13,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from exporter.errors import InputError
-from exporter.models import CausalLM, ModelConfig
-from exporter.models.presets import preset_config
-from exporter.quant import ggml
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import CausalLM, ModelConfig
+from bench.presets import preset_config
+from bench import ggml
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA
 
 DATA = Path(__file__).parent / "data"

@@ -13,14 +13,14 @@ import torch
 from pydantic import TypeAdapter
 from safetensors.torch import load_file
 
-from exporter.errors import InputError
-from exporter.models import load_model
-from exporter.models.synthetic import random_state, write_gptq_checkpoint
-from exporter.models.presets import preset_config
-from exporter.quant.onnx import WEIGHT_KEY, check_grid, quantize_onnx, unpack
-from exporter.targets.base import ExportContext
-from exporter.targets.onnx import OnnxTarget
-from recipes.quant_onnx import OnnxQuantization
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import load_model
+from bench.synthetic import random_state, write_gptq_checkpoint
+from bench.presets import preset_config
+from cpm_mobile.exporter.quant.onnx import WEIGHT_KEY, check_grid, quantize_onnx, unpack
+from cpm_mobile.exporter.targets.base import ExportContext
+from cpm_mobile.exporter.targets.onnx import OnnxTarget
+from cpm_mobile.recipes.quant_onnx import OnnxQuantization
 from tests.conftest import TINY_GQA
 
 MAX_SEQ_LEN = 64
@@ -178,8 +178,8 @@ def test_onnx_refuses_what_it_cannot_carry(gptq_asym, tmp_path):
 
 
 def _coreml(model, folder: Path, quantization: dict):
-    from exporter.targets.coreml import CoreMLTarget
-    from recipes.schema import CoreMLSpec
+    from cpm_mobile.exporter.targets.coreml import CoreMLTarget
+    from cpm_mobile.recipes.schema import CoreMLSpec
 
     spec = CoreMLSpec(quantization=quantization, faithfulness={}, fidelity={})
     return CoreMLTarget().export(model, folder, spec, ExportContext(bos_id=1, eos_ids=(2,)))
@@ -188,8 +188,8 @@ def _coreml(model, folder: Path, quantization: dict):
 def _stored_blockwise(package: Path) -> dict[str, dict[str, np.ndarray]]:
     """data / scale / offset of every constexpr_blockwise_shift_scale of the saved program, by the
     flattened parameter name it replaces."""
-    from exporter.quant.coreml import base_name
-    from runtimes.coreml.mil_interpreter import load_mil_program
+    from cpm_mobile.exporter.quant.coreml import base_name
+    from cpm_mobile.runtimes.coreml.mil_interpreter import load_mil_program
 
     found = {}
     for op in load_mil_program(package).functions["main"].operations:
@@ -202,9 +202,9 @@ def _stored_blockwise(package: Path) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("which", ["gptq_sym"])  # offsets (affine grids): tests/test_weight_grid.py
 def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_path):
-    from exporter.quant.coreml import flat_name
-    from runtimes.coreml.session import CoreMLSession
-    from runtimes.metrics import sqnr_db
+    from cpm_mobile.exporter.quant.coreml import flat_name
+    from cpm_mobile.runtimes.coreml.session import CoreMLSession
+    from cpm_mobile.runtimes.metrics import sqnr_db
 
     model, _ = load_model(request.getfixturevalue(which), max_seq_len=MAX_SEQ_LEN)
     grid = model.config.weight_grid
@@ -235,11 +235,11 @@ def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_pat
 
 
 def test_executorch_carries_the_codes_with_bf16_scales_and_refuses_zero_points(gptq_sym, gptq_asym, tmp_path):
-    from exporter.quant.executorch import quantised_weights
-    from exporter.targets.executorch import ExecuTorchTarget
-    from recipes.schema import ExecuTorchSpec
-    from runtimes.executorch import ExecuTorchSession
-    from runtimes.metrics import sqnr_db
+    from cpm_mobile.exporter.quant.executorch import quantised_weights
+    from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget
+    from cpm_mobile.recipes.schema import ExecuTorchSpec
+    from cpm_mobile.runtimes.executorch import ExecuTorchSession
+    from cpm_mobile.runtimes.metrics import sqnr_db
 
     def spec(**fields):
         return ExecuTorchSpec.model_validate({"faithfulness": {}, "fidelity": {}, "quantization": {
@@ -277,7 +277,7 @@ def test_executorch_carries_the_codes_with_bf16_scales_and_refuses_zero_points(g
 def _cli(*args: str):
     from typer.testing import CliRunner
 
-    from cli import app
+    from cpm_mobile.cli import app
 
     return CliRunner().invoke(app, list(args))
 

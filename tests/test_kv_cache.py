@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.models import greedy_generate, load_model, prompt_logits, write_synthetic_checkpoint
+from cpm_mobile.exporter.models import greedy_generate, load_model, prompt_logits
+from bench.synthetic import write_synthetic_checkpoint
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA, TINY_MLA
 
 CASES = {

@@ -6,8 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What builds or reads checkpoints, tokenizers and bundles: the exporter's side of the flow.
-NOT_FOR_RUNTIMES = ("exporter.pipeline", "exporter.models.loader", "exporter.tokenizer", "exporter.verify",
-                    "exporter.bundle_check", "exporter.passes", "exporter.targets")
+NOT_FOR_RUNTIMES = ("cpm_mobile.exporter.pipeline", "cpm_mobile.exporter.models.loader", "cpm_mobile.exporter.tokenizer", "cpm_mobile.exporter.verify",
+                    "cpm_mobile.exporter.bundle_check", "cpm_mobile.exporter.passes", "cpm_mobile.exporter.targets")
 
 
 def _imports(path: Path) -> set[str]:
@@ -30,7 +30,7 @@ def test_runtimes_import_no_loader_tokenizer_pipeline_or_target():
 
 def test_no_target_imports_a_pass():
     for path in (ROOT / "exporter" / "targets").glob("*.py"):
-        assert not [n for n in _imports(path) if n.startswith("exporter.passes")], path
+        assert not [n for n in _imports(path) if n.startswith("cpm_mobile.exporter.passes")], path
 
 
 def test_model_variants_are_built_in_one_place():

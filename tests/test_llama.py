@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import transformers
-from exporter.errors import InputError
-from exporter.models import ModelConfig, greedy_generate, load_model, prompt_logits
-from exporter.models.synthetic import llama_config, random_state, write_checkpoint
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import ModelConfig, greedy_generate, load_model, prompt_logits
+from bench.synthetic import llama_config, random_state, write_checkpoint
 
 # Tiny but complete: GQA 4/2, head_dim 48 that is not hidden/heads, so a wrong default shows.
 TINY_LLAMA = dict(
@@ -139,7 +139,7 @@ def test_quantization_config_stays_readable():
 
 def test_minicpm5_shape_counts_its_published_parameters():
     """The MiniCPM5-1B writer's shape reproduces the released parameter counts."""
-    from exporter.models.loader import expected_shapes
+    from cpm_mobile.exporter.models.loader import expected_shapes
 
     shapes = expected_shapes(ModelConfig.from_hf_dict(llama_config()))
     total = sum(torch.Size(s).numel() for s in shapes.values())
@@ -148,7 +148,7 @@ def test_minicpm5_shape_counts_its_published_parameters():
 
 
 def test_inspect_names_rope_and_biases(tmp_path):
-    from exporter.inspect import summarize
+    from cpm_mobile.exporter.inspect import summarize
 
     facts = summarize(_checkpoint(tmp_path / "ckpt", "yarn", bias=True))
     assert facts.family == "llama" and facts.biases == "attention, mlp"
@@ -158,8 +158,8 @@ def test_inspect_names_rope_and_biases(tmp_path):
 
 def test_llama_checkpoint_exports_with_the_default_recipe(tmp_path, tokenizer_dir):
     """A Llama layout with biases, GQA, explicit head_dim and yarn rope through every target, check passed."""
-    from exporter.pipeline import export_bundle
-    from recipes import load_recipe
+    from cpm_mobile.exporter.pipeline import export_bundle
+    from cpm_mobile.recipes import load_recipe
     from tests.conftest import with_tokenizer
 
     folder = with_tokenizer(_checkpoint(tmp_path / "ckpt", "yarn", bias=True), tokenizer_dir)

@@ -18,13 +18,13 @@ import pytest
 import torch  # noqa: E402
 import coremltools as ct  # noqa: E402
 
-from runtimes.coreml import (  # noqa: E402
+from cpm_mobile.runtimes.coreml import (  # noqa: E402
     SUPPORTED_OPS,
     MILInterpreter,
     UnsupportedOpError,
     load_mil_program,
 )
-from runtimes.coreml import mil_ops  # noqa: E402
+from cpm_mobile.runtimes.coreml import mil_ops  # noqa: E402
 
 F = torch.nn.functional
 FP32_ATOL = 1e-4

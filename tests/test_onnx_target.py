@@ -13,14 +13,15 @@ import onnx
 import pytest
 import torch
 
-from exporter.errors import InputError
-from exporter.models import CausalLM, load_model, write_synthetic_checkpoint
-from exporter.targets.base import ArtifactInfo, ExportContext
-from exporter.targets.onnx import OnnxTarget
-from runtimes import check
-from runtimes.base import open_session
-from runtimes.onnx import OnnxSession, open_onnx
-from runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import CausalLM, load_model
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.targets.base import ArtifactInfo, ExportContext
+from cpm_mobile.exporter.targets.onnx import OnnxTarget
+from cpm_mobile.runtimes import check
+from cpm_mobile.runtimes.base import open_session
+from cpm_mobile.runtimes.onnx import OnnxSession, open_onnx
+from cpm_mobile.runtimes.torch_session import TorchSession
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA, target_spec
 
 MAX_SEQ_LEN = 128

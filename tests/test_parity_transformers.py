@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter.models import load_model, prompt_logits, write_synthetic_checkpoint
+from cpm_mobile.exporter.models import load_model, prompt_logits
+from bench.synthetic import write_synthetic_checkpoint
 from tests.conftest import TINY_GQA, TINY_MLA
 
 import transformers  # noqa: E402

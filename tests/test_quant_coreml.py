@@ -26,10 +26,11 @@ from pydantic import TypeAdapter, ValidationError
 import coremltools as ct  # noqa: E402
 
 from tests.conftest import TINY_BLOCKFFN, target_spec  # noqa: E402
-from exporter.errors import InputError  # noqa: E402
-from exporter.models import load_model, write_synthetic_checkpoint  # noqa: E402
-from exporter.models.loader import build_model, load_checkpoint  # noqa: E402
-from exporter.quant.coreml import (  # noqa: E402
+from cpm_mobile.exporter.errors import InputError  # noqa: E402
+from cpm_mobile.exporter.models import load_model  # noqa: E402
+from bench.synthetic import write_synthetic_checkpoint  # noqa: E402
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint  # noqa: E402
+from cpm_mobile.exporter.quant.coreml import (  # noqa: E402
     check_scheme,
     compress_mlmodel,
     compression_metadata,
@@ -38,15 +39,15 @@ from exporter.quant.coreml import (  # noqa: E402
     stored_weights,
     weight_file_bytes,
 )
-from exporter.targets import ExportContext, get_target  # noqa: E402
-from exporter.sizes import predict_bytes  # noqa: E402
-from exporter.targets.coreml import capture, convert, coreml_ready, package_size, save_package  # noqa: E402
-from exporter.tokenizer import TextTokenizer  # noqa: E402
-from recipes.quant_coreml import CoreMLQuantization  # noqa: E402
-from runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs  # noqa: E402
-from runtimes.coreml.session import CoreMLSession  # noqa: E402
-from runtimes.coreml.structure import failed, structural_checks  # noqa: E402
-from runtimes.torch_session import TorchSession  # noqa: E402
+from cpm_mobile.exporter.targets import ExportContext, get_target  # noqa: E402
+from cpm_mobile.exporter.sizes import predict_bytes  # noqa: E402
+from cpm_mobile.exporter.targets.coreml import capture, convert, coreml_ready, package_size, save_package  # noqa: E402
+from cpm_mobile.exporter.tokenizer import TextTokenizer  # noqa: E402
+from cpm_mobile.recipes.quant_coreml import CoreMLQuantization  # noqa: E402
+from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs  # noqa: E402
+from cpm_mobile.runtimes.coreml.session import CoreMLSession  # noqa: E402
+from cpm_mobile.runtimes.coreml.structure import failed, structural_checks  # noqa: E402
+from cpm_mobile.runtimes.torch_session import TorchSession  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 MAX_SEQ_LEN = 64
@@ -275,7 +276,7 @@ def test_untied_mla_blockffn_int4(tmp_path: Path) -> None:
 def test_target_exports_the_compressed_program_and_its_twin(minicpm: Case, tmp_path: Path) -> None:
     from dataclasses import asdict
 
-    from runtimes.base import open_session
+    from cpm_mobile.runtimes.base import open_session
 
     spec = target_spec("coreml", quantization={"scheme": "int4"})
     exported = get_target("coreml").export(minicpm.model, tmp_path, spec, ExportContext(bos_id=1, eos_ids=(2,)))

@@ -22,16 +22,17 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.models import load_model, write_synthetic_checkpoint
-from exporter.models.transformer import CausalLM
-from exporter.quant.executorch import expected_size_bytes, quantised_weights, quantize_for_executorch
-from exporter.sizes import predict_bytes
-from exporter.targets import executorch as et
-from exporter.tokenizer import TextTokenizer
-from recipes.quant_executorch import ExecuTorchQuantization
-from runtimes import metrics
-from runtimes.executorch import ExecuTorchSession, load_kernel_libraries
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import load_model
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.quant.executorch import expected_size_bytes, quantised_weights, quantize_for_executorch
+from cpm_mobile.exporter.sizes import predict_bytes
+from cpm_mobile.exporter.targets import executorch as et
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.recipes.quant_executorch import ExecuTorchQuantization
+from cpm_mobile.runtimes import metrics
+from cpm_mobile.runtimes.executorch import ExecuTorchSession, load_kernel_libraries
 from tests.conftest import target_spec
 
 MAX_SEQ_LEN = 64
@@ -190,8 +191,8 @@ def test_one_quantised_linear_runs_in_xnnpack_exactly_as_in_eager(gqa_model, fie
 @pytest.fixture(scope="module")
 def int4_gqa(gqa_model, tmp_path_factory):
     """Through the target, as a recipe asks for it; the twin is the one the target returns."""
-    from exporter.targets.executorch import ExecuTorchTarget
-    from recipes.schema import ExecuTorchSpec
+    from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget
+    from cpm_mobile.recipes.schema import ExecuTorchSpec
 
     spec = ExecuTorchSpec.model_validate({"faithfulness": {}, "fidelity": {}, "quantization": {
         "scheme": "int4", "embedding": "int4", "lm_head": "int4"}})
@@ -203,7 +204,7 @@ def int4_gqa(gqa_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp32_gqa(gqa_model, tmp_path_factory):
-    from exporter.models.variant import derive
+    from cpm_mobile.exporter.models.variant import derive
 
     return export_pte(derive(gqa_model), tmp_path_factory.mktemp("fp32") / "model.pte")
 
@@ -252,7 +253,7 @@ def test_twin_gate_fails_a_program_with_one_flipped_code(int4_gqa, gqa_model, tm
     """One 4-bit code of 9.4M sent to the other end of its range (eagerly: 34 dB against the twin).
 
     (A flipped scale sign is no test: XNNPACK refuses negative scales when it loads the program.)"""
-    from exporter.models.variant import derive
+    from cpm_mobile.exporter.models.variant import derive
 
     variant, _ = int4_gqa
     weight = quantised_weights(variant)["layers.0.self_attn.o_proj"]
@@ -272,7 +273,7 @@ def test_twin_gate_fails_xnnpacks_asymmetric_weight_trap(gqa_model, tmp_path):
     from torchao.quantization.quant_primitives import MappingType
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
-    from exporter.models.variant import derive
+    from cpm_mobile.exporter.models.variant import derive
 
     def asymmetric(name, module):
         if not isinstance(module, nn.Linear) or name == "lm_head":

@@ -21,17 +21,18 @@ from onnx import helper, numpy_helper, TensorProto
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 from pydantic import TypeAdapter, ValidationError
 
-from exporter.errors import InputError
-from exporter.models import load_model, write_synthetic_checkpoint
-from exporter.quant.onnx import (
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import load_model
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.quant.onnx import (
     EMBEDDING, LM_HEAD, WEIGHT_KEY, fp32_activations, int8_activations, onnx_twin, quantize_onnx, unpack,
 )
-from exporter.targets.base import ExportContext
-from exporter.targets.onnx import OnnxTarget
-from exporter.tokenizer import TextTokenizer
-from recipes.quant_onnx import OnnxQuantization
-from runtimes.metrics import max_abs_error, mean_kl_divergence, perplexity, sqnr_db, top1_agreement
-from runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.targets.base import ExportContext
+from cpm_mobile.exporter.targets.onnx import OnnxTarget
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.recipes.quant_onnx import OnnxQuantization
+from cpm_mobile.runtimes.metrics import max_abs_error, mean_kl_divergence, perplexity, sqnr_db, top1_agreement
+from cpm_mobile.runtimes.torch_session import TorchSession
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "exporter" / "embedded"
@@ -289,7 +290,7 @@ def test_bad_schemes_are_refused_naming_the_field(mla):
 
 
 def test_target_quantises_and_returns_the_twin_it_reads_back(tmp_path):
-    from recipes.schema import OnnxSpec
+    from cpm_mobile.recipes.schema import OnnxSpec
 
     checkpoint = write_synthetic_checkpoint(tmp_path / "checkpoint", "minicpm4-0.5b", **TINY_GQA)
     model, _ = load_model(checkpoint, max_seq_len=64)

@@ -7,9 +7,9 @@ import sys
 import pytest
 import yaml
 
-from exporter.errors import InputError
-from recipes import load_recipe, recipe_names
-from recipes.schema import CoreMLSpec, ExecuTorchSpec, OnnxSpec, recipe_from_dict
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.recipes import load_recipe, recipe_names
+from cpm_mobile.recipes.schema import CoreMLSpec, ExecuTorchSpec, OnnxSpec, recipe_from_dict
 
 GATES = {"faithfulness": {}, "fidelity": {}}
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.models.config import ModelConfig
-from exporter.models.loader import build_model, load_checkpoint
-from exporter.models.presets import preset_config
-from exporter.sizes import predict_bytes, recipe_sizes, shape_model
-from recipes import load_recipe, recipe_names
+from cpm_mobile.cli import app
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
+from bench.presets import preset_config
+from cpm_mobile.exporter.sizes import predict_bytes, recipe_sizes, shape_model
+from cpm_mobile.recipes import load_recipe, recipe_names
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "exporter" / "embedded"
 TOLERANCE = 0.10
@@ -44,8 +44,8 @@ def _assert_close(real: int, predicted: int, what: str) -> None:
 def test_onnx_artifacts_of_every_recipe_match_the_prediction(minicpm, tmp_path):
     import onnx_ir as ir
 
-    from exporter.quant.onnx import quantize_onnx
-    from exporter.targets.onnx import OnnxTarget, save_onnx
+    from cpm_mobile.exporter.quant.onnx import quantize_onnx
+    from cpm_mobile.exporter.targets.onnx import OnnxTarget, save_onnx
 
     model = minicpm
     specs = {recipe.name: recipe.targets["onnx"] for recipe in map(load_recipe, recipe_names())

@@ -14,22 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.defaults import DEFAULT_SPARSE_MODEL
-from exporter.kernels import LIBRARY, app_kernels
-from exporter.kernels.fused_ffn import FusedSparseBlockFFN
-from exporter.kernels.loader import load_kernels
-from exporter.kernels.ops import KERNEL
-from exporter.models import load_model
-from exporter.models.ffn import BlockFFN
-from exporter.models.reference import greedy_generate
-from exporter.passes import apply_passes
-from exporter.targets.base import ExportContext
-from exporter.targets.executorch import ExecuTorchTarget, emit, lower, write_program
-from exporter.tokenizer import TextTokenizer
-from runtimes.base import open_session
-from runtimes.check import CheckPlan, compare, greedy_runs, teacher_forced_runs
-from recipes.schema import PassSpec
-from runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL
+from cpm_mobile.exporter.kernels import LIBRARY, app_kernels
+from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
+from cpm_mobile.exporter.kernels.loader import load_kernels
+from cpm_mobile.exporter.kernels.ops import KERNEL
+from cpm_mobile.exporter.models import load_model
+from cpm_mobile.exporter.models.ffn import BlockFFN
+from cpm_mobile.exporter.models.reference import greedy_generate
+from cpm_mobile.exporter.passes import apply_passes
+from cpm_mobile.exporter.targets.base import ExportContext
+from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget, emit, lower, write_program
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.runtimes.base import open_session
+from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, teacher_forced_runs
+from cpm_mobile.recipes.schema import PassSpec
+from cpm_mobile.runtimes.torch_session import TorchSession
 from tests.conftest import target_spec
 
 HIDDEN, EXPERTS, WIDTH = 37, 8, 16
@@ -130,8 +130,8 @@ def test_pte_matches_the_dense_layer(layer_methods, name):
 
 
 def test_pass_gives_executorch_the_fused_form_sharing_the_dense_weights(tmp_path):
-    from exporter.models import write_synthetic_checkpoint
-    from exporter.passes.blockffn_sparse import blockffn_sparse
+    from bench.synthetic import write_synthetic_checkpoint
+    from cpm_mobile.exporter.passes.blockffn_sparse import blockffn_sparse
     from tests.conftest import TINY_BLOCKFFN
 
     folder = write_synthetic_checkpoint(tmp_path / "m", "blockffn-small", **dict(TINY_BLOCKFFN, vocab_size=300))
@@ -203,7 +203,7 @@ def test_model_pte_matches_the_dense_model(model_bundle):
 def test_text_llm_runner_generates_the_dense_models_text(model_bundle):
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    from runtimes.executorch import load_kernel_libraries
+    from cpm_mobile.runtimes.executorch import load_kernel_libraries
 
     dense, folder, _ = model_bundle
     assert load_kernel_libraries() is None

@@ -17,23 +17,23 @@ import onnx
 import pytest
 import torch
 
-from exporter.defaults import DEFAULT_SPARSE_MODEL
-from exporter.kernels import ops
-from exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
-from exporter.kernels.loader import load_kernels
-from exporter.models import load_model
-from exporter.models.ffn import BlockFFN
-from exporter.models.variant import derive
-from exporter.pipeline import export_bundle
-from exporter.quant.executorch import _intx, _linear, _ternary
-from exporter.quant.sparse_executorch import quantise_fused
-from exporter.targets.executorch import emit, lower, write_program
-from recipes.schema import load_recipe
+from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL
+from cpm_mobile.exporter.kernels import ops
+from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
+from cpm_mobile.exporter.kernels.loader import load_kernels
+from cpm_mobile.exporter.models import load_model
+from cpm_mobile.exporter.models.ffn import BlockFFN
+from cpm_mobile.exporter.models.variant import derive
+from cpm_mobile.exporter.pipeline import export_bundle
+from cpm_mobile.exporter.quant.executorch import _intx, _linear, _ternary
+from cpm_mobile.exporter.quant.sparse_executorch import quantise_fused
+from cpm_mobile.exporter.targets.executorch import emit, lower, write_program
+from cpm_mobile.recipes.schema import load_recipe
 from tests.conftest import short_recipe
-from runtimes.base import open_session
-from runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs
-from runtimes.torch_session import TorchSession
-from exporter.tokenizer import TextTokenizer
+from cpm_mobile.runtimes.base import open_session
+from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs
+from cpm_mobile.runtimes.torch_session import TorchSession
+from cpm_mobile.exporter.tokenizer import TextTokenizer
 
 HIDDEN, EXPERTS, WIDTH = 96, 8, 12
 REL_MAX_ABS = 2e-6  # kernel vs dequantised dense layer, relative to the largest |output| (measured 3-4e-7)
@@ -253,12 +253,12 @@ def _flip_one_code(twin, tokens: list[int]):
 
 
 def test_one_flipped_code_fails_the_twin_gate(bundle):
-    from exporter.targets import get_target
+    from cpm_mobile.exporter.targets import get_target
 
     recipe = load_recipe("int4-sparse")
     spec = recipe.targets["executorch"]
     reference, _ = load_model(DEFAULT_SPARSE_MODEL, max_seq_len=recipe.max_seq_len)
-    from exporter.passes import apply_passes
+    from cpm_mobile.exporter.passes import apply_passes
 
     twin, _ = get_target("executorch").twin(apply_passes(reference, spec.passes, "executorch"), spec)
     prompt = TextTokenizer.from_folder(DEFAULT_SPARSE_MODEL).encode(recipe.check.prompts[0])
@@ -274,8 +274,8 @@ def test_one_flipped_code_fails_the_twin_gate(bundle):
 
 def test_embedded_sizes_are_the_predicted_ones(bundle):
     """The shapes-only prediction `cpm-mobile inspect` prints holds for the quantised sparse forms too."""
-    from exporter.sizes import recipe_sizes
-    from exporter.models.loader import load_checkpoint
+    from cpm_mobile.exporter.sizes import recipe_sizes
+    from cpm_mobile.exporter.models.loader import load_checkpoint
 
     checkpoint = load_checkpoint(DEFAULT_SPARSE_MODEL)
     predicted = {row.target: row.bytes for row in recipe_sizes(checkpoint.config, checkpoint.tied, ["int4-sparse"])}

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import exporter
-from exporter.analysis.sparsity import (
+from cpm_mobile import exporter
+from cpm_mobile.exporter.analysis.sparsity import (
     profile_sparsity,
     render_table,
     sparsity_metrics,
     write_expert_firing_png,
     write_heatmap_png,
 )
-from exporter.errors import InputError
-from exporter.models.synthetic import random_state, write_checkpoint
+from cpm_mobile.exporter.errors import InputError
+from bench.synthetic import random_state, write_checkpoint
 
 EMBEDDED = Path(exporter.__file__).parent / "embedded"
 TOKENIZER = EMBEDDED / "blockffn-tiny" / "tokenizer.json"

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
-from exporter.generate import Chat, ChatTemplate, decode_tokens, greedy, make_sampler, open_bundle_model, Sampling
-from exporter.pipeline import export_bundle
-from exporter.speculative import ModelDrafter, NgramDrafter, SpeculativeDecoder, verify
-from exporter.tokenizer import TextTokenizer
+from cpm_mobile.cli import app
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+from cpm_mobile.exporter.generate import Chat, ChatTemplate, decode_tokens, greedy, make_sampler, open_bundle_model, Sampling
+from cpm_mobile.exporter.pipeline import export_bundle
+from cpm_mobile.exporter.speculative import ModelDrafter, NgramDrafter, SpeculativeDecoder, verify
+from cpm_mobile.exporter.tokenizer import TextTokenizer
 from tests.conftest import short_recipe
 
 runner = CliRunner()
@@ -134,8 +134,8 @@ def test_chat_turns_with_speculation_match_plain(bundle, tokenizer):
 @pytest.mark.parametrize("target", ["executorch", "onnx", "coreml", "torch"])
 def test_forward_at_an_earlier_position_reads_no_stale_entry(bundle, prompts, target):
     if target == "torch":
-        from exporter.models import load_model
-        from runtimes.torch_session import TorchSession
+        from cpm_mobile.exporter.models import load_model
+        from cpm_mobile.runtimes.torch_session import TorchSession
 
         session = TorchSession(load_model(DEFAULT_MODEL, max_seq_len=128)[0].eval())
     else:

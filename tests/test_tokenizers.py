@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from exporter.defaults import HELDOUT_TEXT
-from exporter.errors import InputError
-from exporter.models.synthetic import write_synthetic_checkpoint
-from exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.defaults import HELDOUT_TEXT
+from cpm_mobile.exporter.errors import InputError
+from bench.synthetic import write_synthetic_checkpoint
+from cpm_mobile.exporter.tokenizer import TextTokenizer
 from tests.conftest import TINY_GQA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,8 +182,8 @@ def test_tokenizer_larger_than_the_vocab_is_refused_at_load(tmp_path, spm_folder
 
 
 def test_sentencepiece_only_checkpoint_exports(tmp_path, spm_folder):
-    from exporter.pipeline import export_bundle
-    from recipes import load_recipe
+    from cpm_mobile.exporter.pipeline import export_bundle
+    from cpm_mobile.recipes import load_recipe
 
     folder = write_synthetic_checkpoint(tmp_path / "ckpt", "minicpm4-0.5b", dtype="float32",
                                         vocab_size=BASE_VOCAB + len(ADDED), eos_token_id=[2, BASE_VOCAB], **TINY_GQA)

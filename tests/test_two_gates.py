@@ -12,15 +12,15 @@ import shutil
 import pytest
 import torch
 
-from exporter.defaults import DEFAULT_MODEL, HELDOUT_TEXT
-from exporter.models.loader import build_model, load_checkpoint
-from exporter.models.synthetic import write_trained_like_checkpoint
-from exporter.models.variant import with_weights
-from exporter.pipeline import export_bundle
-from exporter.targets import get_target
-from exporter.tokenizer import TextTokenizer
-from exporter.verify import Twin, build_plan, check_artifacts
-from recipes import load_recipe
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL, HELDOUT_TEXT
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
+from bench.synthetic import write_trained_like_checkpoint
+from cpm_mobile.exporter.models.variant import with_weights
+from cpm_mobile.exporter.pipeline import export_bundle
+from cpm_mobile.exporter.targets import get_target
+from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.verify import Twin, build_plan, check_artifacts
+from cpm_mobile.recipes import load_recipe
 from tests.conftest import short_recipe
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,11 @@ import torch
 from pydantic import TypeAdapter
 from safetensors.torch import load_file, save_file
 
-from exporter.defaults import DEFAULT_MODEL
-from exporter.models import load_checkpoint, load_model
-from exporter.models.grid import ROUNDOFF
-from exporter.models.presets import preset_config
-from exporter.models.synthetic import random_state, write_grid_checkpoint, write_trained_like_checkpoint
+from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+from cpm_mobile.exporter.models import load_checkpoint, load_model
+from cpm_mobile.exporter.models.grid import ROUNDOFF
+from bench.presets import preset_config
+from bench.synthetic import random_state, write_grid_checkpoint, write_trained_like_checkpoint
 from tests.conftest import TINY_GQA
 
 CONFIG = preset_config("minicpm4-0.5b", **TINY_GQA, vocab_size=1024)
@@ -73,7 +73,7 @@ def test_trained_and_random_weights_are_not_on_a_grid(tmp_path):
     assert load_checkpoint(EMBEDDED / "blockffn-tiny").config.weight_grid is None
     trained_like = write_trained_like_checkpoint(tmp_path / "trained", "minicpm4-0.5b", **TINY_GQA, vocab_size=1024)
     assert load_checkpoint(trained_like).config.weight_grid is None
-    from exporter.models.synthetic import write_checkpoint
+    from bench.synthetic import write_checkpoint
 
     for dtype in ("bfloat16", "float16"):
         random_path = write_checkpoint(tmp_path / dtype, CONFIG, random_state(CONFIG, 5), dtype=dtype)
@@ -97,7 +97,7 @@ def test_one_weight_off_the_grid_means_no_grid(tmp_path):
 def test_inspect_reports_the_grid(tmp_path, kind, text):
     from typer.testing import CliRunner
 
-    from cli import app
+    from cpm_mobile.cli import app
 
     path = write_grid_checkpoint(tmp_path, CONFIG, kind, group_size=128 if kind == "int4" else None)
     result = CliRunner().invoke(app, ["inspect", str(path)])
@@ -113,7 +113,7 @@ def test_inspect_reports_the_grid(tmp_path, kind, text):
 def test_grid_recipes_refuse_a_checkpoint_without_a_grid_before_work(tmp_path, recipe):
     from typer.testing import CliRunner
 
-    from cli import app
+    from cpm_mobile.cli import app
 
     result = CliRunner().invoke(app, ["export", "--model", str(DEFAULT_MODEL), "--recipe", recipe,
                                       "--target", "onnx", "--out", str(tmp_path / "out")])
@@ -126,10 +126,10 @@ def test_grid_recipes_refuse_a_checkpoint_without_a_grid_before_work(tmp_path, r
 def test_ternary_grid_exports_as_2_bit_matmulnbits_codes(tmp_path):
     import onnx_ir as ir
 
-    from exporter.quant.onnx import WEIGHT_KEY, quantize_onnx, unpack
-    from exporter.targets.base import ExportContext
-    from exporter.targets.onnx import OnnxTarget
-    from recipes.quant_onnx import OnnxQuantization
+    from cpm_mobile.exporter.quant.onnx import WEIGHT_KEY, quantize_onnx, unpack
+    from cpm_mobile.exporter.targets.base import ExportContext
+    from cpm_mobile.exporter.targets.onnx import OnnxTarget
+    from cpm_mobile.recipes.quant_onnx import OnnxQuantization
 
     path = write_grid_checkpoint(tmp_path / "ckpt", CONFIG, "ternary", group_size=64)
     model, _ = load_model(path, max_seq_len=32)
@@ -155,8 +155,8 @@ def test_ternary_grid_exports_as_2_bit_matmulnbits_codes(tmp_path):
 
 
 def test_bf16_scaled_grid_is_exact_in_executorch_and_affine_grid_in_coreml(tmp_path):
-    from exporter.quant.executorch import quantize_for_executorch, quantised_weights
-    from recipes.quant_executorch import Int4Scheme
+    from cpm_mobile.exporter.quant.executorch import quantize_for_executorch, quantised_weights
+    from cpm_mobile.recipes.quant_executorch import Int4Scheme
 
     path = write_grid_checkpoint(tmp_path / "bf16", CONFIG, "int4", group_size=64, scale_dtype=torch.bfloat16)
     model, _ = load_model(path, max_seq_len=32)
@@ -170,7 +170,7 @@ def test_bf16_scaled_grid_is_exact_in_executorch_and_affine_grid_in_coreml(tmp_p
         assert torch.equal(weight.dequantize(), entry.dequantize())
 
     from tests.test_gptq import _coreml, _stored_blockwise
-    from exporter.quant.coreml import flat_name
+    from cpm_mobile.exporter.quant.coreml import flat_name
 
     affine = write_grid_checkpoint(tmp_path / "affine", CONFIG, "int4-affine", group_size=128)
     model, _ = load_model(affine, max_seq_len=32)

@@ -1,5 +1,5 @@
 """Analyses of a model's behaviour: BlockFFN activation sparsity."""
-from exporter.analysis.sparsity import (
+from cpm_mobile.exporter.analysis.sparsity import (
     LayerSparsity,
     SparsityProfile,
     profile_sparsity,

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from exporter.errors import InputError
+from cpm_mobile.exporter.errors import InputError
 
 DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_MAX_TOKENS = 4096
@@ -94,7 +94,7 @@ def sparsity_metrics(active: torch.Tensor, chunk_sizes: Sequence[int] = DEFAULT_
 
 
 def _load(model_dir: str | Path, max_seq_len: int | None):
-    from exporter.models.loader import build_model, load_checkpoint
+    from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 
     checkpoint = load_checkpoint(model_dir)
     config = checkpoint.config

@@ -1,6 +1,6 @@
 """Compile the kernel library (libcpm_mobile_kernels) against the installed executorch wheel.
 
-python -m exporter.kernels.build [--out PATH]
+python -m cpm_mobile.exporter.kernels.build [--out PATH]
 
 `pip install -e .` runs this through setup.py; the loader (exporter/kernels/loader.py) runs it
 too when a checkout has no built library yet. Only the standard library is imported here, so

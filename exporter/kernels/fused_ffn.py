@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.kernels import ops
-from exporter.models.ffn import BlockFFN
+from cpm_mobile.exporter.kernels import ops
+from cpm_mobile.exporter.models.ffn import BlockFFN
 
 
 class FusedSparseBlockFFN(nn.Module):

@@ -1,10 +1,9 @@
 """Checkpoint loading and the export-friendly MiniCPM / BlockFFN module."""
-from exporter.models.checkpoint import Checkpoint, find_files
-from exporter.models.config import ModelConfig
-from exporter.models.loader import build_model, load_checkpoint, load_model
-from exporter.models.reference import ReferenceRun, greedy_generate, prompt_logits
-from exporter.models.synthetic import write_synthetic_checkpoint
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.checkpoint import Checkpoint, find_files
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.loader import build_model, load_checkpoint, load_model
+from cpm_mobile.exporter.models.reference import ReferenceRun, greedy_generate, prompt_logits
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 __all__ = [
     "CausalLM",
@@ -17,5 +16,4 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "prompt_logits",
-    "write_synthetic_checkpoint",
 ]

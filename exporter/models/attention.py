@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from exporter.models.config import MLA_LATENT_NORM_EPS, ModelConfig
-from exporter.models.norm import RMSNorm
-from exporter.models.rope import apply_rope
+from cpm_mobile.exporter.models.config import MLA_LATENT_NORM_EPS, ModelConfig
+from cpm_mobile.exporter.models.norm import RMSNorm
+from cpm_mobile.exporter.models.rope import apply_rope
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

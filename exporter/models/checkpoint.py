@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from exporter.errors import InputError
-from exporter.models.config import ModelConfig
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.config import ModelConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

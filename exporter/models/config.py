@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from exporter.errors import InputError
+from cpm_mobile.exporter.errors import InputError
 
 AttentionKind = Literal["gqa", "mla"]
 FfnKind = Literal["gated", "blockffn"]

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.models.config import ModelConfig
-from exporter.models.norm import RMSNorm
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.norm import RMSNorm
 
 
 class GatedMLP(nn.Module):

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from exporter.errors import InputError
-from exporter.models.config import ModelConfig
-from exporter.models.grid import LinearGrid, WeightGrid
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.grid import LinearGrid, WeightGrid
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 BITS = (2, 4, 8)  # whole codes per int32; 3-bit GPTQ packs codes across int32 boundaries

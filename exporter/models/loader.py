@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from exporter.errors import InputError
-from exporter.models.checkpoint import (
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.checkpoint import (
     FLOAT_DTYPES,
     IGNORED_SUFFIXES,
     Checkpoint,
@@ -15,10 +15,10 @@ from exporter.models.checkpoint import (
     find_files,
     read_all_tensors,
 )
-from exporter.models.config import ModelConfig
-from exporter.models.grid import detect_grid
-from exporter.models.gptq import is_gptq, read_gptq
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.grid import detect_grid
+from cpm_mobile.exporter.models.gptq import is_gptq, read_gptq
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -185,8 +185,6 @@ def checkpoint_state(model: CausalLM) -> dict[str, torch.Tensor]:
 
     Tied heads are left out (as MiniCPM writes them); BlockFFN expert matrices lose ".weight".
     """
-    from exporter.models.synthetic import disk_name
-
     state = {}
     for name, tensor in model.state_dict().items():
         hf_name = _hf_name(name)
@@ -194,3 +192,13 @@ def checkpoint_state(model: CausalLM) -> dict[str, torch.Tensor]:
             continue
         state[disk_name(hf_name, model.config)] = tensor.detach().clone()
     return state
+
+def disk_name(name: str, config: ModelConfig) -> str:
+    """The name a real checkpoint of this family uses for a canonical tensor name."""
+    if config.ffn != "blockffn":
+        return name
+    # Released BlockFFN checkpoints store the expert matrices without the ".weight" suffix.
+    for bare in ("mlp.up_proj", "mlp.down_proj"):
+        if name.endswith(f"{bare}.weight"):
+            return name.removesuffix(".weight")
+    return name

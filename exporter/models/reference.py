@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 
 @dataclass

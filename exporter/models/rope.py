@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from exporter.models.config import ModelConfig, RopeConfig
+from cpm_mobile.exporter.models.config import ModelConfig, RopeConfig
 
 
 def _plain(theta: float, rotary_dim: int) -> torch.Tensor:

@@ -11,13 +11,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.models.attention import Attend, build_attention
-from exporter.models.config import ModelConfig
-from exporter.models.ffn import build_ffn
-from exporter.models.kv_cache import StaticKVCache, causal_mask
-from exporter.models.norm import RMSNorm
-from exporter.models.rope import exact_rope_limit, rope_tables
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.attention import Attend, build_attention
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.ffn import build_ffn
+from cpm_mobile.exporter.models.kv_cache import StaticKVCache, causal_mask
+from cpm_mobile.exporter.models.norm import RMSNorm
+from cpm_mobile.exporter.models.rope import exact_rope_limit, rope_tables
 
 
 class DecoderLayer(nn.Module):

@@ -13,8 +13,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from exporter.models.kv_cache import StaticKVCache
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.kv_cache import StaticKVCache
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 # Called with (name, module) for every module of the source, parents before children; returns the
 # replacement, or None to keep the module (its children are then visited in turn).

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from exporter.errors import InputError
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 GraphPass = Callable[[CausalLM, dict[str, Any], str], CausalLM]
 
@@ -58,4 +58,4 @@ def apply_passes(model: CausalLM, passes: Iterable[Any], target: str, source: st
 
 
 # Passes register themselves on import; importing them here makes every pass name known.
-import exporter.passes.blockffn_sparse  # noqa: E402,F401
+import cpm_mobile.exporter.passes.blockffn_sparse  # noqa: E402,F401

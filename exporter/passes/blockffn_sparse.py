@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.kernels.fused_ffn import FusedSparseBlockFFN
-from exporter.models.ffn import BlockFFN
-from exporter.models.transformer import CausalLM
-from exporter.models.variant import derive
-from exporter.passes import register_pass
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
+from cpm_mobile.exporter.models.ffn import BlockFFN
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.variant import derive
+from cpm_mobile.exporter.passes import register_pass
 
 PASS_NAME = "blockffn_sparse"
 UNSUPPORTED_TARGETS = {

@@ -33,9 +33,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from exporter.errors import InputError
-from exporter.models.transformer import CausalLM
-from recipes.quant_coreml import SCHEME_BITS
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.recipes.quant_coreml import SCHEME_BITS
 
 PARAMETER_PREFIX = "p_"
 FP16_SUFFIX = "_to_fp16"
@@ -485,8 +485,8 @@ def stored_parameters(model: CausalLM, mlmodel: Any) -> dict[str, torch.Tensor]:
 def coreml_twin(model: CausalLM, compressed_mlmodel: Any) -> CausalLM:
     """The eager model the compressed program computes: its stored (dequantised) weights, Core ML's
     fp16 KV cache; `model` itself is untouched."""
-    from exporter.models.variant import with_weights
-    from exporter.targets.coreml_cache import CoreMLKVCache
+    from cpm_mobile.exporter.models.variant import with_weights
+    from cpm_mobile.exporter.targets.coreml_cache import CoreMLKVCache
 
     return with_weights(model, stored_parameters(model, compressed_mlmodel), caches=CoreMLKVCache.like)
 

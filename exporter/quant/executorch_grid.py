@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from exporter.errors import InputError
+from cpm_mobile.exporter.errors import InputError
 
 XNNPACK_BLOCK = 32
 

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.models.transformer import CausalLM
-from exporter.models.variant import derive, with_weights
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.variant import derive, with_weights
 
 WEIGHT_KEY = "cpm_mobile.weight"  # node metadata: the CausalLM parameter a quantised node carries
 MS_DOMAIN = "com.microsoft"
@@ -94,7 +94,7 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any, grid: Any = None) -> ir.Mod
         # the passes rebuilt the node list: find the Gather again
         gather = next(node for node in proto.graph.node if node.name == embedding.name)
         _quantize_embedding(proto.graph, gather, scheme)
-    from exporter.quant.sparse_onnx import quantize_expert_tables
+    from cpm_mobile.exporter.quant.sparse_onnx import quantize_expert_tables
 
     quantize_expert_tables(proto.graph, scheme)  # the blockffn_sparse form's expert tables
     _drop_unused_initializers(proto.graph)

@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.kernels import ops
-from exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
-from exporter.quant.executorch import code_bits
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.kernels import ops
+from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
+from cpm_mobile.exporter.quant.executorch import code_bits
 
 LinearBuilder = Callable[[nn.Linear], nn.Linear]  # nn.Linear -> nn.Linear holding a torchao weight
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import importlib
 
-from exporter.targets.base import ArtifactInfo, ExportContext, Progress, Target, no_progress
+from cpm_mobile.exporter.targets.base import ArtifactInfo, ExportContext, Progress, Target, no_progress
 
 _TARGETS = {
-    "executorch": ("exporter.targets.executorch", "ExecuTorchTarget"),
-    "onnx": ("exporter.targets.onnx", "OnnxTarget"),
-    "coreml": ("exporter.targets.coreml", "CoreMLTarget"),
+    "executorch": ("cpm_mobile.exporter.targets.executorch", "ExecuTorchTarget"),
+    "onnx": ("cpm_mobile.exporter.targets.onnx", "OnnxTarget"),
+    "coreml": ("cpm_mobile.exporter.targets.coreml", "CoreMLTarget"),
 }
 
 

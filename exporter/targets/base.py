@@ -17,8 +17,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 # progress(description, fraction_done or None)
 Progress = Callable[[str, float | None], None]

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch.export import Dim, ExportedProgram
 
-from exporter.models.transformer import CausalLM
-from exporter.models.variant import derive
-from exporter.targets.base import (
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.variant import derive
+from cpm_mobile.exporter.targets.base import (
     ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
 )
-from recipes.schema import CoreMLSpec
-from exporter.targets.coreml_cache import CoreMLKVCache
+from cpm_mobile.recipes.schema import CoreMLSpec
+from cpm_mobile.exporter.targets.coreml_cache import CoreMLKVCache
 
 PACKAGE_NAME = "model.mlpackage"
 FUNCTION = "main"
@@ -67,7 +67,7 @@ class CoreMLTarget:
         out_dir.mkdir(parents=True, exist_ok=True)
 
         if spec.quantization is not None:
-            from exporter.quant import coreml as quant
+            from cpm_mobile.exporter.quant import coreml as quant
 
             quant.check_scheme(model, spec.quantization)  # before any work
         twin, description = self.twin(model, spec)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.models.kv_cache import StaticKVCache, grouped_sdpa
+from cpm_mobile.exporter.models.kv_cache import StaticKVCache, grouped_sdpa
 
 STATE_DTYPE = torch.float16
 

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch.export import Dim, ExportedProgram
 
-from exporter.kernels import app_kernels
-from exporter.models.transformer import CausalLM
-from exporter.models.variant import derive
-from exporter.targets.base import (
+from cpm_mobile.exporter.kernels import app_kernels
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.variant import derive
+from cpm_mobile.exporter.targets.base import (
     ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
 )
-from recipes.schema import ExecuTorchSpec
+from cpm_mobile.recipes.schema import ExecuTorchSpec
 
 PTE_NAME = "model.pte"
 METHOD = "forward"
@@ -79,8 +79,8 @@ class ExecuTorchTarget:
         torchao variant, whose eager run is what XNNPACK's integer kernels compute."""
         if spec.quantization is None:
             return model, "eager fp32 model"
-        from exporter.quant.executorch import describe, quantize_for_executorch
-        from exporter.quant.sparse_executorch import describe_sparse
+        from cpm_mobile.exporter.quant.executorch import describe, quantize_for_executorch
+        from cpm_mobile.exporter.quant.sparse_executorch import describe_sparse
 
         variant = quantize_for_executorch(model, spec.quantization)
         return variant, describe(spec.quantization) + describe_sparse(variant)
@@ -92,7 +92,7 @@ class ExecuTorchTarget:
 def export_ready(model: CausalLM, attention: str) -> CausalLM:
     """A variant of the model with the chosen export cache form (weights shared, caches its own)."""
     if attention == ATTENTION_CUSTOM:
-        from exporter.targets.executorch_cache import CustomOpKVCache
+        from cpm_mobile.exporter.targets.executorch_cache import CustomOpKVCache
 
         return derive(model, caches=CustomOpKVCache.like)
     return derive(model)
@@ -141,7 +141,7 @@ def check_stored_quantised(twin: CausalLM, size: int) -> int:
     scales + unquantised tensors (measured 2.5-3.7 % over, the program's own tables). A program that kept
     fp32 weights (a lowering that dequantised them) is ~3.5x over; the twin gate alone cannot always tell
     int8 from fp32 (their SQNR differ by a few dB)."""
-    from exporter.quant.executorch import expected_size_bytes
+    from cpm_mobile.exporter.quant.executorch import expected_size_bytes
 
     expected = expected_size_bytes(twin)
     if size > 1.10 * expected:

@@ -16,7 +16,7 @@ from torch import nn
 
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers torch.ops.llama.*
 
-from exporter.models.kv_cache import StaticKVCache
+from cpm_mobile.exporter.models.kv_cache import StaticKVCache
 
 
 class CustomOpKVCache(nn.Module):

@@ -25,15 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.models.attention import Attend
-from exporter.models.kv_cache import grouped_sdpa
-from exporter.models.transformer import CausalLM
-from exporter.quant.onnx import check_grid, onnx_twin, quantize_onnx
-from exporter.targets.base import (
+from cpm_mobile.exporter.models.attention import Attend
+from cpm_mobile.exporter.models.kv_cache import grouped_sdpa
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.quant.onnx import check_grid, onnx_twin, quantize_onnx
+from cpm_mobile.exporter.targets.base import (
     ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
 )
-from recipes.schema import OnnxSpec
-from exporter.targets.genai_config import GENAI_CONFIG_FILE, genai_config
+from cpm_mobile.recipes.schema import OnnxSpec
+from cpm_mobile.exporter.targets.genai_config import GENAI_CONFIG_FILE, genai_config
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from exporter.errors import InputError
-from runtimes.base import register_runtime
-from runtimes.coreml.structure import structural_checks
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.runtimes.base import register_runtime
+from cpm_mobile.runtimes.coreml.structure import structural_checks
 
 TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
 COREML_VERIFIED = "Core ML runtime verified"
@@ -80,7 +80,7 @@ class CoreMLSession:
             self._runtime: _Runtime = _CoreMLRuntime(package_path)
             self.verified = COREML_VERIFIED
         else:
-            from runtimes.coreml.mil_interpreter import MILInterpreter
+            from cpm_mobile.runtimes.coreml.mil_interpreter import MILInterpreter
 
             # Raises UnsupportedOpError for any op it cannot run: no op is ever skipped.
             interpreter = MILInterpreter(package_path, function_name=io.get("function", "main"))

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from runtimes.coreml.mil_interpreter import load_mil_program
-from runtimes.coreml.mil_ops import SUPPORTED_OPS
+from cpm_mobile.runtimes.coreml.mil_interpreter import load_mil_program
+from cpm_mobile.runtimes.coreml.mil_ops import SUPPORTED_OPS
 
 IOS18_SPEC_VERSION = 9
 IOS18_OPSET = "CoreML8"

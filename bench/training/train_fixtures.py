@@ -1,6 +1,6 @@
 """Train the embedded fixture models: a byte-level BPE tokenizer, then `minicpm-tiny` and `blockffn-tiny`.
 
-    python -m exporter.training.train_fixtures --out exporter/embedded
+    python -m bench.training.train_fixtures --out exporter/embedded
 
 Both models share one backbone (MiniCPM: GQA attention, muP scalings scale_emb / scale_depth /
 dim_model_base, tied embeddings) and differ only in the FFN: MiniCPM's gated SiLU MLP, or
@@ -36,13 +36,13 @@ import torch.utils.deterministic
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from exporter.models.config import ModelConfig
-from exporter.models.loader import checkpoint_state, load_model
-from exporter.models.synthetic import write_checkpoint
-from exporter.models.transformer import CausalLM
-from exporter.training.corpus import Corpus, build_corpus
-from exporter.training.evaluate import greedy_text, perplexity
-from exporter.training.losses import (
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.loader import checkpoint_state, load_model
+from bench.synthetic import write_checkpoint
+from cpm_mobile.exporter.models.transformer import CausalLM
+from bench.training.corpus import Corpus, build_corpus
+from bench.training.evaluate import greedy_text, perplexity
+from bench.training.losses import (
     CHUNK_LAMBDA_START,
     LOCALITY_ALPHA,
     LOCALITY_WEIGHT,
@@ -51,7 +51,7 @@ from exporter.training.losses import (
     chunk_activation_rate,
     chunk_sparsification_loss,
 )
-from exporter.training.tokenizer import BOS_ID, EOS_ID, IM_END_ID, load_tokenizer, save_tokenizer, train_tokenizer
+from bench.training.tokenizer import BOS_ID, EOS_ID, IM_END_ID, load_tokenizer, save_tokenizer, train_tokenizer
 
 SEED = 1234
 VOCAB_SIZE = 4096
@@ -343,7 +343,7 @@ def sample_prompt(corpus: Corpus) -> str:
 
 def measure(folder: Path, heldout: str, prompt: str) -> dict:
     """Metrics of the checkpoint as stored (bf16 weights loaded back by load_model)."""
-    from exporter.analysis.sparsity import profile_sparsity
+    from cpm_mobile.exporter.analysis.sparsity import profile_sparsity
 
     model, checkpoint = load_model(folder, max_seq_len=MAX_POSITIONS)
     tokenizer = load_tokenizer(folder)
@@ -393,7 +393,7 @@ def write_report(out: Path, corpus: Corpus, settings: Settings, runs: dict, metr
         "## Reproduce",
         "",
         "```bash",
-        "python -m exporter.training.train_fixtures " + " ".join(argv),
+        "python -m bench.training.train_fixtures " + " ".join(argv),
         "```",
         "",
         f"- seed {settings.seed}; torch {torch.__version__}; {corpus.python_version} on {platform.machine()};"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.errors import InputError
+from cpm_mobile.exporter.errors import InputError
 
 FTYPES = ("Q8_0", "Q4_0")
 BLOCK = 32  # QK8_0 = QK4_0

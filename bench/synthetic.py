@@ -11,9 +11,9 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from exporter.models.config import ModelConfig
-from exporter.models.loader import LM_HEAD, expected_shapes
-from exporter.models.presets import preset_config
+from cpm_mobile.exporter.models.config import ModelConfig
+from cpm_mobile.exporter.models.loader import LM_HEAD, disk_name, expected_shapes
+from bench.presets import preset_config
 
 # MiniCPM5-1B as released: a plain LlamaForCausalLM (model_type llama, 24 layers, GQA 16/2, 131,072
 # positions). hidden 1536, head_dim 128, intermediate 4608 and an untied 130,560-token vocab are
@@ -77,16 +77,6 @@ def random_state(config_dict: dict[str, Any], seed: int = 0, fused: bool = False
         state = _fuse(state, config)
     return state
 
-
-def disk_name(name: str, config: ModelConfig) -> str:
-    """The name a real checkpoint of this family uses for a canonical tensor name."""
-    if config.ffn != "blockffn":
-        return name
-    # Released BlockFFN checkpoints store the expert matrices without the ".weight" suffix.
-    for bare in ("mlp.up_proj", "mlp.down_proj"):
-        if name.endswith(f"{bare}.weight"):
-            return name.removesuffix(".weight")
-    return name
 
 
 def _fuse(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -195,7 +185,7 @@ def write_trained_like_checkpoint(
     logits would be too lax. The lm_head (untied) is scaled so max |logit| on a short prompt is
     `logit_max`; the rest of the stack keeps the preset's depth and scalings.
     """
-    from exporter.models.loader import build_model, load_checkpoint
+    from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 
     config_dict = preset_config(preset, **{"tie_word_embeddings": False, **overrides})
     state = random_state(config_dict, seed)

@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from exporter.models.reference import greedy_generate
-from exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.reference import greedy_generate
+from cpm_mobile.exporter.models.transformer import CausalLM
 
 
 @torch.no_grad()
@@ -37,13 +37,13 @@ def greedy_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int = 4
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m exporter.training.evaluate [MODEL ...]`: held-out perplexity as TRAINING.md reports it."""
+    """`python -m bench.training.evaluate [MODEL ...]`: held-out perplexity as TRAINING.md reports it."""
     import argparse
     from pathlib import Path
 
-    from exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
-    from exporter.models import load_model
-    from exporter.training.tokenizer import load_tokenizer
+    from cpm_mobile.exporter.defaults import DEFAULT_MODEL, DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
+    from cpm_mobile.exporter.models import load_model
+    from bench.training.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("models", nargs="*", type=Path, default=[DEFAULT_MODEL, DEFAULT_SPARSE_MODEL])
