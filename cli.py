@@ -18,15 +18,18 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
+from rich.segment import Segments
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
 from cpm_mobile.exporter.errors import CpmMobileError
+from cpm_mobile.exporter.targets.registry import TARGET_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
-console = Console()  # the terminal's own width (80 when not a terminal): tables are built to fit it
+console = Console()  # the terminal's own width (80 when not a terminal): _print_table widens what does not fit
 errors = Console(stderr=True)
 
 ModelOption = typer.Option(None, "--model", "-m", help="Checkpoint folder (default: the embedded minicpm-tiny).")
@@ -34,17 +37,9 @@ VerboseOption = typer.Option(False, "--verbose", "-v", help="Show the libraries'
 HeldoutOption = typer.Option(None, "--heldout", help="Text file for the perplexity check (default: the embedded held-out text).")
 
 
-class Target(str, Enum):
-    executorch = "executorch"
-    onnx = "onnx"
-    coreml = "coreml"
-
-
-class TargetOrAll(str, Enum):
-    executorch = "executorch"
-    onnx = "onnx"
-    coreml = "coreml"
-    all = "all"
+# The choices come from the target registry (a light module: names only).
+Target = Enum("Target", {name: name for name in TARGET_NAMES}, type=str)
+TargetOrAll = Enum("TargetOrAll", {**{name: name for name in TARGET_NAMES}, "all": "all"}, type=str)
 
 
 def _builtin_recipes() -> list[str]:
@@ -69,7 +64,8 @@ def _root(
 
 
 def _fail(error: CpmMobileError) -> None:
-    errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+    for line in getattr(error, "lines", None) or [str(error)]:
+        errors.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 
@@ -89,8 +85,45 @@ def _running(verbose: bool) -> Iterator[None]:
 
 
 def _table(title: str | None = None, **options) -> Table:
-    """A table that fits 80 columns: one space between columns, rules under the header only."""
+    """A compact table: one space between columns, rules under the header only. Print it with _print_table.
+
+    Columns added with no_wrap=True hold numbers and names: _print_table never cuts or wraps them. The
+    others hold free text (descriptions), which may wrap between words to fit the console.
+    """
     return Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, **options)
+
+
+_LABEL_FLOOR = 4  # in a narrow terminal, a label column may shrink to this many characters (its text folds)
+
+
+def _print_table(table: Table, labels: tuple[str, ...] = ()) -> None:
+    """Print a table with every number and name whole, never cut with "…".
+
+    The no_wrap columns print whole. In a terminal narrower than the table, the columns headed by `labels`
+    (names such as the target and the gate) may fold, free-text columns wrap, and the numbers stay whole.
+    Without a terminal (a pipe or a file, where rich assumes 80 columns), and in a terminal too narrow
+    even for the numbers, the table is printed as wide as it needs: a long line beats a cut number.
+    """
+    out = console
+    wide = out.options.update_width(10_000)
+    folding = set(labels) if out.is_terminal else set()
+    slack = 0  # how much narrower than their longest word the folding labels may go
+    for column in table.columns:
+        cells = [column.header, *column.cells] if table.show_header else list(column.cells)
+        sizes = [Measurement.get(out, wide, cell) for cell in cells] or [Measurement(0, 0)]
+        column.overflow = "fold"  # never "…": a word too long for a free-text column folds onto the next line
+        if column.header in folding:
+            column.no_wrap = False
+            slack += max(0, max(size.minimum for size in sizes) - _LABEL_FLOOR)
+        elif column.no_wrap:
+            column.min_width = max(column.min_width or 0, max(size.maximum for size in sizes))
+    whole = Measurement.get(out, wide, table).minimum  # every no_wrap column and every word whole
+    if whole - slack <= out.width:
+        out.print(table)
+        return
+    # Too wide for the console: render at the width that keeps everything whole and write the lines uncropped.
+    lines = out.render_lines(table, out.options.update_width(whole), pad=False, new_lines=True)
+    out.print(Segments([segment for line in lines for segment in line]), end="", crop=False)
 
 
 @app.command()
@@ -112,17 +145,17 @@ def inspect(
         console.print_json(json.dumps(asdict(summary)))
         return
     table = _table("checkpoint", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value")  # free text (wraps between words: a number or a path stays whole)
     for field, value in summary.rows():
         table.add_row(field, value)
-    console.print(table)
+    _print_table(table)
     sizes = _table("artifact sizes (predicted from the shapes)")
     for column in ("recipe", "target", "size", "vs fp32"):
-        sizes.add_column(column, justify="right" if column in ("size", "vs fp32") else "left")
+        sizes.add_column(column, justify="right" if column in ("size", "vs fp32") else "left", no_wrap=True)
     for row in summary.size_rows():
         sizes.add_row(*row)
-    console.print(sizes)
+    _print_table(sizes, labels=("recipe", "target"))
 
 
 class _Elapsed(ProgressColumn):
@@ -173,7 +206,12 @@ def _spinner(text: str) -> Live:
 
 
 def _print_report(report: dict) -> None:
-    """One row per artifact and gate: faithfulness (vs its twin) and fidelity (vs the fp32 reference)."""
+    """One row per artifact and gate: faithfulness (vs its twin) and fidelity (vs the fp32 reference).
+
+    Each metric of report.json is shown whole, rounded as stated here: max_rel_logits, kl and ppl_rel_delta
+    as f"{x:.1e}", sqnr_db as f"{x:.0f}", top1 and greedy as f"{x:.3f}" (greedy with " (Nt)" when N
+    prompts tied). The breach lines under the table give the failing values to 6 significant digits.
+    """
     table = _table("check: faithfulness vs twin, fidelity vs fp32")
     for column in ("target", "gate", "max rel", "SQNR", "KL", "top-1", "greedy", "ppl +/-", "result"):
         table.add_column(column, no_wrap=True)
@@ -189,14 +227,14 @@ def _print_report(report: dict) -> None:
             greedy = f"{m['greedy']:.3f}" + (f" ({m['greedy_ties']}t)" if m["greedy_ties"] else "")
             table.add_row(label, gate, f"{m['max_rel_logits']:.1e}", f"{m['sqnr_db']:.0f}", f"{m['kl']:.1e}",
                           f"{m['top1']:.3f}", greedy, ppl, result)
-    console.print(table)
+    _print_table(table, labels=("target", "gate"))
     plan = report.get("plan", {})
     if plan.get("heldout_windows"):
         console.print(f"perplexity scored on {plan['heldout_tokens'] - plan['heldout_windows']} held-out tokens "
                       f"({plan['heldout_windows']} windows)")
     for target, entry in report["artifacts"].items():
-        for breach in entry["breaches"]:
-            console.print(f"[red]{target}[/]: {breach}")
+        for breach in entry["breaches"]:  # one line each, as written (no markup: a breach may hold brackets)
+            console.print(Text.assemble((target, "red"), f": {breach}"), soft_wrap=True)
 
 
 @app.command()
@@ -319,7 +357,7 @@ def sparsity(
                 write_heatmap_png(profile, staging / "sparsity_heatmap.png")
                 write_expert_firing_png(model_dir, passage, staging / "expert_firing.png", layer=layer)
                 publish(staging, out)
-    console.print(render_table(profile))
+    _print_table(render_table(profile))
     for name in SPARSITY_OUTPUTS:
         console.print(f"written: {out / name}", markup=False, highlight=False, soft_wrap=True)
 
@@ -337,12 +375,12 @@ def recipes_list(ctx: typer.Context) -> None:
 
     table = _table("recipes (cpm-mobile recipes show NAME for the full file)")
     table.add_column("name", style="bold", no_wrap=True)
-    table.add_column("targets")
-    table.add_column("what it is")
+    table.add_column("targets", no_wrap=True)
+    table.add_column("what it is")  # free text: wraps between words to fit
     for name in _builtin_recipes():
         recipe = load_recipe(name)
         table.add_row(name, ", ".join(recipe.targets), _first_sentence(recipe.description))
-    console.print(table)
+    _print_table(table, labels=("name", "targets"))
 
 
 @recipes_app.command("show")
@@ -358,10 +396,14 @@ def recipes_show(name: str = typer.Argument(..., metavar="NAME", help="A recipe 
 
 
 def _first_sentence(text: str) -> str:
-    """The description's lead: up to its first full stop or colon."""
+    """The description's lead: up to its first full stop or colon outside parentheses (never half a bracket)."""
     text = " ".join(text.split())
-    cuts = [i for i in (text.find(". "), text.find(": ")) if i >= 0]
-    return text[: min(cuts)] if cuts else text.rstrip(".")
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(char, 0)
+        if depth <= 0 and text.startswith((". ", ": "), i):
+            return text[:i]
+    return text.rstrip(".")
 
 
 @app.command()

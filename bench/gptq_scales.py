@@ -31,9 +31,9 @@ def main() -> None:
     from cpm_mobile.exporter.models.loader import checkpoint_state, build_model
     from bench.synthetic import write_gptq_checkpoint
     from cpm_mobile.exporter.models.variant import derive
-    from cpm_mobile.exporter.quant import executorch as et_quant
+    from cpm_mobile.exporter.targets.executorch import quant as et_quant
     from cpm_mobile.exporter.tokenizer import TextTokenizer
-    from cpm_mobile.recipes.quant_executorch import Int4Scheme
+    from cpm_mobile.exporter.targets.executorch.spec import Int4Scheme
     from cpm_mobile.runtimes.metrics import mean_kl_divergence, perplexity, top1_agreement
 
     embedded = Path(__file__).resolve().parents[1] / "exporter" / "embedded" / "minicpm-tiny"
@@ -79,7 +79,7 @@ def main() -> None:
 
 def _with_scales(module, grid, name):
     """The twin's linear with the grid's exact fp16 scales instead of their bf16 rounding."""
-    from cpm_mobile.exporter.quant.executorch import _linear
+    from cpm_mobile.exporter.targets.executorch.quant import _linear
 
     entry = grid.linears.get(f"{name}.weight")
     if entry is None:

@@ -25,7 +25,7 @@ from cpm_mobile.exporter.models.loader import load_model
 from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.pipeline import export_bundle
 from bench.ggml import llamacpp_rounded
-from cpm_mobile.exporter.quant.onnx import Int8ActivationLinear
+from cpm_mobile.exporter.targets.onnx.quant import Int8ActivationLinear
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.exporter.verify import build_plan
 from cpm_mobile.recipes import load_recipe
@@ -89,7 +89,7 @@ def write_outputs(rows: list[dict], out: Path) -> None:
                      f"{_cell(r['kl'], '.1e')} | {_cell(ppl, '+.2f')} % | {_cell(r['top1'], '.3f')} | "
                      f"{_cell(r['sqnr_db'], '.1f')} | {r['faithfulness']} / {r['fidelity']} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
-    console.print("\n".join(lines), markup=False, highlight=False)
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)  # whole lines, however narrow
     _plot(rows, out / "quality.png")
 
 

@@ -25,10 +25,10 @@ from pydantic import TypeAdapter
 
 from cpm_mobile.exporter.models.loader import load_model
 from cpm_mobile.exporter.models.variant import derive, with_weights
-from cpm_mobile.exporter.quant.onnx import Int8ActivationLinear, fp32_activations, onnx_twin, quantize_onnx
-from cpm_mobile.exporter.targets.onnx import CacheLayout, build_onnx, save_onnx
+from cpm_mobile.exporter.targets.onnx.quant import Int8ActivationLinear, fp32_activations, onnx_twin, quantize_onnx
+from cpm_mobile.exporter.targets.onnx.target import CacheLayout, build_onnx, save_onnx
 from cpm_mobile.exporter.tokenizer import TextTokenizer
-from cpm_mobile.recipes.quant_onnx import OnnxQuantization
+from cpm_mobile.exporter.targets.onnx.spec import OnnxQuantization
 from cpm_mobile.runtimes.metrics import max_abs_error, mean_kl_divergence, perplexity, sqnr_db, top1_agreement
 from cpm_mobile.runtimes.torch_session import TorchSession
 

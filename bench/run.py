@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.measure import Measurement
+from rich.segment import Segments
 from rich.table import Table
 
 from cpm_mobile.exporter.errors import InputError
@@ -32,7 +34,8 @@ from cpm_mobile.exporter.models import load_checkpoint
 from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.exporter.models.loader import build_model
 from cpm_mobile.exporter.passes import apply_passes
-from cpm_mobile.exporter.targets import ExportContext, get_target
+from cpm_mobile.exporter.targets.base import ExportContext
+from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.recipes import Recipe, load_recipe
 
 console = Console()
@@ -171,7 +174,7 @@ def write_outputs(rows: list[dict], meta: dict, skipped: list[dict], out: Path, 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table = Table(title="decode / prefill vs PyTorch eager (same run)")
     for column in COLUMNS:
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for r in rows:
         size = f"{r['size_mb']:.1f}" if r["size_mb"] is not None else "-"
         cells = [r["model"], r["runtime"], r["recipe"], f"{r['decode_tok_per_s']:.1f}", f"{r['decode_speedup']:.2f}",
@@ -179,11 +182,37 @@ def write_outputs(rows: list[dict], meta: dict, skipped: list[dict], out: Path, 
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     if not quiet:
-        console.print(table)
+        print_table(table, labels=("model", "runtime", "recipe"))
         for s in skipped:
-            console.print(f"not measured: {s['model']} {s['runtime']} {s['recipe']}: {s['reason']}")
+            console.print(f"not measured: {s['model']} {s['runtime']} {s['recipe']}: {s['reason']}",
+                          markup=False, highlight=False, soft_wrap=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "results.png")
+
+
+def print_table(table: Table, labels: tuple[str, ...] = ()) -> None:
+    """Print a table with every name and number whole (the CLI's rule, cpm_mobile.cli._print_table).
+
+    Without a terminal (a log: rich assumes 80 columns) the table is printed as wide as it is. In a terminal
+    narrower than the table, the `labels` columns (by header) fold; if even the other columns do not fit,
+    the lines run past the terminal's edge rather than cut a number.
+    """
+    wide = console.options.update_width(10_000)
+    folding = set(labels) if console.is_terminal else set()
+    slack = 0
+    for column in table.columns:
+        column.no_wrap, column.overflow = column.header not in folding, "fold"
+        cells = [Measurement.get(console, wide, cell) for cell in (column.header, *column.cells)]
+        if column.no_wrap:
+            column.min_width = max(cell.maximum for cell in cells)
+        else:
+            slack += max(0, max(cell.minimum for cell in cells) - 4)  # a label may fold down to 4 characters
+    whole = Measurement.get(console, wide, table).minimum
+    if whole - slack <= console.width:
+        console.print(table)
+        return
+    lines = console.render_lines(table, console.options.update_width(whole), pad=False, new_lines=True)
+    console.print(Segments([segment for line in lines for segment in line]), end="", crop=False)
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -46,6 +46,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cpm_mobile.exporter.targets.registry import capabilities
 from cpm_mobile.exporter.analysis.sparsity import sparsity_metrics
 from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL, HELDOUT_TEXT
 from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
@@ -54,8 +55,9 @@ from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.exporter.models.ffn import BlockFFN
 from cpm_mobile.exporter.models.loader import build_model
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.exporter.passes.blockffn_sparse import TOKENS_TRANSPOSED, SparseBlockFFN, blockffn_sparse
-from cpm_mobile.exporter.targets import ExportContext, get_target
+from cpm_mobile.exporter.passes.blockffn_sparse import SparseBlockFFN, blockffn_sparse
+from cpm_mobile.exporter.targets.base import ExportContext
+from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 
 RUNTIMES = ("executorch", "onnx")
@@ -80,7 +82,7 @@ def sparse_layer(runtime: str, dense: BlockFFN) -> torch.nn.Module:
     """The layer form the blockffn_sparse pass gives the runtime's target."""
     if runtime == "executorch":
         return FusedSparseBlockFFN(dense)
-    return SparseBlockFFN(dense, TOKENS_TRANSPOSED[runtime])
+    return SparseBlockFFN(dense, capabilities(runtime).sparse_experts != "gather")
 
 
 def text_ids(tokenizer: TextTokenizer, count: int) -> np.ndarray:
@@ -209,7 +211,7 @@ def layer_runner(runtime: str, module: torch.nn.Module, hidden: int, folder: Pat
     from executorch.runtime import Runtime
 
     from cpm_mobile.exporter.kernels.loader import load_kernels
-    from cpm_mobile.exporter.targets.executorch import emit, lower, write_program
+    from cpm_mobile.exporter.targets.executorch.target import emit, lower, write_program
 
     load_kernels()
     with torch.no_grad():
@@ -262,7 +264,7 @@ def quant_spec(runtime: str, scheme: str):
 def quantised_layers(model: CausalLM, scheme: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The timed layer of the ExecuTorch int8/int4 variants of the model: dense (torchao linears)
     and fused sparse (the same codes in our kernel), as the recipe quantises them."""
-    from cpm_mobile.exporter.quant.executorch import _plan
+    from cpm_mobile.exporter.targets.executorch.quant import _plan
 
     quantization = quant_spec("executorch", scheme).quantization
     name = f"layers.{PATTERN_LAYER}.mlp"
@@ -271,7 +273,7 @@ def quantised_layers(model: CausalLM, scheme: str) -> tuple[torch.nn.Module, tor
         dense = copy.copy(model.layers[PATTERN_LAYER].mlp)
         dense._modules = {child: builders[f"{name}.{child}"](module) if f"{name}.{child}" in builders else module
                           for child, module in dense._modules.items()}
-        fused = blockffn_sparse(model, {}, "executorch")
+        fused = blockffn_sparse(model, {}, capabilities("executorch"))
         sparse = _plan(fused, quantization)[name](fused.layers[PATTERN_LAYER].mlp)
     return dense, sparse
 
@@ -291,7 +293,7 @@ def model_session(runtime: str, model: CausalLM, folder: Path, spec=None):
 def compare_models(runtime: str, dense: CausalLM, ids: np.ndarray, prefill: int, folder: Path,
                    repeats: int, spec=None) -> dict:
     sessions = {"dense": model_session(runtime, dense, folder / "dense", spec),
-                "sparse": model_session(runtime, blockffn_sparse(dense, {}, runtime), folder / "sparse", spec)}
+                "sparse": model_session(runtime, blockffn_sparse(dense, {}, capabilities(runtime)), folder / "sparse", spec)}
     prompt, rest = ids[:prefill], ids[prefill:]
     steps = rest[:16]
     chunk = rest[:CHUNK]

@@ -9,12 +9,10 @@ from cpm_mobile.exporter.bundle import MANIFEST, sha256_file
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.defaults import HELDOUT_TEXT
-from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.pipeline import read_heldout
-from cpm_mobile.exporter.targets import get_target
 from cpm_mobile.exporter.targets.base import Progress, no_progress
 from cpm_mobile.exporter.tokenizer import TextTokenizer
-from cpm_mobile.exporter.verify import CheckResult, Twin, build_plan, check_artifacts
+from cpm_mobile.exporter.verify import CheckResult, artifact_twins, build_plan, check_artifacts
 from cpm_mobile.recipes.schema import recipe_from_dict
 
 
@@ -87,12 +85,9 @@ def check_bundle(
     plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len,
                       checkpoint.config.eos_token_ids, heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
-    twins = {}
-    for artifact in artifacts:
-        target = artifact["target"]
-        spec = recipe.targets[target]
-        model = apply_passes(reference, [*recipe.passes, *spec.passes], target)
-        twins[target] = Twin(*get_target(target).twin(model, spec))
+    twins, faults = artifact_twins(reference, recipe, bundle, artifacts)
+    for target, found in faults.items():
+        breaches.setdefault(target, []).extend(found)
     result = check_artifacts(reference, twins, tokenizer, recipe, bundle, artifacts, plan, progress, breaches)
     if "bundle" in breaches:
         result.report["passed"] = False

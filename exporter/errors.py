@@ -17,3 +17,12 @@ class InputError(CpmMobileError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class Refused(CpmMobileError):
+    """Everything a recipe is refused for, found before any work: one line each. Exit 2."""
+
+    def __init__(self, path: str | Path, reasons: list[str]):
+        self.path = Path(path)
+        self.lines = [f"{path}: {reason}" for reason in reasons]
+        super().__init__("; ".join(self.lines))

@@ -16,9 +16,11 @@ from cpm_mobile.exporter.defaults import HELDOUT_TEXT
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.passes import apply_passes, check_passes
-from cpm_mobile.exporter.targets import ExportContext, Progress, get_target, no_progress
+from cpm_mobile.exporter.preflight import preflight
+from cpm_mobile.exporter.targets.base import ExportContext, Progress, no_progress
+from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
-from cpm_mobile.exporter.verify import Twin, build_plan, check_artifacts
+from cpm_mobile.exporter.verify import artifact_twins, build_plan, check_artifacts
 from cpm_mobile.recipes.schema import Recipe
 
 BUNDLE_FORMAT = "cpm-mobile-bundle/1"
@@ -69,17 +71,14 @@ def export_bundle(
     destination is refused unless `force`, and then replaced only by a complete new one.
     """
     for target_name, spec in recipe.targets.items():
-        check_passes([*recipe.passes, *spec.passes], target_name)
+        check_passes([*recipe.passes, *spec.passes], target_name)  # unknown passes: before reading the checkpoint
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
     config = checkpoint.config
     tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
-    if recipe.weights == "checkpoint_grid" and config.weight_grid is None:
-        raise InputError(checkpoint.files.config, f"recipe {recipe.name} exports a checkpoint's own integer grid, and "
-                                                  "this checkpoint's weights lie on none (see `cpm-mobile inspect`): "
-                                                  "use int4 or ternary to quantise it")
+    preflight(recipe, config, checkpoint.tied, checkpoint.files.config)
     plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len, config.eos_token_ids,
                       heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
@@ -89,16 +88,19 @@ def export_bundle(
         eos_ids=config.eos_token_ids,
     )
     with staging_folder(final) as staging:
-        artifacts, twins = [], {}
+        artifacts, models, targets = [], {}, {}
         for target_name, spec in recipe.targets.items():
             # Passes return variants and targets never mutate their input: the reference stays plain.
-            model = apply_passes(reference, [*recipe.passes, *spec.passes], target_name)
+            models[target_name] = apply_passes(reference, [*recipe.passes, *spec.passes], target_name)
+            targets[target_name] = get_target(target_name)
             progress(f"export {target_name}", None)
-            exported = get_target(target_name).export(model, staging, spec, context, _prefixed(progress, target_name))
+            exported = targets[target_name].export(models[target_name], staging, spec, context,
+                                                   _prefixed(progress, target_name))
             artifacts.append(asdict(exported.info))
-            twins[target_name] = Twin(exported.twin, exported.twin_description)
         tokenizer_files = tokenizer.write_bundle_files(staging, recipe.max_seq_len)
-        result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress)
+        # The twins as `cpm-mobile check` builds them: from the written files, by the same function.
+        twins, faults = artifact_twins(reference, recipe, staging, artifacts, models, targets)
+        result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress, faults)
         manifest = {
             "format": BUNDLE_FORMAT,
             "name": name,

@@ -20,7 +20,9 @@ from torch import nn
 
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.exporter.targets.base import Progress, no_progress
+from cpm_mobile.exporter.passes import apply_passes
+from cpm_mobile.exporter.targets.base import Progress, StructuralFault, no_progress
+from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.recipes.schema import Recipe
 from cpm_mobile.runtimes.base import open_session
@@ -32,8 +34,34 @@ GATES = ("faithfulness", "fidelity")
 
 @dataclass
 class Twin:
-    module: nn.Module
+    module: nn.Module | None  # None: the artifact's files could not be read back (a structural fault)
     description: str
+
+
+def artifact_twins(reference_model: CausalLM, recipe: Recipe, bundle_dir: Path, artifacts: list[dict[str, Any]],
+                   models: dict[str, CausalLM] | None = None, targets: dict[str, Any] | None = None,
+                   ) -> tuple[dict[str, Twin], dict[str, list[str]]]:
+    """Each artifact's twin, built by its target from the written files, and its structural faults.
+
+    Export's check and `cpm-mobile check` both call this on the same bytes, so both hold an artifact
+    to the same twin. `models`: the passes' variants export used (saves applying them again);
+    `targets`: the target instances export used (they keep what they built for the twin).
+    """
+    twins: dict[str, Twin] = {}
+    faults: dict[str, list[str]] = {}
+    for artifact in artifacts:
+        name = artifact["target"]
+        spec = recipe.targets[name]
+        model = (models or {}).get(name) or apply_passes(reference_model, [*recipe.passes, *spec.passes], name)
+        target = (targets or {}).get(name) or get_target(name)
+        try:
+            module, description = target.twin(model, spec, bundle_dir, artifact)
+        except StructuralFault as fault:
+            twins[name], faults[name] = Twin(None, "not read back"), [f"structure: {fault}"]
+            continue
+        twins[name] = Twin(module, description)
+        faults[name] = [f"structure: {fault}" for fault in target.structure(bundle_dir, artifact, module)]
+    return twins, faults
 
 
 def build_plan(recipe: Recipe, tokenizer: TextTokenizer, heldout_text: str, max_seq_len: int,
@@ -84,7 +112,7 @@ def check_artifacts(
         expected = {
             # The twin's own rows on the reference's tokens; the plain reference is its own twin.
             "faithfulness": reference if twin.module is reference_model
-            else teacher_forced_runs(TorchSession(twin.module), plan, reference),
+            else None if twin.module is None else teacher_forced_runs(TorchSession(twin.module), plan, reference),
             "fidelity": reference,
         }
         gates: dict[str, Any] = {}
@@ -93,15 +121,14 @@ def check_artifacts(
             session = open_session(bundle_dir, artifact)
             observed = teacher_forced_runs(session, plan, reference)
             verified = session.verified
-            breaches["artifact"] += [f"structure: {s['name']}: {s['detail']}"
-                                     for s in getattr(session, "structure", []) if not s["passed"]]
         except Exception as exc:  # an artifact its runtime cannot load or run has failed its check
             observed, verified = None, "not run"
             breaches["artifact"].append(f"runtime error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         for gate in GATES:
             tolerances = getattr(spec, gate)
-            measured = compare(expected[gate], observed, plan, tolerances.tie_margin_rel) if observed else {}
-            gate_breaches = judge(measured, tolerances.model_dump()) if observed else []
+            measurable = observed is not None and expected[gate] is not None
+            measured = compare(expected[gate], observed, plan, tolerances.tie_margin_rel) if measurable else {}
+            gate_breaches = judge(measured, tolerances.model_dump()) if measurable else []
             gates[gate] = {
                 "against": twin.description if gate == "faithfulness" else "fp32 reference",
                 "metrics": measured,

@@ -8,6 +8,8 @@ quantisation scheme) and two sets of tolerances, one per gate of the check:
   a breach is an implementation fault (a wrong kernel, a silently fp32 file, a corrupted weight).
 - fidelity: the artifact against the fp32 reference of the checkpoint, with the recipe's quality
   bounds. A breach means the recipe costs more quality than it allows.
+
+The targets' specs (exporter/targets/<name>/spec.py) come from the target registry: this file names no target.
 """
 from __future__ import annotations
 
@@ -18,93 +20,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cpm_mobile.exporter.errors import InputError
-from cpm_mobile.recipes import quantization as quant
+from cpm_mobile.exporter.targets import registry
+from cpm_mobile.exporter.targets.spec import PassSpec, Strict, Tolerances
 
-TargetName = Literal["executorch", "onnx", "coreml"]
-TARGET_NAMES: tuple[str, ...] = ("executorch", "onnx", "coreml")
+TARGET_NAMES: tuple[str, ...] = registry.TARGET_NAMES
+TargetName = Literal[TARGET_NAMES]  # type: ignore[valid-type]
 RECIPES_DIR = Path(__file__).resolve().parent
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Tolerances(Strict):
-    """Bounds on the check's metrics; None leaves a metric unchecked (it is still reported).
-
-    max_rel_logits is max |artifact - expected| over all logits divided by max |expected|: it
-    scales with logit magnitude (trained 30-layer models have logits ~10x the embedded models'),
-    where an absolute bound tuned on small models rejects faithful exports of deep ones.
-    min_greedy is the fraction of teacher-forced greedy steps whose argmax agrees, counting only
-    steps where the expected top-2 margin exceeds tie_margin_rel x max |expected logit| of that
-    row: a flipped near-tie is reported (with its margin) but does not fail a faithful artifact.
-    """
-
-    max_abs_logits: float | None = Field(None, gt=0)
-    max_rel_logits: float | None = Field(None, gt=0)
-    min_sqnr_db: float | None = None
-    max_kl: float | None = Field(None, ge=0)
-    min_top1: float | None = Field(None, ge=0, le=1)
-    min_greedy: float | None = Field(None, ge=0, le=1)
-    tie_margin_rel: float = Field(0.0, ge=0)
-    max_ppl_rel_delta: float | None = Field(None, ge=0)
-
-
-class PassSpec(Strict):
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
-class _TargetSpec(Strict):
-    precision: Literal["fp32"] = "fp32"
-    passes: list[PassSpec] = Field(default_factory=list, description="applied for this target only, after the recipe's")
-    faithfulness: Tolerances
-    fidelity: Tolerances
-
-
-class ExecuTorchOptions(Strict):
-    backend: Literal["xnnpack"] = "xnnpack"
-    attention: Literal["custom_sdpa", "plain"] = Field(
-        "custom_sdpa", description="custom_sdpa: ExecuTorch's LLM custom ops; plain: portable kernels only")
-
-
-class ExecuTorchSpec(_TargetSpec):
-    target: Literal["executorch"] = "executorch"
-    options: ExecuTorchOptions = ExecuTorchOptions()
-    quantization: quant.ExecuTorchQuantization = None
-
-
-class OnnxOptions(Strict):
-    opset: int = Field(20, ge=20, le=23)
-    # Weights go to model.onnx.data above 1 GiB by default. protobuf cannot serialise a message over 2 GiB, and
-    # the graph, names and per-tensor overhead ride on top of the weights, so the limit must sit well below
-    # 2 GiB. Below 1 GiB one file is simpler to ship and every consumer (netron, onnx.checker, onnx.load)
-    # handles it; above, external data also lets ORT memory-map the weights (tensors over 1 MiB are 64
-    # KiB-aligned for that) instead of holding a parsed protobuf copy during load.
-    external_data_threshold_bytes: int = Field(1 << 30, ge=0)
-    pad_mla_values: bool = Field(True, description="zero-pad MLA value heads to the key width (onnxruntime-genai needs it)")
-
-
-class OnnxSpec(_TargetSpec):
-    target: Literal["onnx"] = "onnx"
-    precision: Literal["fp32", "fp16"] = "fp32"
-    options: OnnxOptions = OnnxOptions()
-    quantization: quant.OnnxQuantization = None
-
-
-class CoreMLOptions(Strict):
-    deployment_target: Literal["iOS18"] = Field("iOS18", description="Core ML states need iOS18")
-
-
-class CoreMLSpec(_TargetSpec):
-    target: Literal["coreml"] = "coreml"
-    precision: Literal["fp32", "fp16"] = "fp32"
-    options: CoreMLOptions = CoreMLOptions()
-    quantization: quant.CoreMLQuantization = None
-
-
-TargetSpec = Annotated[Union[ExecuTorchSpec, OnnxSpec, CoreMLSpec], Field(discriminator="target")]
-SPEC_TYPES = {"executorch": ExecuTorchSpec, "onnx": OnnxSpec, "coreml": CoreMLSpec}
+SPEC_TYPES = {name: registry.spec_type(name) for name in TARGET_NAMES}
+TargetSpec = Annotated[Union[tuple(SPEC_TYPES.values())], Field(discriminator="target")]  # type: ignore[valid-type]
 
 
 class CheckSpec(Strict):

@@ -41,11 +41,15 @@ def open_session(bundle_dir: Path, artifact: dict[str, Any]) -> Session:
 
 
 def _import_runtime(target: str) -> None:
+    """A target's runtime is the module (or package) `cpm_mobile.runtimes.<target>`, which registers itself."""
     import importlib
 
-    module = {"executorch": "cpm_mobile.runtimes.executorch", "onnx": "cpm_mobile.runtimes.onnx", "coreml": "cpm_mobile.runtimes.coreml.session"}.get(target)
-    if module is None:
-        raise KeyError(f"no runtime for target '{target}'")
-    importlib.import_module(module)
+    module = f"{__package__}.{target}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+        raise KeyError(f"no runtime for target '{target}'") from None
     if target not in _OPENERS:
         raise KeyError(f"{module} did not register a runtime for '{target}'")

@@ -16,16 +16,17 @@ import onnx
 import pytest
 import torch
 
+from cpm_mobile.exporter.targets.registry import capabilities
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models import CausalLM, ModelConfig, load_model
 from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.exporter.models.ffn import BlockFFN
 from bench.presets import preset_config
-from cpm_mobile.exporter.passes import PASSES, apply_passes
+from cpm_mobile.exporter.passes import PASSES, apply_passes, pass_refusals
 from cpm_mobile.exporter.passes.blockffn_sparse import SparseBlockFFN, blockffn_sparse
 from cpm_mobile.exporter.targets.base import ArtifactInfo, ExportContext
-from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget
-from cpm_mobile.exporter.targets.onnx import OnnxTarget
+from cpm_mobile.exporter.targets.executorch.target import ExecuTorchTarget
+from cpm_mobile.exporter.targets.onnx.target import OnnxTarget
 from cpm_mobile.recipes.schema import PassSpec, load_recipe
 from cpm_mobile.runtimes.base import open_session
 from cpm_mobile.runtimes.check import CheckPlan, Observations, compare, greedy_runs, teacher_forced_runs
@@ -63,7 +64,7 @@ def dense(tmp_path_factory) -> CausalLM:
 
 @pytest.fixture(scope="module")
 def sparse(dense) -> CausalLM:
-    return blockffn_sparse(dense, {}, "executorch")
+    return blockffn_sparse(dense, {}, capabilities("executorch"))
 
 
 def _random_tokens(count: int, seed: int) -> list[int]:
@@ -203,7 +204,7 @@ def test_the_copy_leaves_the_input_model_untouched(tmp_path):
     folder = write_synthetic_checkpoint(tmp_path / "m", "blockffn-small", **SIZES)
     model, _ = load_model(folder, max_seq_len=32, dtype=torch.float32)
     before = _snapshot(model)
-    copy = blockffn_sparse(model, {}, "onnx")  # the gather form (executorch: tests/test_sparse_kernel.py)
+    copy = blockffn_sparse(model, {}, capabilities("onnx"))  # the gather form (executorch: tests/test_sparse_kernel.py)
     _logits(copy, [(_random_tokens(9, seed=3), 0), ([5], 9)])  # runs write the copy's own caches
     with torch.no_grad():
         copy(torch.tensor([[7, 8]]), torch.tensor([0]))  # and leave them filled
@@ -226,16 +227,18 @@ def test_registered_and_refuses_models_without_blockffn_and_unknown_options(dens
     assert all(isinstance(layer.mlp, SparseBlockFFN) for layer in applied.layers)
     gqa = CausalLM(ModelConfig.from_hf_dict(preset_config("minicpm4-0.5b", **TINY_GQA, vocab_size=VOCAB)), 16)
     with pytest.raises(InputError, match="BlockFFN"):
-        blockffn_sparse(gqa, {}, "onnx")
+        blockffn_sparse(gqa, {}, capabilities("onnx"))
     with pytest.raises(InputError, match="already"):
-        blockffn_sparse(applied, {}, "onnx")
+        blockffn_sparse(applied, {}, capabilities("onnx"))
     with pytest.raises(InputError, match="no options"):
-        blockffn_sparse(dense, {"threshold": 0.1}, "onnx")
+        blockffn_sparse(dense, {"threshold": 0.1}, capabilities("onnx"))
 
 
 def test_recipe_lists_only_the_targets_that_run_the_gathers():
-    assert "non_zero" in PASSES["blockffn_sparse"].targets["coreml"]
-    assert PASSES["blockffn_sparse"].targets["executorch"] is None and PASSES["blockffn_sparse"].targets["onnx"] is None
+    [refusal] = pass_refusals([PassSpec(name="blockffn_sparse")], "coreml")  # the target's own reason
+    assert "non_zero" in refusal
+    assert pass_refusals([PassSpec(name="blockffn_sparse")], "executorch") == []
+    assert pass_refusals([PassSpec(name="blockffn_sparse")], "onnx") == []
     recipe = load_recipe("fp32-sparse")
     assert set(recipe.targets) == {"executorch", "onnx"}
     fp32 = load_recipe("fp32")

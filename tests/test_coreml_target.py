@@ -28,12 +28,13 @@ from cpm_mobile.exporter.errors import InputError  # noqa: E402
 from cpm_mobile.exporter.models import load_model  # noqa: E402
 from bench.synthetic import write_synthetic_checkpoint  # noqa: E402
 from cpm_mobile.exporter.models.kv_cache import StaticKVCache  # noqa: E402
-from cpm_mobile.exporter.targets import ExportContext, get_target  # noqa: E402
+from cpm_mobile.exporter.targets.base import ExportContext  # noqa: E402
+from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.runtimes.base import open_session  # noqa: E402
 from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs  # noqa: E402
 from cpm_mobile.runtimes.coreml import SUPPORTED_OPS, UnsupportedOpError, load_mil_program  # noqa: E402
 from cpm_mobile.runtimes.coreml.session import INTERPRETER_VERIFIED, CoreMLSession  # noqa: E402
-from cpm_mobile.runtimes.coreml.structure import structural_checks  # noqa: E402
+from cpm_mobile.exporter.targets.coreml.structure import structural_checks  # noqa: E402
 from cpm_mobile.runtimes.torch_session import TorchSession  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Function _TORCH_OPS_REGISTRY:DeprecationWarning")
@@ -289,7 +290,7 @@ def test_coreml_cache_equals_an_fp16_static_cache(minicpm4) -> None:
     """Same numbers as the reference cache stored in fp16: the slice update writes what index_copy_ does."""
     from torch import nn
 
-    from cpm_mobile.exporter.targets.coreml import coreml_ready
+    from cpm_mobile.exporter.targets.coreml.target import coreml_ready
 
     coreml_model = coreml_ready(minicpm4.model)
     fp16_model = coreml_ready(minicpm4.model)
@@ -314,7 +315,7 @@ def test_fp32_program_within_1e4_of_pytorch_with_the_same_fp16_state_rounding(la
     different orders, and a k or v that lands a last-bit apart in fp32 can round to the adjacent
     fp16 value (2**-11 relative). Bound: 2e-4, against ~1e-2 when the states are compared with an
     fp32 cache and O(1) for any real fault."""
-    from cpm_mobile.exporter.targets.coreml import coreml_ready
+    from cpm_mobile.exporter.targets.coreml.target import coreml_ready
 
     case = layouts[layout]
     _, session = case.exported("fp32")

@@ -21,7 +21,7 @@ from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.exporter.models.kv_cache import StaticKVCache
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.targets.base import ArtifactInfo, ExportContext
-from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget, export_ready
+from cpm_mobile.exporter.targets.executorch.target import ExecuTorchTarget, export_ready
 from cpm_mobile.runtimes.base import open_session
 from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, teacher_forced_runs
 from cpm_mobile.runtimes.executorch import ExecuTorchSession, load_program, read_constant_method

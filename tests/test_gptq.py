@@ -17,10 +17,10 @@ from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models import load_model
 from bench.synthetic import random_state, write_gptq_checkpoint
 from bench.presets import preset_config
-from cpm_mobile.exporter.quant.onnx import WEIGHT_KEY, check_grid, quantize_onnx, unpack
+from cpm_mobile.exporter.targets.onnx.quant import WEIGHT_KEY, check_grid, quantize_onnx, unpack
 from cpm_mobile.exporter.targets.base import ExportContext
-from cpm_mobile.exporter.targets.onnx import OnnxTarget
-from cpm_mobile.recipes.quant_onnx import OnnxQuantization
+from cpm_mobile.exporter.targets.onnx.target import OnnxTarget
+from cpm_mobile.exporter.targets.onnx.spec import OnnxQuantization
 from tests.conftest import TINY_GQA
 
 MAX_SEQ_LEN = 64
@@ -178,8 +178,8 @@ def test_onnx_refuses_what_it_cannot_carry(gptq_asym, tmp_path):
 
 
 def _coreml(model, folder: Path, quantization: dict):
-    from cpm_mobile.exporter.targets.coreml import CoreMLTarget
-    from cpm_mobile.recipes.schema import CoreMLSpec
+    from cpm_mobile.exporter.targets.coreml.target import CoreMLTarget
+    from cpm_mobile.exporter.targets.coreml.spec import CoreMLSpec
 
     spec = CoreMLSpec(quantization=quantization, faithfulness={}, fidelity={})
     return CoreMLTarget().export(model, folder, spec, ExportContext(bos_id=1, eos_ids=(2,)))
@@ -188,7 +188,7 @@ def _coreml(model, folder: Path, quantization: dict):
 def _stored_blockwise(package: Path) -> dict[str, dict[str, np.ndarray]]:
     """data / scale / offset of every constexpr_blockwise_shift_scale of the saved program, by the
     flattened parameter name it replaces."""
-    from cpm_mobile.exporter.quant.coreml import base_name
+    from cpm_mobile.exporter.targets.coreml.quant import base_name
     from cpm_mobile.runtimes.coreml.mil_interpreter import load_mil_program
 
     found = {}
@@ -202,7 +202,7 @@ def _stored_blockwise(package: Path) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("which", ["gptq_sym"])  # offsets (affine grids): tests/test_weight_grid.py
 def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_path):
-    from cpm_mobile.exporter.quant.coreml import flat_name
+    from cpm_mobile.exporter.targets.coreml.quant import flat_name
     from cpm_mobile.runtimes.coreml.session import CoreMLSession
     from cpm_mobile.runtimes.metrics import sqnr_db
 
@@ -235,9 +235,9 @@ def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_pat
 
 
 def test_executorch_carries_the_codes_with_bf16_scales_and_refuses_zero_points(gptq_sym, gptq_asym, tmp_path):
-    from cpm_mobile.exporter.quant.executorch import quantised_weights
-    from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget
-    from cpm_mobile.recipes.schema import ExecuTorchSpec
+    from cpm_mobile.exporter.targets.executorch.quant import quantised_weights
+    from cpm_mobile.exporter.targets.executorch.target import ExecuTorchTarget
+    from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
     from cpm_mobile.runtimes.executorch import ExecuTorchSession
     from cpm_mobile.runtimes.metrics import sqnr_db
 

@@ -400,7 +400,7 @@ def _ternary(weight: np.ndarray):
     return np.array([-scale, 0.0, scale, 0.0], dtype=weight.dtype), (codes + 1).astype(np.uint8).reshape(-1)
 
 
-# What coremltools.optimize.coreml emits for the Core ML quantisation schemes (exporter/quant/coreml.py).
+# What coremltools.optimize.coreml emits for the Core ML quantisation schemes (exporter/targets/coreml/quant.py).
 EMITTED = {
     "int8_block32_symmetric": lambda cto: cto.OpLinearQuantizerConfig(
         mode="linear_symmetric", dtype="int8", granularity="per_block", block_size=[1, 16]),

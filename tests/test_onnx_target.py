@@ -17,7 +17,7 @@ from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models import CausalLM, load_model
 from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.exporter.targets.base import ArtifactInfo, ExportContext
-from cpm_mobile.exporter.targets.onnx import OnnxTarget
+from cpm_mobile.exporter.targets.onnx.target import OnnxTarget
 from cpm_mobile.runtimes import check
 from cpm_mobile.runtimes.base import open_session
 from cpm_mobile.runtimes.onnx import OnnxSession, open_onnx

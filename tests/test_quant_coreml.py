@@ -30,7 +30,7 @@ from cpm_mobile.exporter.errors import InputError  # noqa: E402
 from cpm_mobile.exporter.models import load_model  # noqa: E402
 from bench.synthetic import write_synthetic_checkpoint  # noqa: E402
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint  # noqa: E402
-from cpm_mobile.exporter.quant.coreml import (  # noqa: E402
+from cpm_mobile.exporter.targets.coreml.quant import (  # noqa: E402
     check_scheme,
     compress_mlmodel,
     compression_metadata,
@@ -39,14 +39,15 @@ from cpm_mobile.exporter.quant.coreml import (  # noqa: E402
     stored_weights,
     weight_file_bytes,
 )
-from cpm_mobile.exporter.targets import ExportContext, get_target  # noqa: E402
+from cpm_mobile.exporter.targets.base import ExportContext  # noqa: E402
+from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.sizes import predict_bytes  # noqa: E402
-from cpm_mobile.exporter.targets.coreml import capture, convert, coreml_ready, package_size, save_package  # noqa: E402
+from cpm_mobile.exporter.targets.coreml.target import capture, convert, coreml_ready, package_size, save_package  # noqa: E402
 from cpm_mobile.exporter.tokenizer import TextTokenizer  # noqa: E402
-from cpm_mobile.recipes.quant_coreml import CoreMLQuantization  # noqa: E402
+from cpm_mobile.exporter.targets.coreml.spec import CoreMLQuantization  # noqa: E402
 from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs  # noqa: E402
 from cpm_mobile.runtimes.coreml.session import CoreMLSession  # noqa: E402
-from cpm_mobile.runtimes.coreml.structure import failed, structural_checks  # noqa: E402
+from cpm_mobile.exporter.targets.coreml.structure import failed, structural_checks  # noqa: E402
 from cpm_mobile.runtimes.torch_session import TorchSession  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")

@@ -26,11 +26,11 @@ from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models import load_model
 from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.exporter.quant.executorch import expected_size_bytes, quantised_weights, quantize_for_executorch
+from cpm_mobile.exporter.targets.executorch.quant import expected_size_bytes, quantised_weights, quantize_for_executorch
 from cpm_mobile.exporter.sizes import predict_bytes
-from cpm_mobile.exporter.targets import executorch as et
+from cpm_mobile.exporter.targets.executorch import target as et
 from cpm_mobile.exporter.tokenizer import TextTokenizer
-from cpm_mobile.recipes.quant_executorch import ExecuTorchQuantization
+from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchQuantization
 from cpm_mobile.runtimes import metrics
 from cpm_mobile.runtimes.executorch import ExecuTorchSession, load_kernel_libraries
 from tests.conftest import target_spec
@@ -191,8 +191,8 @@ def test_one_quantised_linear_runs_in_xnnpack_exactly_as_in_eager(gqa_model, fie
 @pytest.fixture(scope="module")
 def int4_gqa(gqa_model, tmp_path_factory):
     """Through the target, as a recipe asks for it; the twin is the one the target returns."""
-    from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget
-    from cpm_mobile.recipes.schema import ExecuTorchSpec
+    from cpm_mobile.exporter.targets.executorch.target import ExecuTorchTarget
+    from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
 
     spec = ExecuTorchSpec.model_validate({"faithfulness": {}, "fidelity": {}, "quantization": {
         "scheme": "int4", "embedding": "int4", "lm_head": "int4"}})

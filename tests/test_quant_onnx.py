@@ -1,7 +1,7 @@
 """ONNX quantisation: MatMulNBits / GatherBlockQuantized graphs in onnxruntime against their twins
 and against fp32, stored really quantised, wrong artifacts caught, bad schemes refused.
 
-Two faithfulness gates (see exporter/quant/onnx.py): the stored weights exactly (the graph with
+Two faithfulness gates (see exporter/targets/onnx/quant.py): the stored weights exactly (the graph with
 fp32 activations vs the twin without activation rounding: max abs logits <= 1e-4, measured
 1.5e-5), and the shipped accuracy_level 4 kernel statistically (its int8 activation rounding flips
 codes under fp32 summation-order noise: SQNR vs the rounding twin measured 44-46 dB, bound 35 dB).
@@ -24,13 +24,13 @@ from pydantic import TypeAdapter, ValidationError
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models import load_model
 from bench.synthetic import write_synthetic_checkpoint
-from cpm_mobile.exporter.quant.onnx import (
+from cpm_mobile.exporter.targets.onnx.quant import (
     EMBEDDING, LM_HEAD, WEIGHT_KEY, fp32_activations, int8_activations, onnx_twin, quantize_onnx, unpack,
 )
 from cpm_mobile.exporter.targets.base import ExportContext
-from cpm_mobile.exporter.targets.onnx import OnnxTarget
+from cpm_mobile.exporter.targets.onnx.target import OnnxTarget
 from cpm_mobile.exporter.tokenizer import TextTokenizer
-from cpm_mobile.recipes.quant_onnx import OnnxQuantization
+from cpm_mobile.exporter.targets.onnx.spec import OnnxQuantization
 from cpm_mobile.runtimes.metrics import max_abs_error, mean_kl_divergence, perplexity, sqnr_db, top1_agreement
 from cpm_mobile.runtimes.torch_session import TorchSession
 from tests.conftest import TINY_BLOCKFFN, TINY_GQA
@@ -290,7 +290,7 @@ def test_bad_schemes_are_refused_naming_the_field(mla):
 
 
 def test_target_quantises_and_returns_the_twin_it_reads_back(tmp_path):
-    from cpm_mobile.recipes.schema import OnnxSpec
+    from cpm_mobile.exporter.targets.onnx.spec import OnnxSpec
 
     checkpoint = write_synthetic_checkpoint(tmp_path / "checkpoint", "minicpm4-0.5b", **TINY_GQA)
     model, _ = load_model(checkpoint, max_seq_len=64)

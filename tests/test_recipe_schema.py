@@ -9,7 +9,10 @@ import yaml
 
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.recipes import load_recipe, recipe_names
-from cpm_mobile.recipes.schema import CoreMLSpec, ExecuTorchSpec, OnnxSpec, recipe_from_dict
+from cpm_mobile.recipes.schema import recipe_from_dict
+from cpm_mobile.exporter.targets.coreml.spec import CoreMLSpec
+from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
+from cpm_mobile.exporter.targets.onnx.spec import OnnxSpec
 
 GATES = {"faithfulness": {}, "fidelity": {}}
 

@@ -44,8 +44,8 @@ def _assert_close(real: int, predicted: int, what: str) -> None:
 def test_onnx_artifacts_of_every_recipe_match_the_prediction(minicpm, tmp_path):
     import onnx_ir as ir
 
-    from cpm_mobile.exporter.quant.onnx import quantize_onnx
-    from cpm_mobile.exporter.targets.onnx import OnnxTarget, save_onnx
+    from cpm_mobile.exporter.targets.onnx.quant import quantize_onnx
+    from cpm_mobile.exporter.targets.onnx.target import OnnxTarget, save_onnx
 
     model = minicpm
     specs = {recipe.name: recipe.targets["onnx"] for recipe in map(load_recipe, recipe_names())

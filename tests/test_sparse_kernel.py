@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cpm_mobile.exporter.targets.registry import capabilities
 from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL
 from cpm_mobile.exporter.kernels import LIBRARY, app_kernels
 from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
@@ -24,7 +25,7 @@ from cpm_mobile.exporter.models.ffn import BlockFFN
 from cpm_mobile.exporter.models.reference import greedy_generate
 from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.targets.base import ExportContext
-from cpm_mobile.exporter.targets.executorch import ExecuTorchTarget, emit, lower, write_program
+from cpm_mobile.exporter.targets.executorch.target import ExecuTorchTarget, emit, lower, write_program
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.runtimes.base import open_session
 from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, teacher_forced_runs
@@ -137,7 +138,7 @@ def test_pass_gives_executorch_the_fused_form_sharing_the_dense_weights(tmp_path
     folder = write_synthetic_checkpoint(tmp_path / "m", "blockffn-small", **dict(TINY_BLOCKFFN, vocab_size=300))
     model, _ = load_model(folder, max_seq_len=32, dtype=torch.float32)
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    fused = blockffn_sparse(model, {}, "executorch")
+    fused = blockffn_sparse(model, {}, capabilities("executorch"))
     with torch.no_grad():
         tokens = torch.tensor([[5, 9, 17, 3]])
         model.reset_cache()

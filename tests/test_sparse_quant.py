@@ -25,9 +25,9 @@ from cpm_mobile.exporter.models import load_model
 from cpm_mobile.exporter.models.ffn import BlockFFN
 from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.pipeline import export_bundle
-from cpm_mobile.exporter.quant.executorch import _intx, _linear, _ternary
-from cpm_mobile.exporter.quant.sparse_executorch import quantise_fused
-from cpm_mobile.exporter.targets.executorch import emit, lower, write_program
+from cpm_mobile.exporter.targets.executorch.quant import _intx, _linear, _ternary
+from cpm_mobile.exporter.targets.executorch.sparse import quantise_fused
+from cpm_mobile.exporter.targets.executorch.target import emit, lower, write_program
 from cpm_mobile.recipes.schema import load_recipe
 from tests.conftest import short_recipe
 from cpm_mobile.runtimes.base import open_session
@@ -253,7 +253,7 @@ def _flip_one_code(twin, tokens: list[int]):
 
 
 def test_one_flipped_code_fails_the_twin_gate(bundle):
-    from cpm_mobile.exporter.targets import get_target
+    from cpm_mobile.exporter.targets.registry import get_target
 
     recipe = load_recipe("int4-sparse")
     spec = recipe.targets["executorch"]

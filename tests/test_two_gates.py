@@ -17,7 +17,7 @@ from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from bench.synthetic import write_trained_like_checkpoint
 from cpm_mobile.exporter.models.variant import with_weights
 from cpm_mobile.exporter.pipeline import export_bundle
-from cpm_mobile.exporter.targets import get_target
+from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.exporter.verify import Twin, build_plan, check_artifacts
 from cpm_mobile.recipes import load_recipe

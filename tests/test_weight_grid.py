@@ -126,10 +126,10 @@ def test_grid_recipes_refuse_a_checkpoint_without_a_grid_before_work(tmp_path, r
 def test_ternary_grid_exports_as_2_bit_matmulnbits_codes(tmp_path):
     import onnx_ir as ir
 
-    from cpm_mobile.exporter.quant.onnx import WEIGHT_KEY, quantize_onnx, unpack
+    from cpm_mobile.exporter.targets.onnx.quant import WEIGHT_KEY, quantize_onnx, unpack
     from cpm_mobile.exporter.targets.base import ExportContext
-    from cpm_mobile.exporter.targets.onnx import OnnxTarget
-    from cpm_mobile.recipes.quant_onnx import OnnxQuantization
+    from cpm_mobile.exporter.targets.onnx.target import OnnxTarget
+    from cpm_mobile.exporter.targets.onnx.spec import OnnxQuantization
 
     path = write_grid_checkpoint(tmp_path / "ckpt", CONFIG, "ternary", group_size=64)
     model, _ = load_model(path, max_seq_len=32)
@@ -155,8 +155,8 @@ def test_ternary_grid_exports_as_2_bit_matmulnbits_codes(tmp_path):
 
 
 def test_bf16_scaled_grid_is_exact_in_executorch_and_affine_grid_in_coreml(tmp_path):
-    from cpm_mobile.exporter.quant.executorch import quantize_for_executorch, quantised_weights
-    from cpm_mobile.recipes.quant_executorch import Int4Scheme
+    from cpm_mobile.exporter.targets.executorch.quant import quantize_for_executorch, quantised_weights
+    from cpm_mobile.exporter.targets.executorch.spec import Int4Scheme
 
     path = write_grid_checkpoint(tmp_path / "bf16", CONFIG, "int4", group_size=64, scale_dtype=torch.bfloat16)
     model, _ = load_model(path, max_seq_len=32)
@@ -170,7 +170,7 @@ def test_bf16_scaled_grid_is_exact_in_executorch_and_affine_grid_in_coreml(tmp_p
         assert torch.equal(weight.dequantize(), entry.dequantize())
 
     from tests.test_gptq import _coreml, _stored_blockwise
-    from cpm_mobile.exporter.quant.coreml import flat_name
+    from cpm_mobile.exporter.targets.coreml.quant import flat_name
 
     affine = write_grid_checkpoint(tmp_path / "affine", CONFIG, "int4-affine", group_size=128)
     model, _ = load_model(affine, max_seq_len=32)

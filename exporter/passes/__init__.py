@@ -1,10 +1,11 @@
 """Graph passes applied to the export-ready module before a target sees it.
 
-A pass takes the module, its options and the name of the target it prepares the module for, and
-returns a new module (a variant: exporter/models/variant.py) with the same contract and the same
-numbers up to its stated tolerance; the input is never changed. The target decides nothing about
-passes: a pass declares which targets can carry its form, and picks the form per target itself
-(never by asking which exporter is tracing it). What a pass returns is the twin the target's
+A pass takes the module, its options and the capabilities of the target it prepares the module
+for, and returns a new module (a variant: exporter/models/variant.py) with the same contract and
+the same numbers up to its stated tolerance; the input is never changed. A pass declares the
+capability it needs (exporter/targets/spec.py, Capabilities); a target that lacks it refuses the
+pass with the target's own reason, and the pass picks its form from the capability's value, never
+from the target's name (nor by asking which exporter is tracing it). What a pass returns is the twin the target's
 artifact is checked against, and the check also measures it against the plain fp32 reference.
 """
 from __future__ import annotations
@@ -14,46 +15,60 @@ from typing import Any, Callable, Iterable
 
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.targets import registry
+from cpm_mobile.exporter.targets.spec import Capabilities
 
-GraphPass = Callable[[CausalLM, dict[str, Any], str], CausalLM]
+GraphPass = Callable[[CausalLM, dict[str, Any], Capabilities], CausalLM]
 
 
 @dataclass(frozen=True)
 class RegisteredPass:
     function: GraphPass
-    targets: dict[str, str | None]  # target -> None when supported, else why not
+    needs: str | None  # the Capabilities field the target must set (None: every target carries it)
 
 
 PASSES: dict[str, RegisteredPass] = {}
 
 
-def register_pass(name: str, unsupported: dict[str, str] | None = None) -> Callable[[GraphPass], GraphPass]:
-    """Register a pass; `unsupported` maps a target name to the reason it cannot carry the pass's form."""
+def register_pass(name: str, needs: str | None = None) -> Callable[[GraphPass], GraphPass]:
+    """Register a pass; `needs` names the target capability its form requires."""
     def decorate(function: GraphPass) -> GraphPass:
-        reasons = dict(unsupported or {})
-        PASSES[name] = RegisteredPass(function, {t: reasons.get(t) for t in ("executorch", "onnx", "coreml")})
+        PASSES[name] = RegisteredPass(function, needs)
         return function
 
     return decorate
 
 
-def check_passes(passes: Iterable[Any], target: str, source: str = "recipe") -> None:
-    """Refuse, before any work, a pass that is unknown or that `target` cannot carry."""
+def pass_refusals(passes: Iterable[Any], target: str) -> list[str]:
+    """Why `target` cannot take these passes (unknown ones, or a capability it lacks): [] when it can."""
+    refusals = []
+    capabilities = registry.capabilities(target)
     for spec in passes:
         if spec.name not in PASSES:
             known = ", ".join(sorted(PASSES)) or "none yet"
-            raise InputError(source, f"unknown pass '{spec.name}' (known: {known})")
-        reason = PASSES[spec.name].targets.get(target)
-        if reason:
-            raise InputError(source, f"the '{spec.name}' pass is not supported by the {target} target: {reason}")
+            refusals.append(f"unknown pass '{spec.name}' (known: {known})")
+            continue
+        needs = PASSES[spec.name].needs
+        if needs and getattr(capabilities, needs) is None:
+            reason = getattr(capabilities, f"{needs}_refusal", "") or f"it has no {needs} capability"
+            refusals.append(f"the '{spec.name}' pass is not supported by the {target} target: {reason}")
+    return refusals
+
+
+def check_passes(passes: Iterable[Any], target: str, source: str = "recipe") -> None:
+    """Refuse, before any work, a pass that is unknown or that `target` cannot carry."""
+    refusals = pass_refusals(passes, target)
+    if refusals:
+        raise InputError(source, refusals[0])
 
 
 def apply_passes(model: CausalLM, passes: Iterable[Any], target: str, source: str = "recipe") -> CausalLM:
     """Apply passes in order for one target; an unknown pass, or one the target cannot carry, is bad input."""
     passes = list(passes)
     check_passes(passes, target, source)
+    capabilities = registry.capabilities(target)
     for spec in passes:
-        model = PASSES[spec.name].function(model, dict(spec.options), target)
+        model = PASSES[spec.name].function(model, dict(spec.options), capabilities)
     return model
 
 

@@ -26,7 +26,7 @@ Export notes (measured with torch 2.13 / executorch 1.5.1, research/executorch_o
   kernels (slower per FLOP than XNNPACK: see bench/sparse_ffn.py for where sparsity pays).
 - ExecuTorch gets the fused form instead (FusedSparseBlockFFN, exporter/kernels): one custom
   kernel reads the active experts' rows in place, so neither gathers nor portable matmuls remain.
-- Core ML is not a target for this form (declared at registration, so the recipe is refused up front).
+- A target without the sparse_experts capability (Core ML) refuses the recipe up front, with its reason.
 """
 from __future__ import annotations
 
@@ -42,17 +42,10 @@ from cpm_mobile.exporter.models.ffn import BlockFFN
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.passes import register_pass
+from cpm_mobile.exporter.targets.spec import Capabilities
 
 PASS_NAME = "blockffn_sparse"
-UNSUPPORTED_TARGETS = {
-    "coreml": (
-        "coremltools 9.0 converts its data-dependent gathers (non_zero), but such a package cannot be "
-        "checked (off macOS the MIL interpreter has no non_zero) and Core ML's handling of them on device "
-        "is untested; export Core ML without the pass"
-    ),
-}
-# Per target: whether the up projection transposes the (few) tokens rather than the weight.
-TOKENS_TRANSPOSED = {"executorch": True, "onnx": False}
+CAPABILITY = "sparse_experts"  # a target declares which sparse form its runtime runs (exporter/targets/<name>/spec.py)
 
 
 class SparseBlockFFN(nn.Module):
@@ -133,12 +126,12 @@ def _scaled_up_projection(tokens: torch.Tensor, up: torch.Tensor, scores: torch.
     return inner.reshape(count * width, -1).t()
 
 
-@register_pass(PASS_NAME, unsupported=UNSUPPORTED_TARGETS)
-def blockffn_sparse(model: CausalLM, options: dict[str, Any], target: str) -> CausalLM:
-    """A variant of the model with each BlockFFN replaced by its sparse form for the target. No options.
+@register_pass(PASS_NAME, needs=CAPABILITY)
+def blockffn_sparse(model: CausalLM, options: dict[str, Any], capabilities: Capabilities) -> CausalLM:
+    """A variant of the model with each BlockFFN replaced by the sparse form the target runs. No options.
 
-    ExecuTorch gets FusedSparseBlockFFN (the cpm_mobile::sparse_expert_ffn kernel, exporter/kernels:
-    no gather copies, on ExecuTorch's threadpool); other targets SparseBlockFFN's gathers.
+    fused_kernel: FusedSparseBlockFFN (the cpm_mobile::sparse_expert_ffn kernel, exporter/kernels: no
+    gather copies, on ExecuTorch's threadpool); gather / gather_tokens_transposed: SparseBlockFFN's gathers.
     """
     if options:
         raise InputError("recipe", f"pass '{PASS_NAME}' takes no options (got {', '.join(sorted(options))})")
@@ -148,9 +141,9 @@ def blockffn_sparse(model: CausalLM, options: dict[str, Any], target: str) -> Ca
         family = getattr(model.config, "family", "this model")
         raise InputError("recipe", f"pass '{PASS_NAME}' needs a model with BlockFFN layers, but {family} has none "
                                    "(its FFN is dense); remove the pass from the recipe")
-    if target == "executorch":
+    if capabilities.sparse_experts == "fused_kernel":
         return derive(model, lambda _name, m: FusedSparseBlockFFN(m) if isinstance(m, BlockFFN) else None)
-    return sparse_variant(model, TOKENS_TRANSPOSED.get(target, True))
+    return sparse_variant(model, tokens_transposed=capabilities.sparse_experts == "gather_tokens_transposed")
 
 
 def sparse_variant(model: CausalLM, tokens_transposed: bool = True) -> CausalLM:

@@ -44,6 +44,11 @@ class ExportedArtifact:
     twin_description: str  # what the twin is, for the report: "fp32 model", "fp16 KV cache", ...
 
 
+class StructuralFault(Exception):
+    """A written artifact is not what its spec says (weights not stored quantised, a weight its twin
+    cannot be read back for): the check reports it as a breach of that artifact, never a traceback."""
+
+
 @dataclass(frozen=True)
 class ExportContext:
     """Facts about the checkpoint a target needs beyond the module: its special token ids."""
@@ -55,12 +60,32 @@ class ExportContext:
 class Target(Protocol):
     name: str
 
-    def export(self, model: CausalLM, out_dir: Path, spec: Any, context: ExportContext,
-               progress: Progress) -> ExportedArtifact: ...
+    def validate(self, model: CausalLM, spec: Any) -> list[str]:
+        """Pre-flight: every reason this target refuses `spec` for a model of these shapes (and this
+        checkpoint grid), one line each; [] when it takes it. `model` may live on the meta device."""
 
-    def twin(self, model: CausalLM, spec: Any) -> tuple[nn.Module, str]:
-        """The twin for an artifact exported from `model` with `spec`, rebuilt without exporting
-        (for `cpm-mobile check` of a published bundle)."""
+    def export(self, model: CausalLM, out_dir: Path, spec: Any, context: ExportContext,
+               progress: Progress) -> ExportedArtifact:
+        """Write the artifact; its twin is `twin()` of the written files, as `check` will build it."""
+
+    def twin(self, model: CausalLM, spec: Any, bundle_dir: Path, artifact: dict[str, Any]) -> tuple[nn.Module, str]:
+        """What the stored artifact computes, for export's check and `cpm-mobile check` alike: read back
+        from the artifact's files where they hold weights the model does not (codes, scales, palettes).
+        Raises StructuralFault when the files cannot be read back so."""
+
+    def structure(self, bundle_dir: Path, artifact: dict[str, Any], twin: nn.Module) -> list[str]:
+        """The artifact's structural checks: 'name: detail' for each that fails."""
+
+
+def refusals_of(*checks: Callable[[], None]) -> list[str]:
+    """Run checks that raise InputError at their first problem; every problem, one line each."""
+    found = []
+    for check in checks:
+        try:
+            check()
+        except InputError as error:
+            found.append(str(error))
+    return found
 
 
 def check_model_dtype(model: CausalLM, target: str, dtype: torch.dtype = torch.float32) -> None:

@@ -6,8 +6,7 @@ not exist, so the same saved program runs op by op in `MILInterpreter`; it refus
 op it cannot run, so a passing check never skipped part of the graph. Which of the two ran is
 stated in `verified`.
 
-The structural checks run when the session opens; their results are `session.structure` for the
-caller to report (a failed one must fail the artifact's check).
+The package's structural checks are the Core ML target's (exporter/targets/coreml/structure.py).
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import numpy as np
 
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.runtimes.base import register_runtime
-from cpm_mobile.runtimes.coreml.structure import structural_checks
 
 TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
 COREML_VERIFIED = "Core ML runtime verified"
@@ -63,10 +61,8 @@ def coreml_available() -> bool:
 
 
 class CoreMLSession:
-    def __init__(self, package_path: Path, io: dict[str, Any], runtime: str | None = None,
-                 compression: dict[str, Any] | None = None):
-        """runtime: "coreml", "interpreter", or None for Core ML where it exists, else the interpreter.
-        compression: the artifact's compression metadata, for the structural checks of a compressed program."""
+    def __init__(self, package_path: Path, io: dict[str, Any], runtime: str | None = None):
+        """runtime: "coreml", "interpreter", or None for Core ML where it exists, else the interpreter."""
         package_path = Path(package_path)
         if not package_path.is_dir():
             raise InputError(package_path, "Core ML package not found")
@@ -75,7 +71,6 @@ class CoreMLSession:
         runtime = runtime or ("coreml" if coreml_available() else "interpreter")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime '{runtime}' is not one of {', '.join(RUNTIMES)}")
-        program = None
         if runtime == "coreml":
             self._runtime: _Runtime = _CoreMLRuntime(package_path)
             self.verified = COREML_VERIFIED
@@ -85,10 +80,8 @@ class CoreMLSession:
             # Raises UnsupportedOpError for any op it cannot run: no op is ever skipped.
             interpreter = MILInterpreter(package_path, function_name=io.get("function", "main"))
             self._runtime = interpreter
-            program = interpreter.program
             self.verified = INTERPRETER_VERIFIED
         self.runtime = runtime
-        self.structure = structural_checks(package_path, self.vocab_size, program=program, compression=compression)
         self.reset()
 
     def reset(self) -> None:
@@ -113,8 +106,7 @@ class CoreMLSession:
 
 
 def open_coreml(bundle_dir: Path, artifact: dict[str, Any]) -> CoreMLSession:
-    return CoreMLSession(Path(bundle_dir) / artifact["entry"], artifact["io"],
-                         compression=artifact.get("metadata", {}).get("compression"))
+    return CoreMLSession(Path(bundle_dir) / artifact["entry"], artifact["io"])
 
 
 register_runtime("coreml", open_coreml)

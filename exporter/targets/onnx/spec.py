@@ -1,16 +1,18 @@
-"""Quantisation schemes the ONNX target carries (onnxruntime's MatMulNBits / GatherBlockQuantized).
+"""The ONNX target's spec: options and the quantisation schemes it carries (onnxruntime's MatMulNBits / GatherBlockQuantized).
 
 Every linear becomes a MatMulNBits (weights in blocks of `block_size` along the input dimension,
 one scale per block, and a zero point per block when asymmetric); the embedding becomes a
 GatherBlockQuantized; the lm_head is a MatMulNBits whether tied or not (tied: the embedding gathers
 from the lm_head's own codes, one copy in the file). Only pydantic here: this is loaded when a
-recipe is parsed. The quantiser is exporter/quant/onnx.py.
+recipe is parsed. The quantiser is exporter/targets/onnx/quant.py.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from cpm_mobile.exporter.targets.spec import Capabilities, GridCarrier, Strict, TargetSpec
 
 # MatMulNBits and GatherBlockQuantized take power-of-two blocks of at least 16.
 BlockSize = Literal[16, 32, 64, 128, 256]
@@ -60,3 +62,36 @@ class OnnxTernary(_Scheme):
 
 
 OnnxQuantization = Annotated[Union[OnnxInt8, OnnxInt4, OnnxTernary], Field(discriminator="scheme")]
+
+
+class OnnxOptions(Strict):
+    opset: int = Field(20, ge=20, le=23)
+    # Weights go to model.onnx.data above 1 GiB by default. protobuf cannot serialise a message over 2 GiB, and
+    # the graph, names and per-tensor overhead ride on top of the weights, so the limit must sit well below
+    # 2 GiB. Below 1 GiB one file is simpler to ship and every consumer (netron, onnx.checker, onnx.load)
+    # handles it; above, external data also lets ORT memory-map the weights (tensors over 1 MiB are 64
+    # KiB-aligned for that) instead of holding a parsed protobuf copy during load.
+    external_data_threshold_bytes: int = Field(1 << 30, ge=0)
+    pad_mla_values: bool = Field(True, description="zero-pad MLA value heads to the key width (onnxruntime-genai needs it)")
+
+
+class OnnxSpec(TargetSpec):
+    target: Literal["onnx"] = "onnx"
+    precision: Literal["fp32", "fp16"] = "fp32"
+    options: OnnxOptions = OnnxOptions()
+    quantization: OnnxQuantization | None = None
+
+
+SPEC = OnnxSpec
+CAPABILITIES = Capabilities(
+    sparse_experts="gather",  # SparseBlockFFN's gathers (Gather / GatherBlockQuantized), weights not transposed
+    grid=GridCarrier(
+        kernel="MatMulNBits",
+        scheme_bits={"int8": 8, "int4": 4, "ternary": 2},
+        group_field="block_size",
+        block_sizes=(16, 32, 64, 128, 256),
+        min_ternary_block=32,
+        rerounding_fields={"algorithm": "rtn"},
+        fp16_scales_exact=True,
+    ),
+)

@@ -30,7 +30,7 @@ from torch import nn
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
-from cpm_mobile.recipes.quant_executorch import Int4Scheme, Int8Scheme, TernaryScheme
+from cpm_mobile.exporter.targets.executorch.spec import Int4Scheme, Int8Scheme, TernaryScheme
 
 Scheme = Int8Scheme | Int4Scheme | TernaryScheme
 BITS = {"int8": 8, "int4": 4}
@@ -91,7 +91,7 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
         rounding = "rtn" if scheme.scheme == "ternary" else scheme.rounding
         plan["embed_tokens"] = lambda m, b=bits, g=group, r=rounding: _embedding(m, _intx(m.weight, b, g, r,
                                                                                           dynamic_activations=False))
-    from cpm_mobile.exporter.quant.sparse_executorch import sparse_ffn_plan
+    from cpm_mobile.exporter.targets.executorch.sparse import sparse_ffn_plan
 
     plan.update(sparse_ffn_plan(model, plan, scheme.group_size))  # fused sparse experts: same codes, our kernel
     return plan
@@ -100,9 +100,10 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
 def check_fits(model: CausalLM, scheme: Scheme) -> None:
     """Every group size divides the input dim it splits, and the checkpoint's grid is one XNNPACK
     runs as it is, before any work."""
-    from cpm_mobile.exporter.quant.executorch_grid import check_grid
+    from cpm_mobile.exporter.targets.executorch.spec import CAPABILITIES
+    from cpm_mobile.exporter.targets.grid import check_grid
 
-    check_grid(model, scheme)
+    check_grid(model, scheme, CAPABILITIES.grid, "executorch")
     group = scheme.group_size
     if group is not None:
         for name, module in model.named_modules():

@@ -1,4 +1,4 @@
-"""Quantisation schemes the ExecuTorch target carries (XNNPACK integer kernels; pydantic only, no torch here).
+"""The ExecuTorch target's spec: options and the quantisation schemes it carries (pydantic only, no torch here).
 
 What XNNPACK in executorch 1.5.1 runs, measured on this machine, decides what is allowed:
 - linears: int8 dynamic per-token activations x symmetric weights, 8-bit only per output channel
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cpm_mobile.exporter.targets.spec import Capabilities, GridCarrier, Strict, TargetSpec
 
 XNNPACK_BLOCK = 32  # XNNPACK's blockwise 4-bit kernels take blocks in multiples of 32 input channels
 EMBEDDING_FORMATS = ("int8", "int4", "fp32")
@@ -93,3 +95,34 @@ class TernaryScheme(_BlockScheme):
 
 
 ExecuTorchQuantization = Annotated[Union[Int8Scheme, Int4Scheme, TernaryScheme], Field(discriminator="scheme")]
+
+
+class ExecuTorchOptions(Strict):
+    backend: Literal["xnnpack"] = "xnnpack"
+    attention: Literal["custom_sdpa", "plain"] = Field(
+        "custom_sdpa", description="custom_sdpa: ExecuTorch's LLM custom ops; plain: portable kernels only")
+
+
+class ExecuTorchSpec(TargetSpec):
+    target: Literal["executorch"] = "executorch"
+    options: ExecuTorchOptions = ExecuTorchOptions()
+    quantization: Optional[ExecuTorchQuantization] = None
+
+
+SPEC = ExecuTorchSpec
+CAPABILITIES = Capabilities(
+    # one custom kernel reads the active experts' rows in place (exporter/kernels)
+    sparse_experts="fused_kernel",
+    grid=GridCarrier(
+        kernel="XNNPACK",
+        scheme_bits={"int4": 4, "ternary": 4},
+        refused_schemes={"int8": "XNNPACK runs 8-bit weights per output channel only, so the checkpoint's grid "
+                                 "({grid}) needs scheme int4"},
+        block_multiple=XNNPACK_BLOCK,
+        symmetric_only="zero points, which XNNPACK ignores (silently wrong output); only symmetric grids can be "
+                       "carried",
+        rerounding_fields={"rounding": "rtn"},
+        checks_zero_range=False,
+        symmetric_field=False,
+    ),
+)

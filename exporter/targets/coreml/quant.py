@@ -35,7 +35,7 @@ import torch
 
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.recipes.quant_coreml import SCHEME_BITS
+from cpm_mobile.exporter.targets.coreml.spec import SCHEME_BITS
 
 PARAMETER_PREFIX = "p_"
 FP16_SUFFIX = "_to_fp16"
@@ -81,8 +81,9 @@ def flat_name(qualified: str) -> str:
 # -- which constants, which config ---------------------------------------------------------------
 
 
-def _main(mlmodel: Any) -> Any:
-    return mlmodel._mil_program.functions["main"]
+def _main(program: Any) -> Any:
+    """The main function of an MLModel's MIL program, or of a MIL program loaded from a saved package."""
+    return getattr(program, "_mil_program", program).functions["main"]
 
 
 def _vocab_size(function: Any) -> int:
@@ -285,32 +286,10 @@ def compress_mlmodel(mlmodel: Any, scheme: Any, grid: Any = None) -> Any:
 def check_grid(model: CausalLM, scheme: Any) -> None:
     """Refuse, before any work, a checkpoint grid this scheme cannot carry losslessly in
     constexpr_blockwise_shift_scale, or a scheme that contradicts it (one-line InputError)."""
-    grid = model.config.weight_grid
-    if grid is None:
-        return
-    where = f"coreml target, scheme {scheme.scheme}"
-    if scheme.scheme not in LINEAR_SCHEMES:
-        raise InputError("quantization.scheme", f"{where}: the checkpoint's weights are already on a grid "
-                                                f"({grid.describe()}); a palette would cluster them again: use int4 (it carries "
-                                                f"4-bit and ternary grids exactly)")
-    bits = SCHEME_BITS[scheme.scheme]
-    for name, linear in grid.linears.items():
-        if linear.act_order:
-            raise InputError("quantization", f"{where}: {name} is act-order GPTQ (g_idx permutes the inputs); "
-                                             f"Core ML blocks are consecutive inputs, so it cannot carry it losslessly")
-        if linear.bits > bits:
-            raise InputError("quantization.scheme", f"{where}: {bits}-bit codes cannot hold {grid.describe()}")
-        if int(linear.zeros.max()) >= 1 << linear.bits:
-            raise InputError("quantization", f"{where}: {name} has a zero point of {int(linear.zeros.max())} "
-                                             f"(a GPTQ v1 zero of 0 stored as -1), beyond {linear.bits}-bit offsets")
-        per_channel = linear.group_size == linear.codes.shape[1]
-        if "group_size" in scheme.model_fields_set and scheme.group_size != linear.group_size \
-                and not (per_channel and scheme.group_size is None):
-            raise InputError("quantization.group_size", f"{where}: {scheme.group_size} contradicts the checkpoint's "
-                                                        f"grid (groups of {linear.group_size}); leave group_size unset")
-        if "symmetric" in scheme.model_fields_set and scheme.symmetric and not linear.symmetric:
-            raise InputError("quantization.symmetric", f"{where}: true contradicts the checkpoint's grid, which has "
-                                                       f"zero points; leave symmetric unset to use it")
+    from cpm_mobile.exporter.targets import grid
+    from cpm_mobile.exporter.targets.coreml.spec import CAPABILITIES
+
+    grid.check_grid(model, scheme, CAPABILITIES.grid, "coreml")
 
 
 def grid_scheme(model: CausalLM, scheme: Any) -> Any:
@@ -486,7 +465,7 @@ def coreml_twin(model: CausalLM, compressed_mlmodel: Any) -> CausalLM:
     """The eager model the compressed program computes: its stored (dequantised) weights, Core ML's
     fp16 KV cache; `model` itself is untouched."""
     from cpm_mobile.exporter.models.variant import with_weights
-    from cpm_mobile.exporter.targets.coreml_cache import CoreMLKVCache
+    from cpm_mobile.exporter.targets.coreml.cache import CoreMLKVCache
 
     return with_weights(model, stored_parameters(model, compressed_mlmodel), caches=CoreMLKVCache.like)
 

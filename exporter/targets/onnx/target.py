@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 import os
 import shutil
 import tempfile
@@ -28,12 +29,13 @@ from torch import nn
 from cpm_mobile.exporter.models.attention import Attend
 from cpm_mobile.exporter.models.kv_cache import grouped_sdpa
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.exporter.quant.onnx import check_grid, onnx_twin, quantize_onnx
+from cpm_mobile.exporter.targets.onnx.quant import check_blocks_fit, check_grid, onnx_twin, quantize_onnx
 from cpm_mobile.exporter.targets.base import (
-    ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, StructuralFault, check_model_dtype, no_progress,
+    refusals_of,
 )
-from cpm_mobile.recipes.schema import OnnxSpec
-from cpm_mobile.exporter.targets.genai_config import GENAI_CONFIG_FILE, genai_config
+from cpm_mobile.exporter.targets.onnx.spec import OnnxSpec
+from cpm_mobile.exporter.targets.onnx.genai_config import GENAI_CONFIG_FILE, genai_config
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -272,7 +274,7 @@ class OnnxTarget:
         options = spec.options
         out_dir = Path(out_dir)
         check_model_dtype(model, self.name)
-        onnx_model, layout, twin, description = self._graph(model, spec, progress)
+        onnx_model, layout = self._graph(model, spec, progress)
         size = initializer_bytes(onnx_model)
         external = size > options.external_data_threshold_bytes
         progress("onnx: saving", 0.6)
@@ -307,31 +309,48 @@ class OnnxTarget:
                 "quantization": spec.quantization.model_dump() if spec.quantization is not None else None,
             },
         )
+        try:
+            twin, description = self.twin(model, spec, out_dir, asdict(info))
+        except StructuralFault as fault:  # the check reports it as a breach of this artifact
+            twin, description = None, f"not read back ({fault})"
         return ExportedArtifact(info, twin, description)
 
-    def _graph(self, model: CausalLM, spec: OnnxSpec, progress: Progress) -> tuple[ir.Model, CacheLayout, CausalLM, str]:
-        """The graph, quantised when the spec asks, with the twin it computes."""
-        converted, description = self._converted(model, spec)
+    def validate(self, model: CausalLM, spec: OnnxSpec) -> list[str]:
+        if spec.quantization is None:
+            return []
+        return refusals_of(lambda: check_grid(model, spec.quantization, spec.precision),
+                           lambda: check_blocks_fit(model, spec.quantization))
+
+    def _graph(self, model: CausalLM, spec: OnnxSpec, progress: Progress) -> tuple[ir.Model, CacheLayout]:
+        """The graph, quantised when the spec asks."""
+        converted, _ = self._converted(model, spec)
         layout = CacheLayout.of(converted, TORCH_DTYPES[spec.precision], pad_values=spec.options.pad_mla_values)
         if spec.quantization is not None:
             check_grid(model, spec.quantization, spec.precision)  # the checkpoint's grid, before any work
         progress("onnx: exporting graph (torch.export + dynamo)", 0.0)
         onnx_model = build_onnx(converted, layout, spec.options.opset)
         if spec.quantization is None:
-            return onnx_model, layout, converted, description
+            return onnx_model, layout
         progress(f"onnx: quantising ({spec.quantization.scheme})", 0.5)
-        onnx_model = quantize_onnx(onnx_model, spec.quantization, model.config.weight_grid)
-        twin = onnx_twin(converted, onnx_model, spec.quantization)
-        return onnx_model, layout, twin, f"eager model with the graph's dequantised {spec.quantization.scheme} weights" \
-            " and MatMulNBits' int8 activation rounding"
+        return quantize_onnx(onnx_model, spec.quantization, model.config.weight_grid), layout
 
-    def twin(self, model: CausalLM, spec: OnnxSpec) -> tuple[CausalLM, str]:
-        """What the graph computes. Quantised: read back from the quantised graph, so this exports
-        and quantises again (deterministic: the same codes as the artifact's)."""
-        if spec.quantization is not None:
-            _, _, twin, description = self._graph(model, spec, no_progress)
-            return twin, description
-        return self._converted(model, spec)
+    def twin(self, model: CausalLM, spec: OnnxSpec, bundle_dir: Path, artifact: dict[str, Any]) -> tuple[CausalLM, str]:
+        """What the graph computes. Quantised: the weights read back from the stored graph (every
+        MatMulNBits' and GatherBlockQuantized's codes, scales and zero points, dequantised), with
+        MatMulNBits' int8 activation rounding."""
+        converted, description = self._converted(model, spec)
+        if spec.quantization is None:
+            return converted, description
+        try:
+            stored = ir.load(Path(bundle_dir) / artifact["entry"])
+            twin = onnx_twin(converted, stored, spec.quantization)
+        except ValueError as error:  # a quantised weight missing from the graph, or one it cannot name
+            raise StructuralFault(f"stored_quantised: {error}") from None
+        return twin, (f"eager model with the graph's dequantised {spec.quantization.scheme} weights"
+                      " and MatMulNBits' int8 activation rounding")
+
+    def structure(self, bundle_dir: Path, artifact: dict[str, Any], twin: CausalLM) -> list[str]:
+        return []  # reading the twin back from the graph is its check: see twin()
 
     def _converted(self, model: CausalLM, spec: OnnxSpec) -> tuple[CausalLM, str]:
         """The graph computes the module itself (its past/present wrapper only moves the cache to
@@ -376,3 +395,6 @@ def _move_into(staging: Path, out_dir: Path, files: Sequence[str], stale: Sequen
     # Data first: a model.onnx that is visible always finds its weights.
     for name in sorted(files, key=lambda n: n != DATA_FILE):
         os.replace(staging / name, out_dir / name)
+
+
+TARGET = OnnxTarget

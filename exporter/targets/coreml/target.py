@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,11 @@ from torch.export import Dim, ExportedProgram
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.targets.base import (
-    ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, StructuralFault, check_model_dtype, no_progress,
+    refusals_of,
 )
-from cpm_mobile.recipes.schema import CoreMLSpec
-from cpm_mobile.exporter.targets.coreml_cache import CoreMLKVCache
+from cpm_mobile.exporter.targets.coreml.spec import CoreMLSpec
+from cpm_mobile.exporter.targets.coreml.cache import CoreMLKVCache
 
 PACKAGE_NAME = "model.mlpackage"
 FUNCTION = "main"
@@ -67,20 +69,17 @@ class CoreMLTarget:
         out_dir.mkdir(parents=True, exist_ok=True)
 
         if spec.quantization is not None:
-            from cpm_mobile.exporter.quant import coreml as quant
+            from cpm_mobile.exporter.targets.coreml import quant
 
             quant.check_scheme(model, spec.quantization)  # before any work
-        twin, description = self.twin(model, spec)
         progress("torch.export with dynamic sequence length", 0.0)
-        program = capture(twin, model.max_seq_len)
+        program = capture(coreml_ready(model), model.max_seq_len)
         progress("ct.convert to an ML Program", 0.3)
         mlmodel = convert(program, model.max_seq_len, spec)
         compression = None
         if spec.quantization is not None:
             progress(f"coremltools.optimize: {spec.quantization.scheme}", 0.5)
             mlmodel = quant.compress_mlmodel(mlmodel, spec.quantization, model.config.weight_grid)
-            twin = quant.coreml_twin(model, mlmodel)
-            description = f"eager model with the program's dequantised {spec.quantization.scheme} weights, fp16 KV cache"
             compression = quant.compression_metadata(mlmodel, spec.quantization, model, spec.precision)
         describe(mlmodel, model, context, spec)
         progress(f"save: {PACKAGE_NAME}", 0.8)
@@ -93,12 +92,41 @@ class CoreMLTarget:
             io=io_contract(mlmodel, model),
             metadata={**artifact_metadata(mlmodel, spec, size), **({"compression": compression} if compression else {})},
         )
+        try:
+            twin, description = self.twin(model, spec, out_dir, asdict(info))
+        except StructuralFault as fault:  # the check reports it as a breach of this artifact
+            twin, description = None, f"not read back ({fault})"
         return ExportedArtifact(info, twin, description)
 
-    def twin(self, model: CausalLM, spec: CoreMLSpec) -> tuple[CausalLM, str]:
+    def validate(self, model: CausalLM, spec: CoreMLSpec) -> list[str]:
+        if spec.quantization is None:
+            return []
+        from cpm_mobile.exporter.targets.coreml import quant
+
+        return refusals_of(lambda: quant.check_scheme(model, spec.quantization))
+
+    def twin(self, model: CausalLM, spec: CoreMLSpec, bundle_dir: Path, artifact: dict[str, Any]) -> tuple[CausalLM, str]:
         """The model with Core ML's fp16 KV states: what an fp32 program computes exactly (an fp16
-        program also rounds every op, which no eager module reproduces; its gate is on KL)."""
-        return coreml_ready(model), "eager model with fp16 KV cache"
+        program also rounds every op, which no eager module reproduces; its gate is on KL). A
+        compressed program's weights are read back from the saved package (every constexpr op
+        materialised as coremltools does), so export and `check` hold it to the same twin."""
+        if spec.quantization is None:
+            return coreml_ready(model), "eager model with fp16 KV cache"
+        from cpm_mobile.exporter.targets.coreml import quant
+        from cpm_mobile.runtimes.coreml.mil_interpreter import load_mil_program
+
+        try:
+            twin = quant.coreml_twin(model, load_mil_program(Path(bundle_dir) / artifact["entry"]))
+        except ValueError as error:  # a constant that holds no parameter of the model
+            raise StructuralFault(f"stored_weights: {error}") from None
+        return twin, f"eager model with the program's dequantised {spec.quantization.scheme} weights, fp16 KV cache"
+
+    def structure(self, bundle_dir: Path, artifact: dict[str, Any], twin: CausalLM) -> list[str]:
+        from cpm_mobile.exporter.targets.coreml.structure import failed, structural_checks
+
+        path = Path(bundle_dir) / artifact["entry"]
+        return failed(structural_checks(path, int(artifact["io"]["vocab_size"]),
+                                        compression=artifact.get("metadata", {}).get("compression")))
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -239,3 +267,6 @@ def artifact_metadata(mlmodel, spec: CoreMLSpec, size: int) -> dict[str, Any]:
         "coremltools_version": version("coremltools"),
         "converter": "torch.export (strict=False) + ct.convert(ExportedProgram)",
     }
+
+
+TARGET = CoreMLTarget

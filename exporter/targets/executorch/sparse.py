@@ -20,9 +20,19 @@ from torch import nn
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.kernels import ops
 from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
-from cpm_mobile.exporter.quant.executorch import code_bits
+from cpm_mobile.exporter.targets.executorch.quant import code_bits
 
 LinearBuilder = Callable[[nn.Linear], nn.Linear]  # nn.Linear -> nn.Linear holding a torchao weight
+
+
+def check_sparse_fits(model: nn.Module, group_size: int | None) -> None:
+    """The fused experts' blocks fit their widths (the down projection's input dim, the int4 kernel's chunks)."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedSparseBlockFFN):
+            units = module.num_experts * module.expert_size
+            if group_size is not None and units % group_size:
+                raise InputError("quantization.group_size", f"{group_size} does not divide the input dim {units} "
+                                                            f"of {name}.down_proj")
 
 
 def sparse_ffn_plan(model: nn.Module, linear_plan: dict[str, LinearBuilder],
@@ -53,7 +63,7 @@ def quantise_fused(fused: FusedSparseBlockFFN, build: LinearBuilder, name: str) 
     if hidden % ops.INT4_CHUNK:
         raise InputError("quantization", f"{name}: the int4 sparse kernel packs rows in chunks of {ops.INT4_CHUNK}, "
                                          f"but the hidden size is {hidden}")
-    # 4-bit: XNNPACK's scales are bf16 (exporter/quant/executorch.py rounds them so); stored as such.
+    # 4-bit: XNNPACK's scales are bf16 (exporter/targets/executorch/quant.py rounds them so); stored as such.
     return QuantisedFusedSparseBlockFFN(
         fused, build(fused.router_proj), 4, ops.pack_int4(up.qdata), up.scale.to(torch.bfloat16).contiguous(),
         ops.pack_int4(down.qdata.t().contiguous()), down.scale.t().to(torch.bfloat16).contiguous())

@@ -1,6 +1,6 @@
-"""Core ML quantisation schemes a recipe may ask of the coreml target (coremltools.optimize.coreml).
+"""The Core ML target's spec: options and the quantisation schemes it carries (coremltools.optimize.coreml).
 
-Loaded when a recipe is parsed: pydantic and typing only. exporter/quant/coreml.py carries them out.
+Loaded when a recipe is parsed: pydantic and typing only. exporter/targets/coreml/quant.py carries them out.
 
 - int8 / int4: linear_quantize_weights. group_size = block of input columns sharing one scale
   (iOS18 per_block); None = one scale per output channel (per_channel).
@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from cpm_mobile.exporter.targets.spec import Capabilities, GridCarrier, Strict, TargetSpec
 
 EmbeddingChoice = Literal["scheme", "int8", "keep"]
 PALETTE_MODES = ("kmeans", "uniform")
@@ -82,3 +84,33 @@ CoreMLQuantization = Annotated[
 ]
 
 SCHEME_BITS = {"int8": 8, "int4": 4, "palette4": 4, "palette2": 2, "ternary": 2}
+
+
+class CoreMLOptions(Strict):
+    deployment_target: Literal["iOS18"] = Field("iOS18", description="Core ML states need iOS18")
+
+
+class CoreMLSpec(TargetSpec):
+    target: Literal["coreml"] = "coreml"
+    precision: Literal["fp32", "fp16"] = "fp32"
+    options: CoreMLOptions = CoreMLOptions()
+    quantization: CoreMLQuantization | None = None
+
+
+SPEC = CoreMLSpec
+CAPABILITIES = Capabilities(
+    sparse_experts=None,
+    sparse_experts_refusal=(
+        "coremltools 9.0 converts its data-dependent gathers (non_zero), but such a package cannot be "
+        "checked (off macOS the MIL interpreter has no non_zero) and Core ML's handling of them on device "
+        "is untested; export Core ML without the pass"
+    ),
+    grid=GridCarrier(
+        kernel="Core ML",
+        scheme_bits={"int8": 8, "int4": 4},
+        refused_schemes={s: "the checkpoint's weights are already on a grid ({grid}); a palette would cluster them "
+                            "again: use int4 (it carries 4-bit and ternary grids exactly)"
+                         for s in ("palette4", "palette2", "ternary")},
+        covers_all_linears=False,
+    ),
+)

@@ -94,7 +94,7 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any, grid: Any = None) -> ir.Mod
         # the passes rebuilt the node list: find the Gather again
         gather = next(node for node in proto.graph.node if node.name == embedding.name)
         _quantize_embedding(proto.graph, gather, scheme)
-    from cpm_mobile.exporter.quant.sparse_onnx import quantize_expert_tables
+    from cpm_mobile.exporter.targets.onnx.sparse import quantize_expert_tables
 
     quantize_expert_tables(proto.graph, scheme)  # the blockffn_sparse form's expert tables
     _drop_unused_initializers(proto.graph)
@@ -226,6 +226,25 @@ def _check_blocks(linears: list[WeightMatMul], embedding: onnx.NodeProto | None,
                              f"{width} of {param}; pick a block size that divides every layer's input width")
 
 
+def check_blocks_fit(model: CausalLM, scheme: Any) -> None:
+    """The block size divides every input width it splits (from the module's shapes: the pre-flight
+    of what _check_blocks finds in the graph). A checkpoint grid's linears keep their own groups."""
+    grid = model.config.weight_grid
+    widths = {}
+    for name, module in model.named_modules():
+        param = f"{name}.weight"
+        if isinstance(module, nn.Linear) and param != LM_HEAD and (grid is None or param not in grid.linears):
+            widths[param] = module.in_features
+    if scheme.lm_head_bits is not None:
+        widths[LM_HEAD] = model.config.hidden_size
+    if scheme.embedding_bits is not None:
+        widths[EMBEDDING] = model.config.hidden_size
+    for param, width in widths.items():
+        if width % scheme.block_size:
+            raise InputError("quantization.block_size", f"{scheme.block_size} does not divide the input width "
+                             f"{width} of {param}; pick a block size that divides every layer's input width")
+
+
 def _table_symmetric(scheme: Any) -> bool:
     return bool(getattr(scheme, "symmetric", False))
 
@@ -321,46 +340,10 @@ def _ternary(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], 
 def check_grid(model: CausalLM, scheme: Any, precision: str = "fp32") -> None:
     """Refuse, before any work, a checkpoint grid MatMulNBits cannot carry losslessly, or a scheme
     that contradicts it (one-line InputError naming the target and why)."""
-    grid = model.config.weight_grid
-    if grid is None:
-        return
-    bits = SCHEME_BITS[scheme.scheme]
-    where = f"onnx target, scheme {scheme.scheme}"
-    linears = {f"{name}.weight" for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name != "lm_head"}
-    missing = sorted(linears - set(grid.linears))
-    if missing:
-        raise InputError("quantization", f"{where}: the checkpoint's grid does not cover {missing[0]}")
-    for name in sorted(linears):
-        linear = grid.linears[name]
-        if linear.act_order:
-            raise InputError("quantization", f"{where}: {name} is act-order GPTQ (g_idx permutes the inputs); "
-                                             f"MatMulNBits groups consecutive inputs, so it cannot carry it losslessly")
-        if linear.bits > bits or (scheme.scheme == "ternary" and not linear.ternary):
-            raise InputError("quantization.scheme", f"{where}: the checkpoint's grid is {grid.describe()}; "
-                                                    f"{bits}-bit codes cannot hold it (use int4)")
-        if int(linear.zeros.max()) >= 1 << linear.bits:
-            raise InputError("quantization", f"{where}: {name} has a zero point of {int(linear.zeros.max())} "
-                                             f"(a GPTQ v1 zero of 0 stored as -1), beyond {linear.bits}-bit zero points")
-        size = linear.group_size
-        if size not in BLOCK_SIZES or (scheme.scheme == "ternary" and size < 32):
-            raise InputError("quantization", f"{where}: {name} has groups of {size}; MatMulNBits runs blocks of "
-                                             f"{', '.join(map(str, BLOCK_SIZES))} only")
-        if "block_size" in scheme.model_fields_set and scheme.block_size != size:
-            raise InputError("quantization.block_size", f"{where}: {scheme.block_size} contradicts the checkpoint's "
-                                                        f"grid (groups of {size}); leave block_size unset to use it")
-        if getattr(scheme, "symmetric", False) and "symmetric" in scheme.model_fields_set and not linear.symmetric:
-            raise InputError("quantization.symmetric", f"{where}: true contradicts the checkpoint's grid, which has "
-                                                       f"zero points; leave symmetric unset to use it")
-        if precision == "fp16" and not torch.equal(linear.scales.to(torch.float16).to(torch.float32), linear.scales):
-            raise InputError("precision", f"{where}: {name}'s scales are not exact in fp16 (MatMulNBits takes "
-                                          f"scales in the activations' dtype); export fp32")
-    if "algorithm" in scheme.model_fields_set and getattr(scheme, "algorithm", "rtn") != "rtn":
-        raise InputError("quantization.algorithm", f"{where}: the checkpoint's grid is exported as it is; "
-                                                   f"'{scheme.algorithm}' would round the weights again")
+    from cpm_mobile.exporter.targets import grid
+    from cpm_mobile.exporter.targets.onnx.spec import CAPABILITIES
 
-
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+    grid.check_grid(model, scheme, CAPABILITIES.grid, "onnx", precision)
 
 
 def _grid_linears(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], linears: list[WeightMatMul],

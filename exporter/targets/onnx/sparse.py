@@ -30,7 +30,7 @@ TABLE_BITS = {"int8": 8, "int4": 4}
 
 def quantize_expert_tables(graph: onnx.GraphProto, scheme: Any) -> list[str]:
     """Replace every Gather of an expert table by GatherBlockQuantized; the parameters quantised."""
-    from cpm_mobile.exporter.quant.onnx import _module_path, block_quantized_table, gather_block_quantized
+    from cpm_mobile.exporter.targets.onnx.quant import _module_path, block_quantized_table, gather_block_quantized
 
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     gathers = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in initializers

@@ -16,6 +16,7 @@ The steps are small functions so a quantisation step can slot in between them:
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ from cpm_mobile.exporter.kernels import app_kernels
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.targets.base import (
-    ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress,
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress, refusals_of,
 )
-from cpm_mobile.recipes.schema import ExecuTorchSpec
+from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
 
 PTE_NAME = "model.pte"
 METHOD = "forward"
@@ -38,6 +39,18 @@ ATTENTION_PLAIN = "plain"
 
 class ExecuTorchTarget:
     name = "executorch"
+
+    def __init__(self) -> None:
+        self._twins: dict[tuple[int, str], tuple[CausalLM, str]] = {}  # the quantised variant, made once per export
+
+    def validate(self, model: CausalLM, spec: ExecuTorchSpec) -> list[str]:
+        if spec.quantization is None:
+            return []
+        from cpm_mobile.exporter.targets.executorch.quant import check_fits
+        from cpm_mobile.exporter.targets.executorch.sparse import check_sparse_fits
+
+        return refusals_of(lambda: check_fits(model, spec.quantization),
+                           lambda: check_sparse_fits(model, spec.quantization.group_size))
 
     def export(
         self, model: CausalLM, out_dir: Path, spec: ExecuTorchSpec | None = None,
@@ -49,9 +62,9 @@ class ExecuTorchTarget:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
 
-        twin, description = self.twin(model, spec)
+        variant, _ = self._variant(model, spec)
         progress("export: torch.export with dynamic sequence length", 0.0)
-        program = capture(export_ready(twin, attention), model.max_seq_len)
+        program = capture(export_ready(variant, attention), model.max_seq_len)
         progress("lower: edge dialect, XNNPACK partitioning", 0.3)
         methods = constant_methods(model, context, attention)
         edge = lower(program, methods)
@@ -62,7 +75,9 @@ class ExecuTorchTarget:
         progress("done", 1.0)
         metadata = artifact_metadata(model, spec, methods, size)
         if spec.quantization is not None:
-            metadata["expected_size_bytes"] = check_stored_quantised(twin, size)
+            from cpm_mobile.exporter.targets.executorch.quant import expected_size_bytes
+
+            metadata["expected_size_bytes"] = expected_size_bytes(variant)
         metadata.update(program_contents(executorch_program))
         info = ArtifactInfo(
             target=self.name,
@@ -71,19 +86,34 @@ class ExecuTorchTarget:
             io=io_contract(model, attention),
             metadata=metadata,
         )
+        twin, description = self.twin(model, spec, out_dir, asdict(info))
         return ExportedArtifact(info, twin, description)
 
-    def twin(self, model: CausalLM, spec: ExecuTorchSpec) -> tuple[CausalLM, str]:
+    def twin(self, model: CausalLM, spec: ExecuTorchSpec, bundle_dir: Path | None = None,
+             artifact: dict[str, Any] | None = None) -> tuple[CausalLM, str]:
         """What the .pte computes: the model itself in fp32 (its export caches, custom_sdpa included,
         compute the same attention up to fp32 summation order), or with the recipe's quantisation the
-        torchao variant, whose eager run is what XNNPACK's integer kernels compute."""
+        torchao variant, whose eager run is what XNNPACK's integer kernels compute. The variant is
+        rebuilt from the spec (deterministic: the same codes and scales as the program's), not read
+        back from the .pte; the structural check holds the file to the size those codes take."""
+        return self._variant(model, spec)
+
+    def structure(self, bundle_dir: Path, artifact: dict[str, Any], twin: CausalLM) -> list[str]:
+        if artifact.get("metadata", {}).get("quantization") is None:
+            return []
+        return stored_quantised_faults(twin, (Path(bundle_dir) / artifact["entry"]).stat().st_size)
+
+    def _variant(self, model: CausalLM, spec: ExecuTorchSpec) -> tuple[CausalLM, str]:
         if spec.quantization is None:
             return model, "eager fp32 model"
-        from cpm_mobile.exporter.quant.executorch import describe, quantize_for_executorch
-        from cpm_mobile.exporter.quant.sparse_executorch import describe_sparse
+        key = (id(model), spec.quantization.model_dump_json())
+        if key not in self._twins:
+            from cpm_mobile.exporter.targets.executorch.quant import describe, quantize_for_executorch
+            from cpm_mobile.exporter.targets.executorch.sparse import describe_sparse
 
-        variant = quantize_for_executorch(model, spec.quantization)
-        return variant, describe(spec.quantization) + describe_sparse(variant)
+            variant = quantize_for_executorch(model, spec.quantization)
+            self._twins[key] = (variant, describe(spec.quantization) + describe_sparse(variant))
+        return self._twins[key]
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -92,7 +122,7 @@ class ExecuTorchTarget:
 def export_ready(model: CausalLM, attention: str) -> CausalLM:
     """A variant of the model with the chosen export cache form (weights shared, caches its own)."""
     if attention == ATTENTION_CUSTOM:
-        from cpm_mobile.exporter.targets.executorch_cache import CustomOpKVCache
+        from cpm_mobile.exporter.targets.executorch.cache import CustomOpKVCache
 
         return derive(model, caches=CustomOpKVCache.like)
     return derive(model)
@@ -136,18 +166,18 @@ def emit(edge):
     )
 
 
-def check_stored_quantised(twin: CausalLM, size: int) -> int:
+def stored_quantised_faults(twin: CausalLM, size: int) -> list[str]:
     """The structural check: a program that stores its weights quantised is within 10 % of codes x bits / 8 +
     scales + unquantised tensors (measured 2.5-3.7 % over, the program's own tables). A program that kept
     fp32 weights (a lowering that dequantised them) is ~3.5x over; the twin gate alone cannot always tell
     int8 from fp32 (their SQNR differ by a few dB)."""
-    from cpm_mobile.exporter.quant.executorch import expected_size_bytes
+    from cpm_mobile.exporter.targets.executorch.quant import expected_size_bytes
 
     expected = expected_size_bytes(twin)
     if size > 1.10 * expected:
-        raise RuntimeError(f"{PTE_NAME} holds {size / 1e6:.1f} MB where its quantised weights take "
-                           f"{expected / 1e6:.1f} MB: the program does not store them quantised")
-    return expected
+        return [f"stored_quantised: {PTE_NAME} holds {size / 1e6:.1f} MB where its quantised weights take "
+                f"{expected / 1e6:.1f} MB: the program does not store them quantised"]
+    return []
 
 
 def write_program(executorch_program, path: Path) -> int:
@@ -244,3 +274,6 @@ def artifact_metadata(model: CausalLM, spec: ExecuTorchSpec, methods: dict[str, 
         # custom_sdpa needs equal key and value widths (MLA's are not): values are stored zero-padded.
         metadata["value_padding"] = {"from": model.config.value_head_dim, "to": model.config.k_head_dim}
     return metadata
+
+
+TARGET = ExecuTorchTarget

@@ -1,0 +1,1 @@
+"""The executorch target: spec.py (typed spec, capabilities), target.py (validate, export, twin, structure), quantisers, size rule."""
