@@ -202,7 +202,10 @@ def _stored_blockwise(package: Path) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("which", ["gptq_sym"])  # offsets (affine grids): tests/test_weight_grid.py
 def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_path):
+    from dataclasses import asdict
+
     from cpm_mobile.exporter.targets.coreml.quant import flat_name
+    from cpm_mobile.exporter.targets.coreml.target import CoreMLTarget
     from cpm_mobile.runtimes.coreml.session import CoreMLSession
     from cpm_mobile.runtimes.metrics import sqnr_db
 
@@ -224,9 +227,8 @@ def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_pat
     twin_weights = dict(exported.twin.named_parameters())
     for name in grid.linears:
         assert torch.equal(twin_weights[name], dict(model.named_parameters())[name])
-    session = CoreMLSession(tmp_path / exported.info.entry, exported.info.io,
-                            compression=exported.info.metadata["compression"])
-    assert all(check["passed"] for check in session.structure), session.structure
+    session = CoreMLSession(tmp_path / exported.info.entry, exported.info.io)
+    assert CoreMLTarget().structure(tmp_path, asdict(exported.info), exported.twin) == []
     logits = session.forward(PROMPT, 0)
     exported.twin.reset_cache()
     with torch.no_grad():

@@ -93,7 +93,10 @@ class Case:
 
     def session(self, package: Path, metadata: dict) -> CoreMLSession:
         io = {"max_seq_len": MAX_SEQ_LEN, "vocab_size": self.model.config.vocab_size}
-        return CoreMLSession(package, io, runtime="interpreter", compression=metadata)
+        return CoreMLSession(package, io, runtime="interpreter")
+
+    def structure(self, package: Path, metadata: dict) -> list[dict]:
+        return structural_checks(package, self.model.config.vocab_size, compression=metadata)
 
     def against(self, reference_model, session) -> dict:
         reference = greedy_runs(TorchSession(reference_model), self.plan)
@@ -151,7 +154,8 @@ def test_compressed_program_matches_its_twin(minicpm: Case, name: str) -> None:
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     session = minicpm.session(package, metadata)
-    assert failed(session.structure) == [], session.structure
+    structure = minicpm.structure(package, metadata)
+    assert failed(structure) == [], structure
     assert OP_TYPE[name] in metadata["op_types"]
     measured = minicpm.against(twin, session)
     assert judge(measured, TWIN_TOLERANCES) == [], measured
@@ -265,7 +269,8 @@ def test_untied_mla_blockffn_int4(tmp_path: Path) -> None:
     twin = coreml_twin(model, mlmodel)
     assert twin.lm_head.weight.data_ptr() != twin.embed_tokens.weight.data_ptr()
     session = case.session(package, metadata)
-    assert failed(session.structure) == [], session.structure
+    structure = case.structure(package, metadata)
+    assert failed(structure) == [], structure
     assert set(metadata["storage_dtypes"]) == {"int4", "int8"}  # lm_head int4, embedding int8
     measured = case.against(twin, session)
     assert judge(measured, TWIN_TOLERANCES) == [], measured
@@ -285,7 +290,9 @@ def test_target_exports_the_compressed_program_and_its_twin(minicpm: Case, tmp_p
     compression = artifact["metadata"]["compression"]
     assert compression["storage_dtypes"] == ["int4", "int8"] and compression["compressed_weights"] == 29
     session = open_session(tmp_path, artifact)
-    assert failed(session.structure) == [] and len(session.structure) == 11, session.structure
+    structure = structural_checks(tmp_path / artifact["entry"], minicpm.model.config.vocab_size, compression=compression)
+    assert failed(structure) == [] and len(structure) == 11, structure
+    assert get_target("coreml").structure(tmp_path, artifact, exported.twin) == []
     measured = minicpm.against(exported.twin, session)
     assert judge(measured, TWIN_TOLERANCES) == [], measured
     with pytest.raises(InputError, match=r"quantization\.group_size"):

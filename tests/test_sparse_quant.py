@@ -260,10 +260,11 @@ def test_one_flipped_code_fails_the_twin_gate(bundle):
     reference, _ = load_model(DEFAULT_SPARSE_MODEL, max_seq_len=recipe.max_seq_len)
     from cpm_mobile.exporter.passes import apply_passes
 
-    twin, _ = get_target("executorch").twin(apply_passes(reference, spec.passes, "executorch"), spec)
+    artifact = next(a for a in bundle.manifest["artifacts"] if a["target"] == "executorch")
+    twin, _ = get_target("executorch").twin(apply_passes(reference, spec.passes, "executorch"), spec, bundle.bundle,
+                                            artifact)
     prompt = TextTokenizer.from_folder(DEFAULT_SPARSE_MODEL).encode(recipe.check.prompts[0])
     plan = CheckPlan(prompts=[prompt], max_new_tokens=16)
-    artifact = next(a for a in bundle.manifest["artifacts"] if a["target"] == "executorch")
     session = open_session(bundle.bundle, artifact)
     tolerances = spec.faithfulness.model_dump()
     for candidate, should_pass in ((twin, True), (_flip_one_code(twin, prompt), False)):

@@ -76,7 +76,8 @@ def test_one_flipped_weight_fails_faithfulness_at_real_depth(deep_bundle, target
     artifact with the flip against a clean twin, without a second export of the model."""
     checkpoint, recipe, result = deep_bundle
     reference = build_model(load_checkpoint(checkpoint), max_seq_len=recipe.max_seq_len)
-    twin_module, description = get_target(target).twin(reference, recipe.targets[target])
+    artifact = next(a for a in result.manifest["artifacts"] if a["target"] == target)
+    twin_module, description = get_target(target).twin(reference, recipe.targets[target], result.bundle, artifact)
     faulty = _flipped(twin_module, "layers.12.mlp.down_proj.weight")
     tokenizer = TextTokenizer.from_folder(result.bundle)
     short = recipe.model_copy(update={"check": recipe.check.model_copy(update={"max_new_tokens": 16,

@@ -49,10 +49,10 @@ def expert_tables(model: CausalLM) -> list[tuple[str, nn.Parameter]]:
 def rest(model: CausalLM, bits: int, quantised_tables: bool = False) -> list[Stored]:
     """Every tensor besides the matrices' weights, unquantised: norms, biases, a pass's raw weight rows
     (unless the recipe quantises them), RoPE tables. The KV caches are state: no data is stored for them."""
-    matrices = {id(module.weight) for _, module in matrices(model)}
+    weights = {id(module.weight) for _, module in matrices(model)}
     if quantised_tables:
-        matrices |= {id(p) for _, p in expert_tables(model)}
-    rest = [Stored(name, p.numel(), bits) for name, p in model.named_parameters() if id(p) not in matrices]
+        weights |= {id(p) for _, p in expert_tables(model)}
+    rest = [Stored(name, p.numel(), bits) for name, p in model.named_parameters() if id(p) not in weights]
     rest += [Stored(name, b.numel(), bits) for name, b in model.named_buffers() if not name.startswith("kv_caches.")]
     return rest
 

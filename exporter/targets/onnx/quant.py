@@ -39,7 +39,7 @@ MS_DOMAIN = "com.microsoft"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of each node
 WRAPPER_PREFIX = "model."  # PastPresentLM holds the CausalLM as .model
 LM_HEAD, EMBEDDING = "lm_head.weight", "embed_tokens.weight"
-SCHEME_BITS = {"int8": 8, "int4": 4, "ternary": 2}
+from cpm_mobile.exporter.targets.onnx.spec import SCHEME_BITS  # noqa: E402
 
 
 @dataclass(frozen=True)

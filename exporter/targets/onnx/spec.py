@@ -95,3 +95,5 @@ CAPABILITIES = Capabilities(
         fp16_scales_exact=True,
     ),
 )
+
+SCHEME_BITS = {"int8": 8, "int4": 4, "ternary": 2}  # code width of each scheme in MatMulNBits
