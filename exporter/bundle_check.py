@@ -1,10 +1,10 @@
 """`cpm-mobile check BUNDLE`: check a published bundle again against its source checkpoint."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from cpm_mobile.exporter import contract
 from cpm_mobile.exporter.bundle import MANIFEST, sha256_file
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
@@ -17,19 +17,8 @@ from cpm_mobile.recipes.schema import recipe_from_dict
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
-    path = bundle / MANIFEST
-    if not bundle.is_dir():
-        raise InputError(bundle, "no such bundle folder")
-    if not path.is_file():
-        raise InputError(path, "manifest.json not found: not a cpm-mobile bundle")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    for key in ("recipe", "source", "artifacts", "files"):
-        if key not in manifest:
-            raise InputError(path, f"missing key '{key}'")
-    return manifest
+    """The bundle's manifest, validated against the typed contract (exporter/contract.py), as a dict."""
+    return contract.read_manifest(bundle).dump()
 
 
 def integrity_breaches(bundle: Path, manifest: dict[str, Any]) -> dict[str, list[str]]:

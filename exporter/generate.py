@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from cpm_mobile.exporter.contract import read_manifest
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.tokenizer import read_json_object
 from cpm_mobile.runtimes.base import Session, open_session
@@ -320,20 +321,10 @@ class BundleModel:
     passed_check: bool | None
 
 
-RUNTIME_NAMES = {
-    "executorch": "ExecuTorch runtime (XNNPACK + portable kernels)",
-    "onnx": "onnxruntime (CPU execution provider)",
-    "coreml": "Core ML (CPU only)",
-}
-INTERPRETER_NAME = "the numpy ML Program interpreter (Core ML itself runs only on macOS)"
-
-
 def select_artifact(folder: str | Path, target: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The bundle's manifest and `target`'s entry in it (default: the first artifact); InputError if absent."""
-    from cpm_mobile.exporter.bundle_check import read_manifest
-
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder).dump()  # validated against the typed contract
     artifacts = {a["target"]: a for a in manifest["artifacts"]}
     if not artifacts:
         raise InputError(folder / "manifest.json", "lists no artifact")
@@ -350,9 +341,7 @@ def open_bundle_model(folder: str | Path, target: str | None = None) -> BundleMo
     manifest, artifact = select_artifact(folder, target)
     target = artifact["target"]
     session = open_session(folder, artifact)
-    runtime = RUNTIME_NAMES.get(target, target)
-    if getattr(session, "runtime", None) == "interpreter":
-        runtime = INTERPRETER_NAME
+    runtime = getattr(session, "runtime_name", target)
     report = folder / "report.json"
     passed = read_json_object(report).get("passed") if report.is_file() else None
     return BundleModel(folder, target, session, runtime, list(manifest.get("model", {}).get("eos_ids", [])), passed)

@@ -12,6 +12,9 @@ from cpm_mobile.exporter import __version__
 from cpm_mobile.exporter.bundle import (
     MANIFEST, REPORT, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
 )
+from cpm_mobile.exporter.contract import (
+    BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_SCHEMA_FILE, Manifest, Report, manifest_json_schema,
+)
 from cpm_mobile.exporter.defaults import HELDOUT_TEXT
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
@@ -23,7 +26,6 @@ from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.exporter.verify import artifact_twins, build_plan, check_artifacts
 from cpm_mobile.recipes.schema import Recipe
 
-BUNDLE_FORMAT = "cpm-mobile-bundle/1"
 LIBRARIES = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript", "coremltools", "tokenizers", "numpy")
 
 
@@ -102,6 +104,7 @@ def export_bundle(
         twins, faults = artifact_twins(reference, recipe, staging, artifacts, models, targets)
         result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress, faults)
         manifest = {
+            "format_version": FORMAT_VERSION,
             "format": BUNDLE_FORMAT,
             "name": name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -125,8 +128,10 @@ def export_bundle(
             "artifacts": artifacts,
             "tokenizer": tokenizer_files,
         }
-        write_json(staging / REPORT, result.report)
+        write_json(staging / REPORT, Report.model_validate(result.report).dump())
+        write_json(staging / MANIFEST_SCHEMA_FILE, manifest_json_schema())
         manifest["files"] = file_hashes(staging)
+        manifest = Manifest.model_validate(manifest).dump()  # the typed contract, checked before it is written
         write_json(staging / MANIFEST, manifest)
         destination = final if result.passed else final.with_name(f"{final.name}.rejected")
         publish(staging, destination)

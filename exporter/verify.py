@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from cpm_mobile.exporter.contract import FORMAT_VERSION
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.passes import apply_passes
@@ -153,6 +154,7 @@ def check_artifacts(
         for text, run in zip(recipe.check.prompts, reference.runs)
     ]
     report = {
+        "format_version": FORMAT_VERSION,
         "passed": all(e["passed"] for e in entries.values()),
         "artifacts": entries,
         "reference": {"runtime": "PyTorch eager", "greedy_samples": samples, "host": platform.platform()},

@@ -75,6 +75,7 @@ def read_constant_method(program, name: str) -> list[Any] | None:
 
 class ExecuTorchSession:
     verified = "ExecuTorch runtime verified (XNNPACK + portable kernels)"
+    runtime_name = "ExecuTorch runtime (XNNPACK + portable kernels)"
 
     def __init__(self, path: str | Path, max_seq_len: int | None = None):
         self.path = Path(path)

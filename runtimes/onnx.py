@@ -19,6 +19,7 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 class OnnxSession:
     verified = "onnxruntime verified (CPUExecutionProvider)"
+    runtime_name = "onnxruntime (CPU execution provider)"
 
     def __init__(self, model_path: Path, io: dict[str, Any], session_options: ort.SessionOptions | None = None):
         self.names = io["names"]
@@ -29,7 +30,8 @@ class OnnxSession:
         self._empty_past = {}
         for i in range(self.layers):
             self._empty_past[self.names["past_key"] % i] = np.zeros((1, cache["heads"], 0, cache["key_dim"]), dtype)
-            self._empty_past[self.names["past_value"] % i] = np.zeros((1, cache["heads"], 0, cache["value_dim"]), dtype)
+            value_width = cache.get("stored_value_dim") or cache["value_dim"]  # zero-padded MLA values as stored
+            self._empty_past[self.names["past_value"] % i] = np.zeros((1, cache["heads"], 0, value_width), dtype)
         self.session = _inference_session(model_path, session_options)
         _check_inputs(model_path, self.session, [io["names"]["input_ids"], *self._empty_past])
         self._past: dict[str, np.ndarray] = dict(self._empty_past)

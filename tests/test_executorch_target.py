@@ -276,7 +276,8 @@ def test_artifact_info_describes_the_file(name, attention, value_padding, reques
     assert [i["name"] for i in info.io["inputs"]] == ["tokens", "input_pos"]
     assert info.io["outputs"][0]["shape"] == [1, "T", exported.model.config.vocab_size]
     assert info.io["dynamic_dims"] == {"T": {"min": 1, "max": MAX_SEQ_LEN}}
-    cache = info.io["kv_cache"]
+    cache = info.io["cache"]
+    assert cache["kind"] == "mutable_buffers"
     config = exported.model.config
     assert (cache["layers"], cache["max_seq_len"], cache["heads"]) == (2, MAX_SEQ_LEN, config.cache_heads)
     assert (cache["key_dim"], cache["value_dim"]) == (config.k_head_dim, config.value_head_dim)

@@ -185,8 +185,8 @@ def test_mla_values_are_padded_to_the_key_width_for_genai(mla: Exported):
     config = mla.model.config
     cache = mla.info.io["cache"]
     assert config.k_head_dim != config.value_head_dim
-    assert cache["key_dim"] == cache["value_dim"] == config.k_head_dim
-    assert cache["model_value_dim"] == config.value_head_dim
+    assert cache["key_dim"] == cache["stored_value_dim"] == config.k_head_dim
+    assert cache["value_dim"] == config.value_head_dim
     assert mla.info.metadata["value_padding"] == config.k_head_dim - config.value_head_dim
 
 

@@ -23,6 +23,8 @@ TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
 COREML_VERIFIED = "Core ML runtime verified"
 INTERPRETER_VERIFIED = "ML Program semantics verified (numpy interpreter; Core ML itself not run)"
 RUNTIMES = ("coreml", "interpreter")
+RUNTIME_NAMES = {"coreml": "Core ML (CPU only)",
+                 "interpreter": "the numpy ML Program interpreter (Core ML itself runs only on macOS)"}
 
 
 class _Runtime(Protocol):
@@ -82,6 +84,7 @@ class CoreMLSession:
             self._runtime = interpreter
             self.verified = INTERPRETER_VERIFIED
         self.runtime = runtime
+        self.runtime_name = RUNTIME_NAMES[runtime]
         self.reset()
 
     def reset(self) -> None:

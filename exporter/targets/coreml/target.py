@@ -239,8 +239,8 @@ def io_contract(mlmodel, model: CausalLM) -> dict[str, Any]:
         "max_seq_len": model.max_seq_len,
         "vocab_size": model.config.vocab_size,
         "constraint": "input_pos + T <= max_seq_len",
-        "kv_cache": {
-            "form": "coreml_states",  # one MLState per sequence; slice_update at input_pos
+        "cache": {
+            "kind": "coreml_states",  # one MLState per sequence; slice_update at input_pos
             "layers": config.num_layers,
             "heads": config.cache_heads,
             "key_dim": config.k_head_dim,

@@ -241,7 +241,7 @@ def io_contract(model: CausalLM, attention: str) -> dict[str, Any]:
         "dynamic_dims": {"T": {"min": 1, "max": model.max_seq_len}},
         "max_seq_len": model.max_seq_len,
         "constraint": "input_pos + T <= max_seq_len",
-        "kv_cache": cache_description(model, attention),
+        "cache": cache_description(model, attention),
     }
 
 

@@ -29,13 +29,12 @@ def genai_config(
     """The config dict for a decoder exported with our I/O contract (`io` as OnnxTarget writes it).
 
     genai sizes both the key and the value cache with one head_size: the caller must have made
-    key and value heads equally wide (io's cache key_dim == value_dim).
+    key and value heads equally wide as stored (io's cache key_dim == stored_value_dim).
     """
     cache = io["cache"]
-    if cache["key_dim"] != cache["value_dim"]:
-        raise ValueError(
-            f"onnxruntime-genai needs equal key and value head sizes, got {cache['key_dim']} and {cache['value_dim']}"
-        )
+    if cache["key_dim"] != cache["stored_value_dim"]:
+        raise ValueError(f"onnxruntime-genai needs equal key and value head sizes, got {cache['key_dim']} "
+                         f"and {cache['stored_value_dim']}")
     names = io["names"]
     eos = list(eos_ids)
     pad_id = eos[0] if eos else 0  # batch-1 generation never pads; genai still requires the id

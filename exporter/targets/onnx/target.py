@@ -247,12 +247,13 @@ def io_contract(layout: CacheLayout, vocab_size: int, max_seq_len: int) -> dict[
             "present_value": PRESENT_VALUE,
         },
         "cache": {
-            "form": "past_present",  # present = concat(past, new); the caller feeds it back as past
+            "kind": "past_present",  # present = concat(past, new); the caller feeds it back as past
             "layers": layout.layers,
             "heads": layout.heads,
             "key_dim": layout.key_dim,
-            "value_dim": layout.value_dim,
-            "model_value_dim": layout.model_value_dim,  # < value_dim: zero padding, see CacheLayout
+            "value_dim": layout.model_value_dim,
+            "stored_value_dim": layout.value_dim,  # > value_dim: zero padding, see CacheLayout
+            "max_seq_len": max_seq_len,
             "dtype": cache_dtype,
         },
         "vocab_size": vocab_size,
@@ -363,10 +364,10 @@ class OnnxTarget:
 
 def _genai_config(model: CausalLM, context: ExportContext, io: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     cache = io["cache"]
-    if cache["key_dim"] != cache["value_dim"]:
+    if cache["key_dim"] != cache["stored_value_dim"]:
         return None, (
             f"not supported: onnxruntime-genai sizes key and value caches with one head_size, but keys are "
-            f"{cache['key_dim']} wide and values {cache['value_dim']} (MLA); export with pad_mla_values=true"
+            f"{cache['key_dim']} wide and values {cache['stored_value_dim']} (MLA); export with pad_mla_values=true"
         )
     config = model.config
     genai = genai_config(
@@ -379,10 +380,10 @@ def _genai_config(model: CausalLM, context: ExportContext, io: dict[str, Any]) -
         bos_id=context.bos_id,
         eos_ids=context.eos_ids,
     )
-    padded = cache["value_dim"] - cache["model_value_dim"]
+    padded = cache["stored_value_dim"] - cache["value_dim"]
     note = "supported (model.type llama, past_present_share_buffer false)"
     if padded:
-        note += f"; value heads zero-padded {cache['model_value_dim']} -> {cache['value_dim']} to match head_size"
+        note += f"; value heads zero-padded {cache['value_dim']} -> {cache['stored_value_dim']} to match head_size"
     return genai, note
 
 
