@@ -1,10 +1,10 @@
-"""The package layout, and the build of libcpm_mobile_kernels (exporter/kernels) during `pip install .`.
+"""The package layout, and the build of libcpm_mobile_kernels (runtimes/kernels) during `pip install .`.
 
 The repository's top-level folders (exporter/, runtimes/, recipes/, cli.py) install as one package,
 `cpm_mobile` (this folder, through package_dir), so nothing of ours lands at the top of
 site-packages under a generic name. bench/ and tests/ are not installed. Everything else about the
 package is in pyproject.toml. The library is compiled by
-exporter/kernels/build.py against the executorch wheel that pyproject's build requirements put in
+runtimes/kernels/build.py against the executorch wheel that pyproject's build requirements put in
 the build environment (the same pin as the runtime dependency, so the ABI matches).
 """
 import importlib.util
@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 def _kernel_build():
     # By path: the package itself is not importable while it is being built.
-    spec = importlib.util.spec_from_file_location("_cpm_kernel_build", HERE / "exporter" / "kernels" / "build.py")
+    spec = importlib.util.spec_from_file_location("_cpm_kernel_build", HERE / "runtimes" / "kernels" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,6 +55,6 @@ setup(
     package_dir={NAMESPACE: "."},
     packages=_packages(),
     py_modules=[],
-    ext_modules=[Extension(f"{NAMESPACE}.exporter.kernels.libcpm_mobile_kernels", sources=[str(s.relative_to(HERE)) for s in KERNELS.SOURCES])],
+    ext_modules=[Extension(f"{NAMESPACE}.runtimes.kernels.libcpm_mobile_kernels", sources=[str(s.relative_to(HERE)) for s in KERNELS.SOURCES])],
     cmdclass={"build_ext": BuildKernels},
 )

@@ -210,7 +210,7 @@ def layer_runner(runtime: str, module: torch.nn.Module, hidden: int, folder: Pat
         return lambda x: session.run(None, {"x": x})[0]
     from executorch.runtime import Runtime
 
-    from cpm_mobile.exporter.kernels.loader import load_kernels
+    from cpm_mobile.runtimes.kernels.loader import load_kernels
     from cpm_mobile.exporter.targets.executorch.target import emit, lower, write_program
 
     load_kernels()

@@ -30,7 +30,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator,
 )
 
-from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.errors import InputError  # re-exported: the runtimes import errors from the contract only
 
 FORMAT_VERSION = 2
 FORMAT_PREFIX = "cpm-mobile-bundle/"

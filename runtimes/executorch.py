@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpm_mobile.exporter.errors import InputError
-from cpm_mobile.exporter.kernels.build import BuildError
-from cpm_mobile.exporter.kernels.loader import load_kernels
+from cpm_mobile.exporter.contract import InputError
+from cpm_mobile.runtimes.kernels.build import BuildError
+from cpm_mobile.runtimes.kernels.loader import load_kernels
 from cpm_mobile.runtimes.base import register_runtime
 
 METHOD = "forward"
@@ -31,7 +31,7 @@ def load_kernel_libraries() -> str | None:
 
     The custom ops library holds llama::update_cache / custom_sdpa; the quantized kernels
     (quantized_decomposed::*) must be loaded RTLD_GLOBAL so the runtime's registry sees them; our
-    own cpm_mobile::* kernels (exporter/kernels) register once, through their idempotent loader.
+    own cpm_mobile::* kernels (runtimes/kernels) register once, through their idempotent loader.
     Returns why our kernels are unavailable (no C++ toolchain, say), or None.
     """
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401

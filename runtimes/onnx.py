@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.contract import InputError
 from cpm_mobile.runtimes.base import register_runtime
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}

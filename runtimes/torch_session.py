@@ -1,16 +1,16 @@
-"""The PyTorch reference behind the same Session interface as the artifacts' runtimes."""
+"""The PyTorch reference (any module with the forward(tokens, input_pos) contract) behind the same Session
+interface as the artifacts' runtimes."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from cpm_mobile.exporter.models.transformer import CausalLM
 
 
 class TorchSession:
     verified = "PyTorch eager (reference)"
 
-    def __init__(self, model: CausalLM):
+    def __init__(self, model: torch.nn.Module):  # the forward(tokens, input_pos) -> logits contract
         self.model = model
         self.max_seq_len = model.max_seq_len
 

@@ -18,7 +18,7 @@ from cpm_mobile.exporter.targets.registry import capabilities
 from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL
 from cpm_mobile.exporter.kernels import LIBRARY, app_kernels
 from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
-from cpm_mobile.exporter.kernels.loader import load_kernels
+from cpm_mobile.runtimes.kernels.loader import load_kernels
 from cpm_mobile.exporter.kernels.ops import KERNEL
 from cpm_mobile.exporter.models import load_model
 from cpm_mobile.exporter.models.ffn import BlockFFN

@@ -20,7 +20,7 @@ import torch
 from cpm_mobile.exporter.defaults import DEFAULT_SPARSE_MODEL
 from cpm_mobile.exporter.kernels import ops
 from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
-from cpm_mobile.exporter.kernels.loader import load_kernels
+from cpm_mobile.runtimes.kernels.loader import load_kernels
 from cpm_mobile.exporter.models import load_model
 from cpm_mobile.exporter.models.ffn import BlockFFN
 from cpm_mobile.exporter.models.variant import derive

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.contract import InputError
 from cpm_mobile.runtimes.base import register_runtime
 
 TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"

@@ -1,8 +1,8 @@
 """Compile the kernel library (libcpm_mobile_kernels) against the installed executorch wheel.
 
-python -m cpm_mobile.exporter.kernels.build [--out PATH]
+python -m cpm_mobile.runtimes.kernels.build [--out PATH]
 
-`pip install -e .` runs this through setup.py; the loader (exporter/kernels/loader.py) runs it
+`pip install -e .` runs this through setup.py; the loader (runtimes/kernels/loader.py) runs it
 too when a checkout has no built library yet. Only the standard library is imported here, so
 setup.py can load this file before anything is installed. The compile flags are the ones the
 wheel's headers need and its libraries were built with (research/executorch_custom_kernels.md);
@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "sparse_expert_ffn.cpp",)
-LIBRARY_NAME = "libcpm_mobile_kernels"  # = exporter.kernels.LIBRARY (not imported: setup.py loads this file alone)
+LIBRARY_NAME = "libcpm_mobile_kernels"  # = runtimes.kernels.LIBRARY (not imported: setup.py loads this file alone)
 # Extra compiler flags, e.g. CPM_MOBILE_KERNEL_FLAGS="-march=armv8.2-a" (default: tune for this machine).
 FLAGS_VARIABLE = "CPM_MOBILE_KERNEL_FLAGS"
 

@@ -11,7 +11,7 @@ import ctypes
 import functools
 from pathlib import Path
 
-from cpm_mobile.exporter.kernels import KERNEL_LIBRARIES, build
+from cpm_mobile.runtimes.kernels import KERNEL_LIBRARIES, build
 
 
 def library_path() -> Path:

@@ -1,0 +1,14 @@
+"""Our ExecuTorch kernel library, as an app links it: the C++ sources, their build and the loader.
+
+- sparse_expert_ffn.cpp: cpm_mobile::sparse_expert_ffn.out, BlockFFN's experts computed from the
+  active ones only, read in place, and its _int8 / _int4 overloads over quantised codes of the same
+  weights (the export side, exporter/kernels/, defines the ops for torch.export and their eager form);
+- build.py: compiles libcpm_mobile_kernels against the executorch wheel (run by pip install);
+- loader.py: registers the library with ExecuTorch's runtime once per process.
+"""
+
+# Kernel (as a .pte's plan names it) -> the library of ours that registers it. An app running a
+# .pte that calls one links that library next to ExecuTorch (README: "Custom kernels").
+LIBRARY = "libcpm_mobile_kernels"
+KERNEL_LIBRARIES = {f"cpm_mobile::{op}.out": LIBRARY
+                    for op in ("sparse_expert_ffn", "sparse_expert_ffn_int8", "sparse_expert_ffn_int4")}
