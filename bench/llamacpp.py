@@ -93,7 +93,9 @@ def _wait_for_running_build(llama: LlamaCpp, log, quiet_s: float = 180) -> list[
 
 def _download(cache: Path, log) -> Path:
     log("downloading the llama-cpp-python sdist (vendored llama.cpp)")
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+    # Only the sdist itself from source: ":all:" would also build its build requirements (cmake,
+    # scikit-build-core) from source to prepare its metadata, over 10 minutes before llama.cpp itself.
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "--quiet",
           "llama-cpp-python", "-d", str(cache)])
     return sorted(cache.glob("llama_cpp_python-*.tar.gz"))[-1]
 

@@ -18,7 +18,7 @@ from cpm_mobile.exporter.contract import (
 from cpm_mobile.exporter.defaults import HELDOUT_TEXT
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
-from cpm_mobile.exporter.passes import apply_passes, check_passes
+from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.preflight import preflight
 from cpm_mobile.exporter.targets.base import ExportContext, Progress, no_progress
 from cpm_mobile.exporter.targets.registry import get_target
@@ -72,8 +72,6 @@ def export_bundle(
     report can be read but no app picks it up as a valid bundle. An existing bundle at the
     destination is refused unless `force`, and then replaced only by a complete new one.
     """
-    for target_name, spec in recipe.targets.items():
-        check_passes([*recipe.passes, *spec.passes], target_name)  # unknown passes: before reading the checkpoint
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)

@@ -42,3 +42,13 @@ def test_ratios_are_against_eager_of_the_same_run():
     row = with_ratios({"decode_tok_per_s": 30.0, "prefill_tok_per_s": 200.0}, {"decode_tok_per_s": 10.0,
                                                                                "prefill_tok_per_s": 100.0})
     assert row["decode_speedup"] == 3.0 and row["prefill_speedup"] == 2.0
+
+
+def test_only_the_sdist_itself_is_taken_from_source(tmp_path, monkeypatch):
+    """`--no-binary :all:` would build cmake and scikit-build-core from source before llama.cpp (10+ minutes)."""
+    calls = []
+    monkeypatch.setattr(llamacpp, "_run", lambda command, *a, **k: calls.append(command))
+    (tmp_path / "llama_cpp_python-0.3.0.tar.gz").touch()
+    assert llamacpp._download(tmp_path, lambda message: None).name == "llama_cpp_python-0.3.0.tar.gz"
+    [command] = calls
+    assert command[command.index("--no-binary") + 1] == "llama-cpp-python" and ":all:" not in command

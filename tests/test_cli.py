@@ -112,3 +112,40 @@ def test_an_error_after_the_progress_started_is_one_line(tmp_path):
     assert result.exit_code == 2 and "tokenizer.json not found" in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr  # no progress frame above the error
     assert not (tmp_path / "o").exists()
+
+
+def test_every_refusal_of_every_target_is_said_before_any_work(tmp_path):
+    """Blocks of 128 divide none of minicpm-tiny's widths (192): all three targets refuse int4 so, and say so at once."""
+    recipe = load_recipe("int4").model_dump(mode="json")
+    recipe["targets"]["executorch"]["quantization"]["group_size"] = 128
+    recipe["targets"]["onnx"]["quantization"]["block_size"] = 128
+    recipe["targets"]["coreml"]["quantization"]["group_size"] = 128
+    for spec in recipe["targets"].values():
+        spec.pop("target", None)
+    path = tmp_path / "blocks128.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "--recipe", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 3, result.stderr
+    for target in ("executorch", "onnx", "coreml"):
+        [line] = [line for line in lines if f"{target} target: " in line]
+        assert "128 does not divide" in line, line
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())  # nothing built, nothing staged
+
+
+def test_a_pass_two_targets_cannot_take_is_refused_for_both(tmp_path):
+    recipe = load_recipe("fp32-sparse").model_dump(mode="json")
+    for spec in recipe["targets"].values():
+        spec.pop("target", None)
+    recipe["targets"]["coreml"] = {"passes": [{"name": "blockffn_sparse"}], "faithfulness": {}, "fidelity": {}}
+    path = tmp_path / "sparse-all.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["export", "--recipe", str(path), "--out", str(tmp_path / "out")])  # dense minicpm-tiny
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 3, result.stderr
+    assert sum("needs a model with BlockFFN layers" in line for line in lines) == 2
+    assert any("coreml target: the 'blockffn_sparse' pass is not supported" in line for line in lines)

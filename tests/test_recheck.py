@@ -68,3 +68,19 @@ def test_a_changed_byte_fails_the_recheck(tmp_path: Path):
     report = check_bundle(exported.bundle).report
     assert report["passed"] is False
     assert any("sha256 differs" in b for b in report["artifacts"]["onnx"]["breaches"])
+
+
+def test_an_artifact_that_does_not_store_its_weights_quantised_is_a_breach_not_a_traceback(tmp_path, monkeypatch):
+    """A quantiser that silently left the graph fp32: the twin cannot be read back from it, which the
+    report states as a structural breach of that artifact; the bundle is published .rejected, and
+    `check` on it says the same."""
+    from cpm_mobile.exporter.targets.onnx import target as onnx_target
+
+    monkeypatch.setattr(onnx_target, "quantize_onnx", lambda graph, scheme, grid=None: graph)
+    exported = export_bundle(DEFAULT_MODEL, _short("int8").select(["onnx"]), tmp_path)
+    assert not exported.passed and exported.bundle.name.endswith(".rejected")
+    [breach] = [b for b in exported.report["artifacts"]["onnx"]["breaches"] if b.startswith("structure:")]
+    assert "does not store these weights quantised" in breach
+    assert exported.report["artifacts"]["onnx"]["failed_gates"] == ["artifact"]
+    checked = check_bundle(exported.bundle).report
+    assert not checked["passed"] and breach in checked["artifacts"]["onnx"]["breaches"]
