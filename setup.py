@@ -13,6 +13,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,6 +34,14 @@ INSTALLED = ("exporter", "runtimes", "recipes")
 def _packages() -> list[str]:
     found = find_packages(where=str(HERE), include=[f"{name}*" for name in INSTALLED])
     return [NAMESPACE, *(f"{NAMESPACE}.{name}" for name in found)]
+
+
+class BuildPackage(build_py):
+    """The repository root is the package: its setup.py is the build script, not a module of cpm_mobile."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [entry for entry in modules if not (package == NAMESPACE and entry[1] == "setup")]
 
 
 class BuildKernels(build_ext):
@@ -56,5 +65,5 @@ setup(
     packages=_packages(),
     py_modules=[],
     ext_modules=[Extension(f"{NAMESPACE}.runtimes.kernels.libcpm_mobile_kernels", sources=[str(s.relative_to(HERE)) for s in KERNELS.SOURCES])],
-    cmdclass={"build_ext": BuildKernels},
+    cmdclass={"build_ext": BuildKernels, "build_py": BuildPackage},
 )
