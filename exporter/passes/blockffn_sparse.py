@@ -41,7 +41,7 @@ from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
 from cpm_mobile.exporter.models.ffn import BlockFFN
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
-from cpm_mobile.exporter.passes import register_pass
+from cpm_mobile.exporter.passes.registry import register_pass
 from cpm_mobile.exporter.targets.spec import Capabilities
 
 PASS_NAME = "blockffn_sparse"

@@ -20,7 +20,6 @@ from torch import nn
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.kernels import ops
 from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN, QuantisedFusedSparseBlockFFN
-from cpm_mobile.exporter.targets.executorch.quant import code_bits
 
 LinearBuilder = Callable[[nn.Linear], nn.Linear]  # nn.Linear -> nn.Linear holding a torchao weight
 
@@ -54,7 +53,7 @@ def sparse_ffn_plan(model: nn.Module, linear_plan: dict[str, LinearBuilder],
 def quantise_fused(fused: FusedSparseBlockFFN, build: LinearBuilder, name: str) -> QuantisedFusedSparseBlockFFN:
     up = build(_as_linear(fused.up_weight)).weight  # [E*de, H]
     down = build(_as_linear(fused.down_rows.t())).weight  # [H, E*de]: the dense down projection
-    bits = code_bits(up)
+    bits = 4 if up.target_dtype == torch.int4 else 8  # the codes' width (ternary: 4-bit codes)
     if bits == 8:
         return QuantisedFusedSparseBlockFFN(fused, build(fused.router_proj), 8, up.qdata.contiguous(),
                                             up.scale.reshape(-1).contiguous(), down.qdata.t().contiguous(),

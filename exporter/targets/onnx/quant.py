@@ -33,13 +33,12 @@ from torch import nn
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive, with_weights
+from cpm_mobile.exporter.targets.onnx.nodes import (
+    MS_DOMAIN, WEIGHT_KEY, block_quantized_table, gather_block_quantized, matmul_nbits_module, module_path,
+)
+from cpm_mobile.exporter.targets.onnx.spec import SCHEME_BITS
 
-WEIGHT_KEY = "cpm_mobile.weight"  # node metadata: the CausalLM parameter a quantised node carries
-MS_DOMAIN = "com.microsoft"
-NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of each node
-WRAPPER_PREFIX = "model."  # PastPresentLM holds the CausalLM as .model
 LM_HEAD, EMBEDDING = "lm_head.weight", "embed_tokens.weight"
-from cpm_mobile.exporter.targets.onnx.spec import SCHEME_BITS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -164,22 +163,12 @@ class Int8ActivationLinear(nn.Module):
 
 # --- reading the exported graph -----------------------------------------------------------------
 
-def _module_path(node: onnx.NodeProto) -> str | None:
-    for entry in node.metadata_props:
-        if entry.key == NAME_SCOPES:
-            scopes = ast.literal_eval(entry.value)
-            # [..., 'model.layers.0.self_attn.q_proj', 'linear'] : the module is the last-but-one scope
-            if len(scopes) >= 2 and scopes[-2].startswith(WRAPPER_PREFIX):
-                return scopes[-2][len(WRAPPER_PREFIX):]
-    return None
-
-
 def _fold_transposed_head(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto]) -> None:
     """MatMul(x, Transpose(W)) -> MatMul(x, W^T as an initializer), for the weight (the lm_head,
     whose W the tied embedding also reads) so onnxruntime's quantiser sees a constant B."""
     producers = {output: node for node in graph.node for output in node.output}
     for node in graph.node:
-        if node.op_type != "MatMul" or _module_path(node) != "lm_head":
+        if node.op_type != "MatMul" or module_path(node) != "lm_head":
             continue
         transpose = producers.get(node.input[1])
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
@@ -198,7 +187,7 @@ def _weight_matmuls(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorP
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in initializers:
             continue
-        module = _module_path(node)
+        module = module_path(node)
         dims = list(initializers[node.input[1]].dims)
         if module is None or len(dims) != 2:
             continue
@@ -208,7 +197,7 @@ def _weight_matmuls(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorP
 
 def _embedding_gather(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto]) -> onnx.NodeProto | None:
     for node in graph.node:
-        if node.op_type == "Gather" and node.input[0] in initializers and _module_path(node) == "embed_tokens":
+        if node.op_type == "Gather" and node.input[0] in initializers and module_path(node) == "embed_tokens":
             return node
     return None
 
@@ -251,25 +240,13 @@ def _table_symmetric(scheme: Any) -> bool:
 
 # --- quantising ----------------------------------------------------------------------------------
 
-def _matmul_nbits_module():
-    """onnxruntime.quantization.matmul_nbits_quantizer, imported without its side effect: it calls
-    logging.basicConfig(level=INFO) and logs every node, which would make the whole program chatty."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: PLC0415
 
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    matmul_nbits_quantizer.logger.setLevel(logging.WARNING)
-    return matmul_nbits_quantizer
 
 
 def _library_pass(proto: onnx.ModelProto, exclude: list[str], bits: int, symmetric: bool, scheme: Any,
                   algorithm: str) -> onnx.ModelProto:
     """One MatMulNBitsQuantizer pass over the MatMuls with constant weights, except `exclude`."""
-    library = _matmul_nbits_module()
+    library = matmul_nbits_module()
     accuracy = scheme.accuracy_level or None
     if algorithm == "hqq":
         config = library.HQQWeightOnlyQuantConfig(block_size=scheme.block_size, bits=bits, op_types_to_quantize=("MatMul",))
@@ -411,34 +388,6 @@ def _quantize_embedding(graph: onnx.GraphProto, gather: onnx.NodeProto, scheme: 
     new = gather_block_quantized(gather, tables, bits, scheme.block_size, EMBEDDING)
     if reshape is not None:
         _insert_before(graph, new.name, reshape)
-
-
-def block_quantized_table(graph: onnx.GraphProto, prefix: str, table: np.ndarray, bits: int, block_size: int,
-                          symmetric: bool, scale_dtype: Any) -> list[str]:
-    """A [rows, columns] table -> onnxruntime's block codes along each row (its own quantiser: round to
-    nearest), added as initializers; returns GatherBlockQuantized's data, scales (and zero points) inputs."""
-    library = _matmul_nbits_module()
-    quantizer = library.DefaultWeightOnlyQuantizer(library.DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=symmetric, bits=bits))
-    packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(table.astype(np.float32).T))
-    names = [f"{prefix}_Q{bits}", f"{prefix}_scales"]
-    graph.initializer.extend([numpy_helper.from_array(packed.reshape(len(table), -1), names[0]),
-                              numpy_helper.from_array(scales.astype(scale_dtype), names[1])])
-    if not symmetric:
-        names.append(f"{prefix}_zero_points")
-        graph.initializer.append(numpy_helper.from_array(zero_points, names[2]))
-    return names
-
-
-def gather_block_quantized(gather: onnx.NodeProto, tables: list[str], bits: int, block_size: int,
-                           param: str) -> onnx.NodeProto:
-    """Gather(table, ids) -> GatherBlockQuantized(data, ids, scales[, zero points]) in place, tagged with `param`."""
-    new = helper.make_node("GatherBlockQuantized", [tables[0], gather.input[1], *tables[1:]], list(gather.output),
-                           name=f"{gather.name}_Q{bits}", domain=MS_DOMAIN, bits=bits, block_size=block_size,
-                           gather_axis=0, quantize_axis=1)
-    new.metadata_props.add(key=WEIGHT_KEY, value=param)
-    gather.CopyFrom(new)
-    return new
 
 
 def _tied_head(graph: onnx.GraphProto, gather: onnx.NodeProto) -> onnx.NodeProto | None:

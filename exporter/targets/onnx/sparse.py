@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.targets.onnx.nodes import block_quantized_table, gather_block_quantized, module_path
 
 TABLES = ("up_experts", "down_experts")  # SparseBlockFFN's parameters
 TABLE_BITS = {"int8": 8, "int4": 4}
@@ -30,8 +31,6 @@ TABLE_BITS = {"int8": 8, "int4": 4}
 
 def quantize_expert_tables(graph: onnx.GraphProto, scheme: Any) -> list[str]:
     """Replace every Gather of an expert table by GatherBlockQuantized; the parameters quantised."""
-    from cpm_mobile.exporter.targets.onnx.quant import _module_path, block_quantized_table, gather_block_quantized
-
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     gathers = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in initializers
                and node.input[0].rpartition(".")[2] in TABLES]
@@ -52,7 +51,7 @@ def quantize_expert_tables(graph: onnx.GraphProto, scheme: Any) -> list[str]:
                              f"({table.shape[1]}) of {gather.input[0]}")
         prefix = gather.input[0]
         tables = block_quantized_table(graph, prefix, table, bits, scheme.block_size, scheme.symmetric, np.float32)
-        module = _module_path(gather)
+        module = module_path(gather)
         param = f"{module}.{prefix.rpartition('.')[2]}" if module else prefix.removeprefix("model.")
         gather_block_quantized(gather, tables, bits, scheme.block_size, param)
         params.append(param)
