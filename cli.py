@@ -227,6 +227,9 @@ def _print_report(report: dict) -> None:
             greedy = f"{m['greedy']:.3f}" + (f" ({m['greedy_ties']}t)" if m["greedy_ties"] else "")
             table.add_row(label, gate, f"{m['max_rel_logits']:.1e}", f"{m['sqnr_db']:.0f}", f"{m['kl']:.1e}",
                           f"{m['top1']:.3f}", greedy, ppl, result)
+        tokenizer = entry.get("tokenizer")  # the stock client's own tokenizer vs the checkpoint's (tokenizer_gate)
+        if tokenizer is not None:
+            table.add_row("", "tokenizer", *["-"] * 6, _TOKENIZER_RESULTS.get(tokenizer["status"], tokenizer["status"]))
     _print_table(table, labels=("target", "gate"))
     plan = report.get("plan", {})
     if plan.get("heldout_windows"):
@@ -235,6 +238,30 @@ def _print_report(report: dict) -> None:
     for target, entry in report["artifacts"].items():
         for breach in entry["breaches"]:  # one line each, as written (no markup: a breach may hold brackets)
             console.print(Text.assemble((target, "red"), f": {breach}"), soft_wrap=True)
+    _print_tokenizer_notes(report)
+
+
+_TOKENIZER_RESULTS = {"exact": "[green]pass[/]", "mismatch": "[red]FAIL[/]", "unsupported": "[yellow]unsupported[/]",
+                      "no client": "n/a", "not run": "[yellow]not run[/]"}
+
+
+def _print_tokenizer_notes(report: dict) -> None:
+    """One line per artifact whose stock client cannot be exact on this bundle's tokenizer (the tokenizer row's
+    `unsupported`), and one when the check's own tokenizer.json cannot be (a unigram model's ties)."""
+    notes = []
+    for target, entry in report["artifacts"].items():
+        gate = entry.get("tokenizer")
+        if gate is not None and gate["status"] == "unsupported":
+            loaded = f" ({gate['loaded_as']})" if gate.get("loaded_as") else ""
+            notes.append((target, f"tokenizer: {gate['client']} on {gate['loads']}{loaded} is unsupported for this "
+                                  f"bundle: {gate['note']}"))
+        elif gate is not None and gate["status"] == "not run":
+            notes.append((target, f"tokenizer: {gate['note']}"))
+    references = {g["reference"]["note"] for e in report["artifacts"].values() if (g := e.get("tokenizer"))
+                  and g["reference"]["status"] == "unsupported"}
+    notes += [("tokenizer.json", note) for note in sorted(references)]
+    for where, note in notes:
+        console.print(Text.assemble((where, "yellow"), f": {note}"), soft_wrap=True)
 
 
 @app.command()

@@ -12,6 +12,7 @@ from cpm_mobile.exporter.defaults import HELDOUT_TEXT
 from cpm_mobile.exporter.pipeline import read_heldout
 from cpm_mobile.exporter.targets.base import Progress, no_progress
 from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.tokenizer_gate import gate_texts, run_gate
 from cpm_mobile.exporter.verify import CheckResult, artifact_twins, build_plan, check_artifacts
 from cpm_mobile.recipes.schema import recipe_from_dict
 
@@ -71,13 +72,20 @@ def check_bundle(
     if checkpoint.sha256() != manifest["source"]["sha256"]:
         raise InputError(source, "checkpoint differs from the one this bundle was exported from (sha256 mismatch)")
     tokenizer = TextTokenizer.from_folder(bundle)
-    plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len,
+    heldout_text = read_heldout(heldout)
+    plan = build_plan(recipe, tokenizer, heldout_text, recipe.max_seq_len,
                       checkpoint.config.eos_token_ids, heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
     twins, faults = artifact_twins(reference, recipe, bundle, artifacts)
     for target, found in faults.items():
         breaches.setdefault(target, []).extend(found)
-    result = check_artifacts(reference, twins, tokenizer, recipe, bundle, artifacts, plan, progress, breaches)
+    # The tokenizer gate: each artifact's stock client, as the manifest routes it, against the checkpoint's own
+    # tokenizer (exporter/tokenizer_gate.py).
+    source_tokenizer = TextTokenizer.from_folder(checkpoint.folder)
+    progress("check: the apps' tokenizers", None)
+    gate = run_gate(source_tokenizer, bundle, artifacts, gate_texts(source_tokenizer, heldout_text, recipe.check.prompts))
+    result = check_artifacts(reference, twins, tokenizer, recipe, bundle, artifacts, plan, progress, breaches,
+                             tokenizer_gate=gate)
     if "bundle" in breaches:
         result.report["passed"] = False
         result.report["bundle_breaches"] = breaches["bundle"]

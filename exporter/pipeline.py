@@ -23,6 +23,7 @@ from cpm_mobile.exporter.preflight import preflight
 from cpm_mobile.exporter.targets.base import ExportContext, Progress, no_progress
 from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.tokenizer_gate import gate_texts, run_gate, write_client_files
 from cpm_mobile.exporter.verify import artifact_twins, build_plan, check_artifacts
 from cpm_mobile.recipes.schema import Recipe
 
@@ -79,7 +80,8 @@ def export_bundle(
     config = checkpoint.config
     tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
     preflight(recipe, config, checkpoint.tied, checkpoint.files.config)
-    plan = build_plan(recipe, tokenizer, read_heldout(heldout), recipe.max_seq_len, config.eos_token_ids,
+    heldout_text = read_heldout(heldout)
+    plan = build_plan(recipe, tokenizer, heldout_text, recipe.max_seq_len, config.eos_token_ids,
                       heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
     name = final.name
@@ -98,9 +100,15 @@ def export_bundle(
                                                    _prefixed(progress, target_name))
             artifacts.append(asdict(exported.info))
         tokenizer_files = tokenizer.write_bundle_files(staging, recipe.max_seq_len)
+        # The tokenizer gate: what each stock client loads (named in its artifact's metadata.tokenizer), then
+        # each client's own tokenizer on the gate's texts against the checkpoint's (exporter/tokenizer_gate.py).
+        tokenizer_files += write_client_files(tokenizer, staging, artifacts)
+        progress("check: the apps' tokenizers", None)
+        gate = run_gate(tokenizer, staging, artifacts, gate_texts(tokenizer, heldout_text, recipe.check.prompts))
         # The twins as `cpm-mobile check` builds them: from the written files, by the same function.
         twins, faults = artifact_twins(reference, recipe, staging, artifacts, models, targets)
-        result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress, faults)
+        result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress, faults,
+                                 tokenizer_gate=gate)
         manifest = {
             "format_version": FORMAT_VERSION,
             "format": BUNDLE_FORMAT,

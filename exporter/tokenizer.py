@@ -91,7 +91,8 @@ class TextTokenizer:
         transformers, and onnxruntime-genai with add_special_tokens on read it);
         tokenizer_config.json states add_bos_token / add_eos_token explicitly, the special tokens,
         the chat template, and model_max_length = the artifacts' positions. tokenizer.model is
-        shipped too when the checkpoint has one (ExecuTorch's runner reads either).
+        shipped too when the checkpoint has one. What a stock client loads instead, where it cannot
+        read these exactly, is written by exporter.tokenizer_gate.write_client_files.
         Returns the names written.
         """
         probe = "a b"
@@ -109,6 +110,10 @@ class TextTokenizer:
                 shutil.copy2(path, folder / path.name)
                 written.append(path.name)
         config = {k: v for k, v in self.config.items() if k not in SLOW_ONLY_KEYS}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            # Plain strings: ExecuTorch's C++ HFTokenizer reads bos_token / eos_token as strings only.
+            if isinstance(config.get(key), dict):
+                config[key] = _content(config[key])
         config.update(add_bos_token=self.add_bos, add_eos_token=False, model_max_length=max_seq_len)
         template = self.chat_template()
         if template is not None:

@@ -2,7 +2,9 @@
 
 The conversion is transformers' own (`SpmConverter.build_tokenizer_from_spm_proto`, which follows
 the model's normalizer spec so the result encodes as `SentencePieceProcessor.encode` does); this
-module only reads the proto and adds the checkpoint's special tokens at the ids it declares.
+module only reads the proto and adds the checkpoint's special tokens at the ids it declares. BPE
+models and unigram models are converted (a unigram lattice with two equal-score segmentations, such
+as a run of '*', can resolve unlike sentencepiece: exporter.tokenizer_gate reports it).
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from tokenizers import AddedToken, Tokenizer, normalizers
 from cpm_mobile.exporter.errors import InputError
 
 SPM_MODEL = "tokenizer.model"
-BPE_MODEL_TYPE = 2  # sentencepiece's TrainerSpec.ModelType.BPE
+UNIGRAM_MODEL_TYPE = 1  # sentencepiece's TrainerSpec.ModelType
+BPE_MODEL_TYPE = 2
+MODEL_TYPES = {UNIGRAM_MODEL_TYPE: "unigram", BPE_MODEL_TYPE: "bpe"}
 
 
 def read_proto(path: Path):
@@ -39,16 +43,21 @@ def tokenizer_from_sentencepiece(path: Path, added: dict[int, dict], legacy: boo
     gets the dummy prefix again, as the sentencepiece model itself does for every chunk.
     """
     proto = read_proto(path)
-    if proto.trainer_spec.model_type != BPE_MODEL_TYPE:
-        raise InputError(path, "sentencepiece model is not BPE (LlamaTokenizer-style tokenizers are BPE)")
+    model_type = proto.trainer_spec.model_type
+    if model_type not in MODEL_TYPES:
+        raise InputError(path, f"sentencepiece model type {model_type} is not BPE or unigram (word and char models "
+                         "are not converted)")
     from transformers.convert_slow_tokenizer import SpmConverter
 
-    vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+    if model_type == BPE_MODEL_TYPE:
+        vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+    else:  # unigram: the pieces with their scores, in id order
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=legacy)
     # sentencepiece's control and unknown pieces (<unk>, <s>, </s>) are special tokens in the HF form.
-    if legacy and _llama_normalizer_spec(proto):
+    if legacy and model_type == BPE_MODEL_TYPE and _llama_normalizer_spec(proto):
         # Same text transform, in the form Llama 2's tokenizer.json spells it: ExecuTorch's C++
         # HFTokenizer cannot load the Metaspace pre-tokenizer transformers writes for it.
         tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

@@ -25,6 +25,7 @@ from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.targets.base import Progress, StructuralFault, no_progress
 from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.tokenizer_gate import apply_gate
 from cpm_mobile.recipes.schema import Recipe
 from cpm_mobile.runtimes.base import open_session
 from cpm_mobile.runtimes.check import CheckPlan, compare, greedy_runs, judge, teacher_forced_runs
@@ -101,7 +102,10 @@ def check_artifacts(
     plan: CheckPlan,
     progress: Progress = no_progress,
     extra_breaches: dict[str, list[str]] | None = None,
+    tokenizer_gate: dict[str, dict[str, Any]] | None = None,
 ) -> CheckResult:
+    """Both gates of every artifact; `tokenizer_gate`: each artifact's tokenizer entry (tokenizer_gate.run_gate),
+    folded in as a third gate."""
     progress("check: PyTorch reference", None)
     reference = greedy_runs(TorchSession(reference_model), plan)
     entries: dict[str, Any] = {}
@@ -148,6 +152,8 @@ def check_artifacts(
             "failed_gates": failed + (["artifact"] if breaches["artifact"] else []),
             "passed": not failed and not breaches["artifact"],
         }
+        # The tokenizer gate: the stock client's own tokenizer against the checkpoint's (exporter/tokenizer_gate.py).
+        apply_gate(entries[target], (tokenizer_gate or {}).get(target))
     progress("check: done", 1.0)
     samples = [
         {"prompt": text, "continuation": tokenizer.decode(run.generated)}

@@ -1,10 +1,13 @@
 """Shared fixtures: small synthetic checkpoints in the real layouts."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
+# The suite runs in two pytest-xdist workers (pyproject addopts) on the 2-core machines: one thread each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # Small but complete versions of the real shapes: every feature of the family, fewer/narrower layers.
 TINY_GQA = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
@@ -78,3 +81,56 @@ def short_recipe(name: str, targets=None, max_seq_len: int | None = None, **chec
     if max_seq_len is not None:
         update["max_seq_len"] = max_seq_len
     return recipe.model_copy(update=update)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's loadgroup, keep each module on one worker (its module-scoped fixtures are built
+    once), unless the module names a group it shares with others (the embedded bundles' readers)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+# -- embedded bundles, exported once per session and shared by the modules that only read them ---------------
+
+EMBEDDED_MODELS = ("minicpm-tiny", "blockffn-tiny")
+EMBEDDED_BUNDLES = "embedded_bundles"  # the xdist group of the modules that read the shared bundles
+# Each recipe's check plan in the shared bundles: the tolerances stay the shipped ones. fp32 keeps its three
+# 64-token prompts (the apps' runners must reproduce them), coreml-fp16 its whole plan (its KL gate).
+BUNDLE_PLANS = {
+    "fp32": dict(heldout_windows=4),
+    "coreml-fp16": {},
+    "int4-sparse": dict(first_prompt=True, max_new_tokens=24, heldout_windows=2, heldout_tokens=128),
+}
+DEFAULT_BUNDLE_PLAN = dict(first_prompt=True, max_new_tokens=8, heldout_windows=2, heldout_tokens=128)
+
+
+def bundle_recipe(name: str):
+    """A shipped recipe with the shared bundles' check plan for it."""
+    plan = dict(BUNDLE_PLANS.get(name, DEFAULT_BUNDLE_PLAN))
+    first_prompt = plan.pop("first_prompt", False)
+    recipe = short_recipe(name, **plan)
+    if first_prompt:
+        recipe = recipe.model_copy(update={"check": recipe.check.model_copy(update={"prompts": recipe.check.prompts[:1]})})
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def embedded_bundle(tmp_path_factory):
+    """Modules using it carry `pytest.mark.xdist_group(EMBEDDED_BUNDLES)` so one worker exports each bundle once.
+
+    embedded_bundle(model, recipe) -> ExportResult of the embedded model exported with the shipped recipe
+    (bundle_recipe's plan), once per session. Read it; never change its files."""
+    from cpm_mobile.exporter.defaults import EMBEDDED
+    from cpm_mobile.exporter.pipeline import export_bundle
+
+    exported = {}
+
+    def get(model: str, recipe: str):
+        if (model, recipe) not in exported:
+            out = tmp_path_factory.mktemp(f"{model}-{recipe}")
+            exported[model, recipe] = export_bundle(EMBEDDED / model, bundle_recipe(recipe), out)
+        return exported[model, recipe]
+
+    return get

@@ -84,7 +84,7 @@ def test_success_prints_no_library_warning(first_export):
     # What remains on stderr is our own progress display's last frame, nothing else.
     assert len(lines) == 1 and "done" in lines[0], done.stderr
     assert "bundle: " in done.stdout and "Warning" not in done.stdout and "WARNING" not in done.stdout
-    assert all(len(line) <= 80 for line in done.stdout.splitlines()), done.stdout
+    assert "…" not in done.stdout, done.stdout  # without a terminal the table is as wide as its numbers need
 
 
 def test_bundle_has_normal_permissions_and_no_build_byproducts(first_export):

@@ -13,16 +13,16 @@ from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.recipes import load_recipe
 from tests.conftest import short_recipe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("embedded_bundles")]
 
 FIXTURES = {"minicpm-tiny": DEFAULT_MODEL, "blockffn-tiny": DEFAULT_SPARSE_MODEL}
 
 
 @pytest.fixture(scope="module", params=list(FIXTURES))
-def fp32_bundle(request, tmp_path_factory):
-    # The shipped recipe with 4 of its 16 held-out windows (bench.quality runs the whole plan).
-    result = export_bundle(FIXTURES[request.param], short_recipe("fp32", heldout_windows=4), tmp_path_factory.mktemp("out"))
-    return request.param, result
+def fp32_bundle(request, embedded_bundle):
+    # The shipped recipe with 4 of its 16 held-out windows (bench.quality runs the whole plan); shared with
+    # tests/test_recheck.py, which checks the same bundle again.
+    return request.param, embedded_bundle(request.param, "fp32")
 
 
 def test_fp32_bundle_passes_on_every_target(fp32_bundle):
@@ -128,8 +128,8 @@ def test_onnxruntime_genai_encodes_and_generates_the_reports_continuation(fp32_b
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
-def test_coreml_fp16_meets_its_distribution_gate(name, tmp_path):
-    result = export_bundle(FIXTURES[name], load_recipe("coreml-fp16"), tmp_path)
+def test_coreml_fp16_meets_its_distribution_gate(name, embedded_bundle):
+    result = embedded_bundle(name, "coreml-fp16")  # the whole shipped plan
     metrics = result.report["artifacts"]["coreml"]["fidelity"]["metrics"]
     assert result.passed, result.report["artifacts"]["coreml"]["breaches"]
     assert metrics["kl"] <= 1e-3 and metrics["top1"] >= 0.99

@@ -150,7 +150,8 @@ def test_graph_has_genai_names_and_opset(exported: Exported):
 
     inputs, outputs = shapes(graph_model.graph.input), shapes(graph_model.graph.output)
     cache = exported.info.io["cache"]
-    heads, key_dim, value_dim = cache["heads"], cache["key_dim"], cache["value_dim"]
+    heads, key_dim = cache["heads"], cache["key_dim"]
+    value_dim = cache.get("stored_value_dim") or cache["value_dim"]  # the graph's width: zero-padded for MLA
     float32, int64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     expected_inputs = {
         "input_ids": (int64, [1, "sequence_length"]),

@@ -45,6 +45,8 @@ FORMATS = {
 }
 
 
+pytestmark = pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
+
 def _layer(seed: int, all_or_none: bool) -> BlockFFN:
     torch.manual_seed(seed)
     layer = BlockFFN(HIDDEN, EXPERTS, WIDTH, 1e-5).eval()
@@ -181,10 +183,9 @@ def test_layer_files_hold_the_codes_as_stored(methods):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    recipe = short_recipe("int4-sparse", prompts=load_recipe("int4-sparse").check.prompts[:1], max_new_tokens=24,
-                          heldout_windows=2, heldout_tokens=128)
-    return export_bundle(DEFAULT_SPARSE_MODEL, recipe, tmp_path_factory.mktemp("out"), name="sparse-int4")
+def bundle(embedded_bundle):
+    # One prompt, 24 new tokens, 2 x 128 held-out tokens (conftest.BUNDLE_PLANS); shared with tests/test_recheck.py.
+    return embedded_bundle("blockffn-tiny", "int4-sparse")
 
 
 def test_embedded_int4_sparse_passes_both_gates(bundle):

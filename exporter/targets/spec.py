@@ -82,3 +82,5 @@ class Capabilities:
     sparse_experts: SparseExpertForm | None = None  # the BlockFFN sparse form its runtime runs
     sparse_experts_refusal: str = ""  # why not, when None
     grid: GridCarrier | None = None  # None: checkpoint grids are refused
+    tokenizer_client: str | None = None  # the stock client that runs the artifact with its own tokenizer
+    tokenizer_client_refusal: str = ""  # why there is none, when None

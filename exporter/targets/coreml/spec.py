@@ -99,6 +99,8 @@ class CoreMLSpec(TargetSpec):
 
 SPEC = CoreMLSpec
 CAPABILITIES = Capabilities(
+    tokenizer_client_refusal="Core ML has no stock tokenizer client: the app brings its own (tokenizer.json or "
+                             "tokenizer.model)",
     sparse_experts=None,
     sparse_experts_refusal=(
         "coremltools 9.0 converts its data-dependent gathers (non_zero), but such a package cannot be "

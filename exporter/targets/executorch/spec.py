@@ -111,6 +111,7 @@ class ExecuTorchSpec(TargetSpec):
 
 SPEC = ExecuTorchSpec
 CAPABILITIES = Capabilities(
+    tokenizer_client="ExecuTorch TextLLMRunner",
     # one custom kernel reads the active experts' rows in place (exporter/kernels)
     sparse_experts="fused_kernel",
     grid=GridCarrier(

@@ -84,6 +84,7 @@ class OnnxSpec(TargetSpec):
 
 SPEC = OnnxSpec
 CAPABILITIES = Capabilities(
+    tokenizer_client="onnxruntime-genai",
     sparse_experts="gather",  # SparseBlockFFN's gathers (Gather / GatherBlockQuantized), weights not transposed
     grid=GridCarrier(
         kernel="MatMulNBits",
