@@ -85,7 +85,8 @@ def test_check_passes_again_and_writes_junit(bundle, heldout, tmp_path):
     result = runner.invoke(app, ["check", str(bundle), "--junit", str(junit), "--heldout", str(heldout)])
     assert result.exit_code == 0, result.output
     xml = junit.read_text()
-    assert 'tests="2"' in xml and 'failures="0"' in xml  # one case per gate
+    assert 'tests="3"' in xml and 'failures="0"' in xml  # one case per gate: faithfulness, fidelity, tokenizer
+    assert 'name="tokenizer:model.onnx"' in xml
 
 
 def test_flipped_weight_bytes_fail_the_check_with_exit_1(bundle, heldout, tmp_path):

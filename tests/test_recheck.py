@@ -26,16 +26,33 @@ RECIPES = [name for name in recipe_names() if load_recipe(name).weights != "chec
 CASES = [(model, recipe) for model in EMBEDDED_MODELS for recipe in RECIPES
          if model == "blockffn-tiny" or not any(p.name == "blockffn_sparse" for spec in load_recipe(recipe).targets.values()
                                                 for p in [*load_recipe(recipe).passes, *spec.passes])]
+pytestmark = pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
+
+
 def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-pytestmark = pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "recipe"), CASES, ids=[f"{m}-{r}" for m, r in CASES])
 def test_check_repeats_exports_verdict_and_numbers(model: str, recipe: str, embedded_bundle):
-    exported = embedded_bundle(model, recipe)  # shared with the modules that test these bundles further
+    _assert_check_repeats_export(embedded_bundle(model, recipe))  # shared with the modules that test them further
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "recipe"), [("int4", "checkpoint-grid"), ("ternary", "ternary-grid")])
+def test_grid_recipes_recheck_alike(kind: str, recipe: str, tmp_path: Path, tokenizer_dir: Path):
+    """The grid recipes on a checkpoint whose weights lie on a grid (random weights: the verdict may be either)."""
+    from bench.presets import preset_config
+    from bench.synthetic import write_grid_checkpoint
+    from conftest import TINY_GQA, with_tokenizer
+
+    config = preset_config("minicpm4-0.5b", **TINY_GQA, vocab_size=1024)
+    checkpoint = with_tokenizer(write_grid_checkpoint(tmp_path / "ckpt", config, kind, group_size=64), tokenizer_dir)
+    _assert_check_repeats_export(export_bundle(checkpoint, bundle_recipe(recipe), tmp_path / "out"))
+
+
+def _assert_check_repeats_export(exported) -> None:
     on_disk = json.loads((exported.bundle / "report.json").read_text())
     checked = check_bundle(exported.bundle).report
     # The same verdict whatever it is (with the shorter plan, blockffn-tiny's coreml-palette4 lands its fidelity
