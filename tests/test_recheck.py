@@ -33,6 +33,17 @@ def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _same(metric: str, before: float, after: float, scale: float) -> bool:
+    """Equal, or both at fp32's own noise: XNNPACK's threadpool sums an fp32 .pte in an order that varies from
+    run to run (measured: max abs logits 1.7e-5 vs 2.1e-5 at logit scale ~15, SQNR 127.66 vs 127.63 dB)."""
+    if math.isclose(after, before, rel_tol=1e-6, abs_tol=1e-12):
+        return True
+    fp32_noise = {"max_abs_logits": 1e-5 * scale, "max_rel_logits": 1e-5, "kl": 1e-10, "ppl_rel_delta": 1e-6}
+    if metric == "sqnr_db":
+        return min(before, after) >= 100.0
+    return metric in fp32_noise and abs(after - before) <= fp32_noise[metric]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "recipe"), CASES, ids=[f"{m}-{r}" for m, r in CASES])
 def test_check_repeats_exports_verdict_and_numbers(model: str, recipe: str, embedded_bundle):
@@ -66,8 +77,8 @@ def _assert_check_repeats_export(exported) -> None:
             before, after = _numbers(entry[gate]["metrics"]), _numbers(checked["artifacts"][target][gate]["metrics"])
             assert before.keys() == after.keys(), (target, gate)
             for metric, value in before.items():
-                assert math.isclose(after[metric], value, rel_tol=1e-6, abs_tol=1e-12), (target, gate, metric,
-                                                                                        value, after[metric])
+                assert _same(metric, value, after[metric], before["logit_scale"]), (target, gate, metric, value,
+                                                                                   after[metric])
             assert checked["artifacts"][target][gate]["against"] == entry[gate]["against"]
 
 
