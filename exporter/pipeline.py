@@ -114,7 +114,9 @@ def export_bundle(
             "format": BUNDLE_FORMAT,
             "name": name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "recipe": recipe.model_dump(mode="json"),
+            # As written (defaults left out): read back, every field keeps whether the recipe set it (a grid
+            # recipe refuses a group size it sets that contradicts the checkpoint, and defers to it otherwise).
+            "recipe": recipe.model_dump(mode="json", exclude_unset=True),
             "source": {
                 "path": str(checkpoint.folder.resolve()),
                 "sha256": checkpoint.sha256(),

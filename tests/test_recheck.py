@@ -53,6 +53,7 @@ def test_check_repeats_exports_verdict_and_numbers(model: str, recipe: str, embe
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("recheck_own_exports")  # no shared bundle: free to run beside the shared ones
 @pytest.mark.parametrize(("kind", "recipe"), [("int4", "checkpoint-grid"), ("ternary", "ternary-grid")])
 def test_grid_recipes_recheck_alike(kind: str, recipe: str, tmp_path: Path, tokenizer_dir: Path):
     """The grid recipes on a checkpoint whose weights lie on a grid (random weights: the verdict may be either)."""
@@ -84,6 +85,7 @@ def _assert_check_repeats_export(exported) -> None:
             assert checked["artifacts"][target][gate]["against"] == entry[gate]["against"]
 
 
+@pytest.mark.xdist_group("recheck_own_exports")
 def test_a_changed_byte_fails_the_recheck(tmp_path: Path):
     exported = export_bundle(DEFAULT_MODEL, bundle_recipe("int4").select(["onnx"]), tmp_path)
     assert exported.passed
@@ -96,6 +98,7 @@ def test_a_changed_byte_fails_the_recheck(tmp_path: Path):
     assert any("sha256 differs" in b for b in report["artifacts"]["onnx"]["breaches"])
 
 
+@pytest.mark.xdist_group("recheck_own_exports")
 def test_an_artifact_that_does_not_store_its_weights_quantised_is_a_breach_not_a_traceback(tmp_path, monkeypatch):
     """A quantiser that silently left the graph fp32: the twin cannot be read back from it, which the
     report states as a structural breach of that artifact; the bundle is published .rejected, and
