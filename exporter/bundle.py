@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -21,10 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from cpm_mobile.exporter.contract import MANIFEST_FILE, REPORT_FILE, json_safe
 from cpm_mobile.exporter.errors import InputError
 
-MANIFEST = "manifest.json"
-REPORT = "report.json"
+MANIFEST, REPORT = MANIFEST_FILE, REPORT_FILE
 
 
 def sha256_file(path: Path) -> str:
@@ -43,17 +42,6 @@ def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[st
         if relative not in exclude:
             hashes[relative] = sha256_file(path)
     return hashes
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities as strings: strict JSON has no literal for them, and a reader must see them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -35,7 +35,7 @@ from cpm_mobile.exporter.errors import InputError  # re-exported: the runtimes i
 FORMAT_VERSION = 2
 FORMAT_PREFIX = "cpm-mobile-bundle/"
 BUNDLE_FORMAT = f"{FORMAT_PREFIX}{FORMAT_VERSION}"  # the manifest's "format" string, kept for old readers
-MANIFEST_FILE = "manifest.json"  # same names as exporter.bundle.MANIFEST / REPORT
+MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 MANIFEST_SCHEMA_FILE = "manifest.schema.json"
 MANIFEST_SCHEMA_ID = f"urn:cpm-mobile:bundle-manifest:{FORMAT_VERSION}"
@@ -303,7 +303,7 @@ class Manifest(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what manifest.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        return _json_safe(self.model_dump(mode="python"))
+        return json_safe(self.model_dump(mode="python"))
 
 
 # -- report.json -----------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ class Report(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what report.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        return _json_safe(self.model_dump(mode="python"))
+        return json_safe(self.model_dump(mode="python"))
 
 
 # -- reading a bundle ------------------------------------------------------------------------------
@@ -466,12 +466,12 @@ def _is_type_tag(part: int | str) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or bool(re.fullmatch(r"[a-z-]+\[.*\]", part)))
 
 
-def _json_safe(value: Any) -> Any:
-    """As exporter.bundle.json_safe: NaN and infinities as strings, which strict JSON can hold."""
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as strings: strict JSON has no literal for them, and a reader must see them."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
