@@ -256,6 +256,7 @@ def test_reference_decode_covers_no_expert_and_all_experts(reference):
     assert EXPERTS in reference.decode_union_sizes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("artifact", ["pte", "onnx_artifact"])
 def test_artifact_matches_the_dense_reference(artifact, reference, request):
     exported: Exported = request.getfixturevalue(artifact)

@@ -25,6 +25,8 @@ from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.recipes import load_recipe
 from tests.conftest import TINY_GQA, TOKENIZER_TEXT, with_tokenizer
 
+pytestmark = pytest.mark.slow  # whole exports (the fast inner loop, -m "not slow", leaves them out)
+
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from cpm_mobile import cli
 from cpm_mobile.cli import app
 
+pytestmark = pytest.mark.slow  # whole exports (the fast inner loop, -m "not slow", leaves them out)
+
 runner = CliRunner()
 GATES = ("faithfulness", "fidelity")
 

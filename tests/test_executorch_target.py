@@ -161,6 +161,7 @@ def _random_tokens(count: int, vocab: int, seed: int) -> list[int]:
 # -- numbers against the reference ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARTIFACTS)
 def test_pte_matches_pytorch_prefill_and_greedy_decode(name, request):
     exported: Exported = request.getfixturevalue(name)

@@ -22,6 +22,8 @@ from cpm_mobile.exporter.pipeline import export_bundle
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from tests.conftest import short_recipe
 
+pytestmark = pytest.mark.slow  # whole exports (the fast inner loop, -m "not slow", leaves them out)
+
 runner = CliRunner()
 NEW_TOKENS = 32
 

@@ -236,6 +236,7 @@ def test_coreml_blockwise_ops_hold_the_checkpoints_codes(which, request, tmp_pat
     assert sqnr_db(logits, expected) > 70, sqnr_db(logits, expected)
 
 
+@pytest.mark.slow
 def test_executorch_carries_the_codes_with_bf16_scales_and_refuses_zero_points(gptq_sym, gptq_asym, tmp_path):
     from cpm_mobile.exporter.targets.executorch.quant import quantised_weights
     from cpm_mobile.exporter.targets.executorch.target import ExecuTorchTarget

@@ -156,6 +156,7 @@ def test_inspect_names_rope_and_biases(tmp_path):
     assert facts.max_seq_len == 256 and facts.tied_embeddings is False
 
 
+@pytest.mark.slow
 def test_llama_checkpoint_exports_with_the_default_recipe(tmp_path, tokenizer_dir):
     """A Llama layout with biases, GQA, explicit head_dim and yarn rope through every target, check passed."""
     from cpm_mobile.exporter.pipeline import export_bundle

@@ -213,6 +213,7 @@ def fp32_gqa(gqa_model, tmp_path_factory):
     ("gqa_model", {"scheme": "int8"}),
     ("mla_model", {"scheme": "ternary", "embedding": "int4", "lm_head": "int4"}),
 ])
+@pytest.mark.slow
 def test_quantised_pte_matches_its_twin(model_name, fields, request, tmp_path):
     model = request.getfixturevalue(model_name)
     variant = quantize_for_executorch(model, scheme(**fields))
@@ -226,6 +227,7 @@ def test_quantised_pte_matches_its_twin(model_name, fields, request, tmp_path):
     assert abs(path.stat().st_size / predict_bytes(model, target_spec("executorch", quantization=fields)) - 1) < 0.10
 
 
+@pytest.mark.slow
 def test_int4_pte_matches_its_twin_and_stores_4_bit_weights(int4_gqa, fp32_gqa, gqa_model):
     variant, path = int4_gqa
     tokens = tokens_for(gqa_model)
@@ -243,12 +245,14 @@ def test_int4_pte_matches_its_twin_and_stores_4_bit_weights(int4_gqa, fp32_gqa, 
     assert quantised_weights(variant)["lm_head"].block_size == (1, 32)  # the tied lm_head is 4-bit too
 
 
+@pytest.mark.slow
 def test_twin_gate_fails_a_silently_fp32_program(int4_gqa, fp32_gqa, gqa_model):
     variant, _ = int4_gqa
     tokens = tokens_for(gqa_model)
     assert metrics.sqnr_db(eager_logits(variant, tokens), pte_logits(fp32_gqa, tokens)) < TWIN_MIN_SQNR_DB
 
 
+@pytest.mark.slow
 def test_twin_gate_fails_a_program_with_one_flipped_code(int4_gqa, gqa_model, tmp_path):
     """One 4-bit code of 9.4M sent to the other end of its range (eagerly: 34 dB against the twin).
 
@@ -268,6 +272,7 @@ def test_twin_gate_fails_a_program_with_one_flipped_code(int4_gqa, gqa_model, tm
     assert metrics.sqnr_db(eager_logits(variant, tokens), pte_logits(path, tokens)) < TWIN_MIN_SQNR_DB
 
 
+@pytest.mark.slow
 def test_twin_gate_fails_xnnpacks_asymmetric_weight_trap(gqa_model, tmp_path):
     """XNNPACK delegates asymmetric 4-bit weights and ignores their zero points: the gate must catch it."""
     from torchao.quantization.quant_primitives import MappingType

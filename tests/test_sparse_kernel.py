@@ -33,6 +33,8 @@ from cpm_mobile.recipes.schema import PassSpec
 from cpm_mobile.runtimes.torch_session import TorchSession
 from tests.conftest import target_spec
 
+pytestmark = pytest.mark.slow  # whole exports (the fast inner loop, -m "not slow", leaves them out)
+
 HIDDEN, EXPERTS, WIDTH = 37, 8, 16
 MAX_ABS = 1e-5
 FP32_MAX_ABS_LOGITS = 1e-4

@@ -188,6 +188,7 @@ def bundle(embedded_bundle):
     return embedded_bundle("blockffn-tiny", "int4-sparse")
 
 
+@pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
 def test_embedded_int4_sparse_passes_both_gates(bundle):
     assert bundle.passed, bundle.report
     results = bundle.report["artifacts"]
@@ -196,6 +197,7 @@ def test_embedded_int4_sparse_passes_both_gates(bundle):
         assert result["faithfulness"]["passed"] and result["fidelity"]["passed"], result
 
 
+@pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
 def test_embedded_files_store_int4_expert_codes(bundle):
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.scalar_type import ScalarType
@@ -253,6 +255,7 @@ def _flip_one_code(twin, tokens: list[int]):
     return derive(twin, {f"layers.{len(twin.layers) - 1}.mlp": flipped})
 
 
+@pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
 def test_one_flipped_code_fails_the_twin_gate(bundle):
     from cpm_mobile.exporter.targets.registry import get_target
 
@@ -274,6 +277,7 @@ def test_one_flipped_code_fails_the_twin_gate(bundle):
         assert (not judge(measured, tolerances)) == should_pass, measured
 
 
+@pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
 def test_embedded_sizes_are_the_predicted_ones(bundle):
     """The shapes-only prediction `cpm-mobile inspect` prints holds for the quantised sparse forms too."""
     from cpm_mobile.exporter.sizes import recipe_sizes
