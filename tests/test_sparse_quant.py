@@ -45,7 +45,6 @@ FORMATS = {
 }
 
 
-pytestmark = pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
 
 def _layer(seed: int, all_or_none: bool) -> BlockFFN:
     torch.manual_seed(seed)
@@ -189,6 +188,7 @@ def bundle(embedded_bundle):
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
 def test_embedded_int4_sparse_passes_both_gates(bundle):
     assert bundle.passed, bundle.report
     results = bundle.report["artifacts"]
@@ -198,6 +198,7 @@ def test_embedded_int4_sparse_passes_both_gates(bundle):
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
 def test_embedded_files_store_int4_expert_codes(bundle):
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.scalar_type import ScalarType
@@ -256,6 +257,7 @@ def _flip_one_code(twin, tokens: list[int]):
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
 def test_one_flipped_code_fails_the_twin_gate(bundle):
     from cpm_mobile.exporter.targets.registry import get_target
 
@@ -278,6 +280,7 @@ def test_one_flipped_code_fails_the_twin_gate(bundle):
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
 def test_embedded_sizes_are_the_predicted_ones(bundle):
     """The shapes-only prediction `cpm-mobile inspect` prints holds for the quantised sparse forms too."""
     from cpm_mobile.exporter.sizes import recipe_sizes
