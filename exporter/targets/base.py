@@ -77,6 +77,18 @@ class Target(Protocol):
         """The artifact's structural checks: 'name: detail' for each that fails."""
 
 
+def exported_with_twin(target: Any, model: CausalLM, spec: Any, out_dir: Path, info: ArtifactInfo) -> ExportedArtifact:
+    """The artifact with its twin as `check` builds it (target.twin on the written files); a structural fault
+    becomes the twin's absence, which the check reports as a breach of this artifact."""
+    from dataclasses import asdict
+
+    try:
+        twin, description = target.twin(model, spec, out_dir, asdict(info))
+    except StructuralFault as fault:
+        twin, description = None, f"not read back ({fault})"
+    return ExportedArtifact(info, twin, description)
+
+
 def refusals_of(*checks: Callable[[], None]) -> list[str]:
     """Run checks that raise InputError at their first problem; every problem, one line each."""
     found = []

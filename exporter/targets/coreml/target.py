@@ -42,8 +42,8 @@ from torch.export import Dim, ExportedProgram
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.targets.base import (
-    ArtifactInfo, ExportContext, ExportedArtifact, Progress, StructuralFault, check_model_dtype, no_progress,
-    refusals_of,
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, StructuralFault, check_model_dtype, exported_with_twin,
+    no_progress, refusals_of,
 )
 from cpm_mobile.exporter.targets.coreml.spec import CoreMLSpec
 from cpm_mobile.exporter.targets.coreml.cache import CoreMLKVCache
@@ -92,11 +92,7 @@ class CoreMLTarget:
             io=io_contract(mlmodel, model),
             metadata={**artifact_metadata(mlmodel, spec, size), **({"compression": compression} if compression else {})},
         )
-        try:
-            twin, description = self.twin(model, spec, out_dir, asdict(info))
-        except StructuralFault as fault:  # the check reports it as a breach of this artifact
-            twin, description = None, f"not read back ({fault})"
-        return ExportedArtifact(info, twin, description)
+        return exported_with_twin(self, model, spec, out_dir, info)
 
     def validate(self, model: CausalLM, spec: CoreMLSpec) -> list[str]:
         if spec.quantization is None:

@@ -31,8 +31,8 @@ from cpm_mobile.exporter.models.kv_cache import grouped_sdpa
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.targets.onnx.quant import check_blocks_fit, check_grid, onnx_twin, quantize_onnx
 from cpm_mobile.exporter.targets.base import (
-    ArtifactInfo, ExportContext, ExportedArtifact, Progress, StructuralFault, check_model_dtype, no_progress,
-    refusals_of,
+    ArtifactInfo, ExportContext, ExportedArtifact, Progress, StructuralFault, check_model_dtype, exported_with_twin,
+    no_progress, refusals_of,
 )
 from cpm_mobile.exporter.targets.onnx.spec import OnnxSpec
 from cpm_mobile.exporter.targets.onnx.genai_config import GENAI_CONFIG_FILE, genai_config
@@ -310,11 +310,7 @@ class OnnxTarget:
                 "quantization": spec.quantization.model_dump() if spec.quantization is not None else None,
             },
         )
-        try:
-            twin, description = self.twin(model, spec, out_dir, asdict(info))
-        except StructuralFault as fault:  # the check reports it as a breach of this artifact
-            twin, description = None, f"not read back ({fault})"
-        return ExportedArtifact(info, twin, description)
+        return exported_with_twin(self, model, spec, out_dir, info)
 
     def validate(self, model: CausalLM, spec: OnnxSpec) -> list[str]:
         if spec.quantization is None:
