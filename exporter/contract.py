@@ -314,9 +314,19 @@ class GateResult(_Strict):
 
     against: str
     metrics: dict[str, Any]  # floats, ints, lists, dicts, or "nan"/"inf"/"-inf"; {} when not run
-    tolerances: dict[str, float | None]  # None: reported, not checked
+    tolerances: dict[str, float | None]  # the bounds applied; None: reported, not checked
+    # Statistical twins (exporter/spread.py): the twin's own spread at this depth, the recipe's stated
+    # bounds, and the margin that loosened them into `tolerances`.
+    spread: dict[str, Any] | None = None
     breaches: list[str]
     passed: bool
+
+    @model_serializer(mode="wrap")
+    def _without_absent_spread(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("spread") is None:
+            data.pop("spread", None)  # gates of exact twins: the key stays out, as in reports before it
+        return data
 
 
 class ArtifactReport(_Open):

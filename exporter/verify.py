@@ -22,6 +22,7 @@ from cpm_mobile.exporter.contract import FORMAT_VERSION
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.passes import apply_passes
+from cpm_mobile.exporter.spread import loosened, twin_spread
 from cpm_mobile.exporter.targets.base import Progress, StructuralFault, no_progress
 from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
@@ -131,13 +132,23 @@ def check_artifacts(
             breaches["artifact"].append(f"runtime error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         for gate in GATES:
             tolerances = getattr(spec, gate)
+            bounds = tolerances.model_dump(exclude={"spread"})
             measurable = observed is not None and expected[gate] is not None
+            spread = None
+            if measurable and tolerances.spread is not None and twin.module is not None:
+                # A statistical twin: the bounds follow its own spread at this model's depth.
+                progress(f"check: {target} twin spread", (index + 0.5) / max(len(artifacts), 1))
+                metrics = twin_spread(twin.module, expected[gate], plan, reference, tolerances.spread,
+                                      tolerances.tie_margin_rel)
+                spread = {"metrics": metrics, "stated": bounds, **tolerances.spread.model_dump()}
+                bounds = loosened(bounds, metrics, tolerances.spread.margin_db)
             measured = compare(expected[gate], observed, plan, tolerances.tie_margin_rel) if measurable else {}
-            gate_breaches = judge(measured, tolerances.model_dump()) if measurable else []
+            gate_breaches = judge(measured, bounds) if measurable else []
             gates[gate] = {
                 "against": twin.description if gate == "faithfulness" else "fp32 reference",
                 "metrics": measured,
-                "tolerances": tolerances.model_dump(),
+                "tolerances": bounds,
+                **({"spread": spread} if spread is not None else {}),
                 "breaches": gate_breaches,
                 "passed": not gate_breaches and not breaches["artifact"],
             }

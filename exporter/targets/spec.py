@@ -17,6 +17,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Spread(Strict):
+    """Faithfulness calibrated per export for twins that match their runtime only statistically
+    (exporter/spread.py): the twin is run `perturbations` times with each layer's output moved by
+    `relative` (a few fp32 ulps), and each stated bound is loosened to the worst such run's metric
+    plus `margin_db` (6 dB: twice the amplitude, four times the KL)."""
+
+    perturbations: int = Field(2, ge=1, le=8)
+    relative: float = Field(2.0**-21, gt=0, le=1e-3)
+    margin_db: float = Field(6.0, ge=0)
+
+
 class Tolerances(Strict):
     """Bounds on the check's metrics; None leaves a metric unchecked (it is still reported).
 
@@ -36,6 +47,8 @@ class Tolerances(Strict):
     min_greedy: float | None = Field(None, ge=0, le=1)
     tie_margin_rel: float = Field(0.0, ge=0)
     max_ppl_rel_delta: float | None = Field(None, ge=0)
+    spread: Spread | None = Field(None, description="loosen the bounds to the twin's measured spread at this "
+                                                     "model's depth (statistical twins only)")
 
 
 class PassSpec(Strict):

@@ -101,7 +101,10 @@ class ExecuTorchTarget:
     def structure(self, bundle_dir: Path, artifact: dict[str, Any], twin: CausalLM) -> list[str]:
         if artifact.get("metadata", {}).get("quantization") is None:
             return []
-        return stored_quantised_faults(twin, (Path(bundle_dir) / artifact["entry"]).stat().st_size)
+        from cpm_mobile.exporter.targets.executorch.exact import stored_weight_faults
+
+        pte = Path(bundle_dir) / artifact["entry"]
+        return stored_quantised_faults(twin, pte.stat().st_size) + stored_weight_faults(pte, twin)
 
     def _variant(self, model: CausalLM, spec: ExecuTorchSpec) -> tuple[CausalLM, str]:
         if spec.quantization is None:

@@ -347,7 +347,13 @@ class OnnxTarget:
                       " and MatMulNBits' int8 activation rounding")
 
     def structure(self, bundle_dir: Path, artifact: dict[str, Any], twin: CausalLM) -> list[str]:
-        return []  # reading the twin back from the graph is its check: see twin()
+        """Reading the twin back from the graph checks what it stores (see twin()); where its kernels round
+        activations, the stored weights are also checked exactly through the fp32 path (exact.py)."""
+        if artifact.get("metadata", {}).get("quantization") is not None:
+            from cpm_mobile.exporter.targets.onnx.exact import exact_weight_faults
+
+            return exact_weight_faults(ir.load(Path(bundle_dir) / artifact["entry"]), artifact, twin)
+        return []
 
     def _converted(self, model: CausalLM, spec: OnnxSpec) -> tuple[CausalLM, str]:
         """The graph computes the module itself (its past/present wrapper only moves the cache to
