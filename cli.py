@@ -277,6 +277,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle of that name, once the new one is complete."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the check as JUnit XML to this file."),
     heldout: Optional[Path] = HeldoutOption,
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="Text file a calibrated recipe (int4-gptq) calibrates on (default: the embedded held-out "
+                                    "text, leaving out the windows the check measures)."),
     verbose: bool = VerboseOption,
 ) -> None:
     """Export a checkpoint, check every artifact against PyTorch, and write the bundle.
@@ -297,7 +300,7 @@ def export(
             writable_file(junit)
         with _progress_bar() as progress:
             result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, heldout=heldout,
-                                   progress=progress, force=force)
+                                   progress=progress, force=force, calibration=calibration)
     _print_report(result.report)
     if junit:
         from cpm_mobile.runtimes.junit import write_junit

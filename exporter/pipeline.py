@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from cpm_mobile.exporter import __version__
+from cpm_mobile.exporter.calibration import (
+    GRID_FILE, calibrate_for_recipe, calibrated_model, read_calibration_text, save_grid,
+)
 from cpm_mobile.exporter.bundle import (
     MANIFEST, REPORT, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
 )
@@ -66,12 +69,16 @@ def export_bundle(
     heldout: Path | None = None,
     progress: Progress = no_progress,
     force: bool = False,
+    calibration: Path | None = None,
 ) -> ExportResult:
     """Export every target of the recipe into one bundle, check it, and publish it atomically.
 
     A bundle whose check breaches a tolerance is published as `<name>.rejected` instead, so the
     report can be read but no app picks it up as a valid bundle. An existing bundle at the
     destination is refused unless `force`, and then replaced only by a complete new one.
+
+    calibration: the text a recipe's calibration step (GPTQ) calibrates on; default the embedded held-out text.
+    When it is the text the check scores, the check's held-out windows are left out of it (exporter/calibration.py).
     """
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     progress("load checkpoint", None)
@@ -83,7 +90,21 @@ def export_bundle(
     heldout_text = read_heldout(heldout)
     plan = build_plan(recipe, tokenizer, heldout_text, recipe.max_seq_len, config.eos_token_ids,
                       heldout or HELDOUT_TEXT)
+    if calibration is not None and recipe.calibration is None:
+        raise InputError(calibration, f"recipe {recipe.name} has no calibration step (recipes with one: int4-gptq)")
+    if recipe.calibration is not None:  # default: the embedded held-out text (whatever text the check scores)
+        calibration_text = read_calibration_text(calibration or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
+    # What the targets export: the reference itself, or (a calibration recipe) the reference with its linears on
+    # the calibrated grid. The fidelity gate measures every artifact against the reference either way.
+    source, grid = reference, None
+    if recipe.calibration is not None:
+        # The check's held-out windows are the first tokens of its text: calibrating on them would grade the
+        # recipe on what it was fitted to, so they are left out when the calibration text is that text.
+        reserved = sum(len(w) for w in plan.heldout_windows) if calibration_text == heldout_text else 0
+        grid = calibrate_for_recipe(reference, recipe, tokenizer, calibration_text, calibration or HELDOUT_TEXT,
+                                    reserved, progress)
+        source = calibrated_model(reference, grid)
     name = final.name
     context = ExportContext(
         bos_id=tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id,
@@ -93,13 +114,15 @@ def export_bundle(
         artifacts, models, targets = [], {}, {}
         for target_name, spec in recipe.targets.items():
             # Passes return variants and targets never mutate their input: the reference stays plain.
-            models[target_name] = apply_passes(reference, [*recipe.passes, *spec.passes], target_name)
+            models[target_name] = apply_passes(source, [*recipe.passes, *spec.passes], target_name)
             targets[target_name] = get_target(target_name)
             progress(f"export {target_name}", None)
             exported = targets[target_name].export(models[target_name], staging, spec, context,
                                                    _prefixed(progress, target_name))
             artifacts.append(asdict(exported.info))
         tokenizer_files = tokenizer.write_bundle_files(staging, recipe.max_seq_len)
+        if grid is not None:  # for `cpm-mobile check`, which rebuilds the ExecuTorch twin from it
+            save_grid(grid, staging / GRID_FILE)
         # The tokenizer gate: what each stock client loads (named in its artifact's metadata.tokenizer), then
         # each client's own tokenizer on the gate's texts against the checkpoint's (exporter/tokenizer_gate.py).
         tokenizer_files += write_client_files(tokenizer, staging, artifacts)

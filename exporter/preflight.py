@@ -22,6 +22,15 @@ def recipe_refusals(recipe: Recipe, config: ModelConfig, tied: bool) -> list[str
         refusals.append(f"recipe {recipe.name} exports a checkpoint's own integer grid, and this checkpoint's "
                         "weights lie on none (see `cpm-mobile inspect`): use int4 or ternary to quantise it")
     shapes = shape_model(config, tied, recipe.max_seq_len)
+    if recipe.calibration is not None:
+        # The targets judge the grid calibration will give (its names, group size, symmetry) as they judge a
+        # checkpoint's own grid.
+        from cpm_mobile.exporter.calibration import calibration_refusals, with_planned_grid
+
+        found = calibration_refusals(recipe, shapes)
+        if found:
+            return refusals + found
+        shapes = with_planned_grid(shapes, recipe)
     for name, spec in recipe.targets.items():
         passes = [*recipe.passes, *spec.passes]
         found = pass_refusals(passes, name)

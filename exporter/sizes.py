@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
+from cpm_mobile.exporter.calibration import calibrated_spec
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.config import ModelConfig
 from cpm_mobile.exporter.models.transformer import CausalLM
@@ -56,9 +57,13 @@ def recipe_sizes(config: ModelConfig, tied: bool, recipes: Iterable[str] | None 
         recipe = load_recipe(name)
         if recipe.weights == "checkpoint_grid" and config.weight_grid is None:
             continue
+        if recipe.calibration is not None and config.weight_grid is not None:
+            continue  # a calibration recipe refuses a checkpoint that already carries a grid
         model = shape_model(config, tied, recipe.max_seq_len)
         try:
-            sizes = {target: predict_bytes(apply_passes(model, [*recipe.passes, *spec.passes], target), spec)
+            # A calibration recipe's artifacts carry its grid: the grid's group size and symmetry in each spec.
+            sizes = {target: predict_bytes(apply_passes(model, [*recipe.passes, *spec.passes], target),
+                                           calibrated_spec(spec, recipe.calibration))
                      for target, spec in recipe.targets.items()}
         except InputError:
             continue

@@ -39,6 +39,34 @@ class CheckSpec(Strict):
     heldout_tokens: int = Field(256, ge=2, description="tokens per held-out window (capped by max_seq_len)")
 
 
+class CalibrationSpec(Strict):
+    """A calibrated rounding of the body's linears, done once before the targets (exporter/calibration.py).
+
+    The result is an integer grid (codes, scales, zero points) that every target carries exactly, as it
+    carries a checkpoint's own grid; the fidelity gate still measures against the float checkpoint.
+    Calibration text: `export --calibration FILE`, else the embedded held-out text; windows are taken from the
+    END of that text and, when it is the text the check measures perplexity on, must not overlap the
+    check's held-out windows (its first heldout_windows x heldout_tokens tokens): refused otherwise.
+    """
+
+    method: Literal["gptq"] = Field("gptq", description="GPTQ (Frantar et al. 2022): Hessian-aware rounding with "
+                                                        "error propagation, layer by layer")
+    bits: Literal[4] = 4
+    group_size: Literal[32, 64, 128] = Field(32, description="input columns per scale (XNNPACK needs multiples of 32)")
+    symmetric: bool = Field(True, description="no zero points: the one grid ExecuTorch (XNNPACK) can carry; "
+                                              "false only for recipes without an executorch target")
+    windows: int = Field(32, ge=1, description="calibration windows")
+    tokens: int = Field(256, ge=16, description="tokens per calibration window (BOS + text; capped by max_seq_len)")
+    damp: float = Field(0.01, gt=0, lt=1, description="dampening of the Hessian: this fraction of its mean diagonal")
+    block_size: int = Field(128, ge=1, description="GPTQ's lazy-batch width (columns updated together)")
+
+    @model_validator(mode="after")
+    def _blocks_hold_groups(self) -> "CalibrationSpec":
+        if self.block_size % self.group_size:
+            raise ValueError(f"block_size {self.block_size} must be a multiple of group_size {self.group_size}")
+        return self
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -47,6 +75,9 @@ class Recipe(Strict):
     weights: Literal["any", "checkpoint_grid"] = Field(
         "any", description="checkpoint_grid: only for checkpoints whose weights already lie on an integer grid "
                            "(GPTQ, QAT fake-quant, BitCPM); any other checkpoint is refused before work")
+    calibration: CalibrationSpec | None = Field(
+        None, description="round the body's linears once with calibration data (GPTQ) before the targets; every "
+                          "target then carries that grid exactly")
     passes: list[PassSpec] = Field(default_factory=list, description="applied for every target")
     targets: dict[TargetName, TargetSpec]
     check: CheckSpec
@@ -63,6 +94,15 @@ class Recipe(Strict):
     def _has_targets(self) -> "Recipe":
         if not self.targets:
             raise ValueError("a recipe needs at least one target")
+        if self.calibration is not None and self.weights == "checkpoint_grid":
+            raise ValueError("calibration rounds float weights; weights: checkpoint_grid exports a checkpoint's own "
+                             "grid instead: use one or the other")
+        if self.calibration is not None and not self.calibration.symmetric:
+            for name in self.targets:
+                carrier = registry.capabilities(name).grid
+                if carrier is not None and carrier.symmetric_only:
+                    raise ValueError(f"calibration.symmetric: false gives a grid with zero points; the {name} target "
+                                     f"carries only symmetric grids ({carrier.symmetric_only})")
         return self
 
     def select(self, targets: list[str]) -> "Recipe":

@@ -57,7 +57,7 @@ class WeightGrid:
     """The grid of every quantised linear of a checkpoint, by CausalLM parameter name
     ("layers.0.self_attn.q_proj.weight"); embeddings, lm_head and norms stay float."""
 
-    source: str  # "gptq" or "float weights on a grid"
+    source: str  # "gptq", "float weights on a grid", or "gptq calibrated on N tokens" (exporter/calibration.py)
     linears: Mapping[str, LinearGrid] = field(repr=False)
     max_rel_deviation: float = 0.0  # max |stored - grid| / |stored| of detected grids (storage rounding)
 
@@ -89,9 +89,14 @@ class WeightGrid:
                                                 else "affine (zero points)")
         order = ", act-order (g_idx permuted)" if any(g.act_order for g in self.linears.values()) else ""
         scales = f", {str(grid.scale_dtype).removeprefix('torch.')} scales"
-        where = "GPTQ checkpoint: " if self.source == "gptq" else "weights lie on a "
-        text = f"{where}{kind if self.source == 'gptq' else kind}, {groups}{scales}{order}, {len(self.linears)} linears"
-        if self.source != "gptq":
+        if self.source == "gptq":
+            where = "GPTQ checkpoint: "
+        elif self.source == "float weights on a grid":
+            where = "weights lie on a "
+        else:  # a grid computed here (exporter/calibration.py): "gptq calibrated on N tokens"
+            where = f"{self.source}: "
+        text = f"{where}{kind}, {groups}{scales}{order}, {len(self.linears)} linears"
+        if self.source == "float weights on a grid":
             text += f" (max deviation from the stored weights {self.max_rel_deviation:.1e} relative: storage rounding)"
         return text
 

@@ -1,0 +1,431 @@
+"""Calibrated int4 rounding of the body's linears (GPTQ), done once before the targets.
+
+Why our own GPTQ: torchao 0.18's `torchao.prototype.gptq` runs on CUDA only ("GPTQ only supports CUDA
+currently"), its int4 path needs the `mslk` kernels package and yields packed `Int4Tensor`s for CUDA
+kernels, and it quantises every layer from float inputs (no sequential calibration). What we need is
+plain nn.Linear on CPU and the integer codes, scales and zero points themselves, as a `WeightGrid`
+(exporter/models/grid.py) that every target already carries exactly. The algorithm is the standard one
+(Frantar et al. 2022, "GPTQ", Algorithm 1, as in the authors' reference code), in float64 on CPU:
+
+- per linear, H = 2/n X^T X over the calibration tokens' inputs to it;
+- dampening `damp` x mean(diag H) on the diagonal, dead inputs (H_ii = 0) zeroed;
+- the upper Cholesky factor of H^-1; columns quantised left to right in lazy batches of `block_size`,
+  each column's rounding error propagated to the columns not yet quantised;
+- groups of `group_size` input columns: the group's scale (and zero) computed when the group starts,
+  from the weights as the propagated errors have left them, by a small search for the scale with the
+  least squared rounding error (GPTQ's "mse" option); scales rounded to bf16 (what XNNPACK stores, so
+  the .pte carries them exactly too).
+
+Sequential, as GPTQ does: layer L's inputs are computed with layers < L already quantised, and inside a
+layer each linear's inputs with the linears before it quantised (q/k/v share one input and one Hessian,
+then o_proj, then gate/up, then down).
+
+The grid is stored in the bundle (`calibration.safetensors`): `cpm-mobile check` rebuilds the ExecuTorch
+twin from it (the ONNX and Core ML twins are read back from their own files). Re-running GPTQ at check
+time instead would depend on the calibration file still existing and on float summation order (threads,
+BLAS) not flipping a code at a rounding boundary; the stored codes are exact and hashed in the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.grid import LinearGrid, WeightGrid
+from cpm_mobile.exporter.models.kv_cache import causal_mask
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.variant import empty_like, with_weights
+
+GRID_FILE = "calibration.safetensors"
+GRID_FORMAT = "cpm-mobile-grid/1"
+SCALE_DTYPE = torch.bfloat16  # XNNPACK stores 4-bit block scales as bf16: the grid's scales are exact in it
+# Scale search: the group's absmax scale shrunk by these factors; the least squared rounding error wins.
+SHRINK = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 .. 0.6
+
+Progress = Callable[[str, "float | None"], None]
+
+
+# -- the calibration text --------------------------------------------------------------------------
+
+
+def calibration_windows(tokens: list[int], windows: int, length: int, bos_id: int | None,
+                        reserved: int = 0, source: str | Path = "calibration text") -> list[list[int]]:
+    """`windows` windows of `length` tokens (BOS + text) cut from the END of `tokens`.
+
+    reserved: how many leading tokens belong to the check (its held-out windows) when the calibration
+    text is the text the check measures: the windows must not reach into them.
+    """
+    body = length - (1 if bos_id is not None else 0)
+    needed = windows * body
+    available = len(tokens) - reserved
+    if available < needed:
+        where = f" after the check's first {reserved} held-out tokens" if reserved else ""
+        raise InputError(source, f"calibration needs {windows} windows x {body} tokens = {needed} tokens{where}; "
+                                 f"the text has {max(available, 0)}: give a longer --calibration text or fewer "
+                                 f"calibration windows")
+    tail = tokens[len(tokens) - needed:]
+    prefix = [bos_id] if bos_id is not None else []
+    return [prefix + tail[i * body:(i + 1) * body] for i in range(windows)]
+
+
+# -- GPTQ on one linear ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRounding:
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+    scale_dtype: torch.dtype = SCALE_DTYPE
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    def params(self, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of `group` [rows, g]: (scale, zero), the scale in scale_dtype, by the least squared
+        rounding error over SHRINK x the full-range scale."""
+        top = self.levels - 1
+        best_err = best_scale = best_zero = None
+        if self.symmetric:
+            amax = group.abs().amax(1)
+            amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+            base, zero_of = amax / (top // 2), None  # codes -7..7 around zero 8 (-8 reached only by shrinking)
+        else:
+            low = group.amin(1).clamp(max=0)
+            high = group.amax(1).clamp(min=0)
+            span = torch.where(high > low, high - low, torch.ones_like(high))
+            base, zero_of = span / top, low
+        for shrink in SHRINK:
+            scale = (base * shrink).to(self.scale_dtype).to(group.dtype)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            if zero_of is None:
+                zero = torch.full_like(scale, self.levels // 2)
+            else:
+                zero = torch.round(-zero_of * shrink / scale).clamp(0, top)
+            err = ((self.dequantize(group, scale, zero) - group) ** 2).sum(1)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
+        return best_scale, best_zero
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """w [rows] or [rows, g] with per-row scale/zero -> codes in [0, levels)."""
+        if w.dim() == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        return torch.clamp(torch.round(w / scale) + zero, 0, self.levels - 1)
+
+    def dequantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        codes = self.codes(w, scale, zero)
+        if w.dim() == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        return scale * (codes - zero)
+
+
+def gptq_linear(weight: torch.Tensor, hessian: torch.Tensor | None, rounding: GroupRounding,
+                damp: float = 0.01, block_size: int = 128) -> LinearGrid:
+    """GPTQ of one weight [out, in] given H [in, in] (module docstring); hessian None = round to nearest
+    with the same group rounding (the baseline GPTQ improves on)."""
+    W = weight.detach().to(torch.float64).clone()
+    rows, columns = W.shape
+    g = rounding.group_size
+    if columns % g:
+        raise InputError("calibration.group_size", f"{g} does not divide the input width {columns}")
+    groups = columns // g
+    codes = torch.zeros(rows, columns, dtype=torch.float64)
+    scales = torch.zeros(rows, groups, dtype=torch.float64)
+    zeros = torch.zeros(rows, groups, dtype=torch.float64)
+    if hessian is None:
+        for j in range(groups):
+            block = W[:, j * g:(j + 1) * g]
+            scales[:, j], zeros[:, j] = rounding.params(block)
+            codes[:, j * g:(j + 1) * g] = rounding.codes(block, scales[:, j], zeros[:, j])
+        return _grid(codes, scales, zeros, rounding)
+    H = hessian.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += torch.eye(columns, dtype=torch.float64) * (damp * torch.mean(torch.diag(H)))
+    # Upper Cholesky factor of H^-1: row i holds what quantising column i does to the columns after it.
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    block_size = max(g, block_size - block_size % g)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = i1 + i
+            if column % g == 0:  # a group starts: its scale from the weights as the errors have left them
+                j = column // g
+                scales[:, j], zeros[:, j] = rounding.params(W1[:, i:i + g])
+            j = column // g
+            w = W1[:, i]
+            q = rounding.codes(w, scales[:, j], zeros[:, j])
+            codes[:, column] = q
+            err = (w - scales[:, j] * (q - zeros[:, j])) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return _grid(codes, scales, zeros, rounding)
+
+
+def _grid(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, rounding: GroupRounding) -> LinearGrid:
+    return LinearGrid(codes.to(torch.uint8), scales.to(torch.float32), zeros.to(torch.uint8), rounding.bits,
+                      rounding.group_size, rounding.scale_dtype)
+
+
+# -- the model, layer by layer ---------------------------------------------------------------------
+
+
+class _Hessian:
+    """Running 2/n X^T X of one linear's inputs (float64)."""
+
+    def __init__(self, width: int):
+        self.sum = torch.zeros(width, width, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.sum += x.T @ x
+        self.count += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.count, 1))
+
+
+def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Progress = lambda *_: None,
+              source: str = "") -> WeightGrid:
+    """The GPTQ grid of every body linear of `model` (not changed), calibrated on `windows` of token ids.
+
+    spec: the recipe's CalibrationSpec (bits, group_size, symmetric, damp, block_size)."""
+    rounding = GroupRounding(spec.bits, spec.group_size, spec.symmetric)
+    n_tokens = sum(len(w) for w in windows)
+    config = model.config
+    linears: dict[str, LinearGrid] = {}
+    with torch.no_grad():
+        hidden = [model.embed_tokens(torch.tensor([w])) * config.scale_emb for w in windows]
+        for index, source_layer in enumerate(model.layers):
+            progress(f"calibrate: gptq layer {index + 1}/{len(model.layers)}", index / len(model.layers))
+            layer = _working_copy(source_layer)
+            cache = empty_like(model.kv_caches[index])
+            run = lambda h: _run_layer(model, layer, cache, h)  # noqa: E731
+            for stage in _stages(layer, run, hidden[0]):
+                hessians = {name: _Hessian(module.in_features) for name, module in stage}
+                handles = [module.register_forward_hook(
+                    lambda m, inputs, output, h=hessians[name]: h.add(inputs[0])) for name, module in stage]
+                # The rest of the layer's forward is not needed once the stage's linears have seen their inputs.
+                handles.append(stage[-1][1].register_forward_hook(_stop))
+                try:
+                    for h in hidden:
+                        try:
+                            run(h)
+                        except _StageDone:
+                            pass
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for name, module in stage:
+                    grid = gptq_linear(module.weight, hessians[name].value(), rounding, spec.damp, spec.block_size)
+                    module.weight.copy_(grid.dequantize().to(module.weight.dtype))
+                    linears[f"layers.{index}.{name}.weight"] = grid
+            hidden = [run(h) for h in hidden]
+    progress("calibrate: done", 1.0)
+    return WeightGrid(source or f"gptq calibrated on {n_tokens} tokens", linears)
+
+
+class _StageDone(Exception):
+    """Raised after a stage's last linear: its inputs are all the stage needs from the forward."""
+
+
+def _stop(module: nn.Module, inputs: Any, output: Any) -> None:
+    raise _StageDone
+
+
+def _working_copy(layer: nn.Module) -> nn.Module:
+    """The layer with its own weight tensors (quantised in place during calibration), source untouched."""
+    import copy
+
+    clone = copy.deepcopy(layer)
+    for parameter in clone.parameters():
+        parameter.requires_grad_(False)
+    return clone
+
+
+def _run_layer(model: CausalLM, layer: nn.Module, cache: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(h.shape[1])
+    mask = causal_mask(positions, model.max_seq_len)
+    cache.reset()
+    cos = model.rope_cos.index_select(0, positions)
+    sin = model.rope_sin.index_select(0, positions)
+    return layer(h, cos, sin, lambda q, k, v: cache(q, k, v, positions, mask))
+
+
+def _stages(layer: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
+            sample: torch.Tensor) -> list[list[tuple[str, nn.Linear]]]:
+    """The layer's linears in the order the forward calls them, grouped by shared input (q/k/v; gate/up)."""
+    calls: list[tuple[str, nn.Linear, torch.Tensor]] = []
+    modules = [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_hook(lambda m, inputs, output, name=name: calls.append((name, m, inputs[0])))
+               for name, m in modules]
+    try:
+        run(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen = {name for name, _, _ in calls}
+    missing = [name for name, _ in modules if name not in seen]
+    if missing or len(calls) != len(seen):
+        raise RuntimeError(f"calibration: linears not called exactly once per forward: {missing or calls}")
+    stages: list[list[tuple[str, nn.Linear]]] = []
+    last_input = None
+    for name, module, x in calls:
+        if last_input is not None and x is last_input:
+            stages[-1].append((name, module))
+        else:
+            stages.append([(name, module)])
+        last_input = x
+    return stages
+
+
+# -- the calibrated model, and the grid in the bundle ----------------------------------------------
+
+
+def calibrated_model(reference: CausalLM, grid: WeightGrid) -> CausalLM:
+    """A variant of `reference` whose linears hold the grid's dequantised weights and whose config carries the
+    grid (every target's quantiser then exports its codes as they are); `reference` is not changed."""
+    weights = {name: linear.dequantize() for name, linear in grid.linears.items()}
+    model = with_weights(reference, weights)
+    model.config = dataclasses.replace(reference.config, weight_grid=grid)
+    return model
+
+
+def save_grid(grid: WeightGrid, path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Codes packed two per byte (first in the low nibble), fp32 scales, uint8 zeros; safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, linear in grid.linears.items():
+        if linear.bits != 4:
+            raise ValueError(f"{name}: only 4-bit grids are stored")
+        codes = linear.codes
+        tensors[f"{name}.codes"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+        tensors[f"{name}.scales"] = linear.scales.contiguous()
+        tensors[f"{name}.zeros"] = linear.zeros.contiguous()
+    first = grid.first()
+    header = {"format": GRID_FORMAT, "source": grid.source, "bits": str(first.bits),
+              "group_size": str(first.group_size), "scale_dtype": str(first.scale_dtype).removeprefix("torch."),
+              "linears": json.dumps(list(grid.linears)), **(metadata or {})}
+    save_file(tensors, str(path), metadata=header)
+
+
+def load_grid(path: Path) -> WeightGrid:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise InputError(path, "calibrated grid missing (the recipe has a calibration step)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != GRID_FORMAT:
+                raise InputError(path, f"not a calibrated grid ({GRID_FORMAT})")
+            bits, group = int(header["bits"]), int(header["group_size"])
+            scale_dtype = getattr(torch, header["scale_dtype"])
+            linears = {}
+            for name in json.loads(header["linears"]):
+                packed = handle.get_tensor(f"{name}.codes")
+                codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+                linears[name] = LinearGrid(codes, handle.get_tensor(f"{name}.scales"),
+                                           handle.get_tensor(f"{name}.zeros"), bits, group, scale_dtype)
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as error:
+        raise InputError(path, f"unreadable calibrated grid ({error})") from None
+    return WeightGrid(header["source"], linears)
+
+
+def grid_summary(grid: WeightGrid) -> str:
+    return grid.describe()
+
+
+# -- what the recipe asks, before any work -----------------------------------------------------------
+
+
+def planned_grid(model: CausalLM, spec: Any) -> WeightGrid:
+    """A stand-in for the grid calibration will give `model` (every body linear, the spec's group size and
+    symmetry, tiny tensors): the targets' grid checks judge it before any work, as they judge a checkpoint's."""
+    g = spec.group_size
+    zero = (1 << (spec.bits - 1)) if spec.symmetric else 0
+    linears = {f"{name}.weight": LinearGrid(torch.zeros(1, 2 * g, dtype=torch.uint8), torch.ones(1, 2),
+                                            torch.full((1, 2), zero, dtype=torch.uint8), spec.bits, g, SCALE_DTYPE)
+               for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"}
+    return WeightGrid("gptq calibration (planned)", linears)
+
+
+def calibration_refusals(recipe: Any, model: CausalLM) -> list[str]:
+    """Why the recipe's calibration cannot run on a model of these shapes (and this checkpoint grid)."""
+    spec = recipe.calibration
+    if spec is None:
+        return []
+    if model.config.weight_grid is not None:
+        return [f"recipe {recipe.name} calibrates float weights; this checkpoint's linears already carry a grid "
+                f"({model.config.weight_grid.describe()}): use --recipe checkpoint-grid to export it as it is"]
+    return [f"calibration.group_size: {spec.group_size} does not divide the input width {module.in_features} of {name}"
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name != "lm_head" and module.in_features % spec.group_size][:1]
+
+
+def with_planned_grid(model: CausalLM, recipe: Any) -> CausalLM:
+    """The shapes model of a calibration recipe, carrying the planned grid (for pre-flight and size rules)."""
+    if recipe.calibration is None:
+        return model
+    import copy
+
+    planned = copy.copy(model)
+    planned.config = dataclasses.replace(model.config, weight_grid=planned_grid(model, recipe.calibration))
+    return planned
+
+
+def calibrated_spec(spec: Any, calibration: Any) -> Any:
+    """A target spec as its artifact will be laid out with the calibrated grid (the grid's group size and
+    symmetry in the scheme's own fields), for the size rules, which read the spec."""
+    from cpm_mobile.exporter.targets import registry
+
+    scheme = spec.quantization
+    carrier = registry.capabilities(spec.target).grid
+    if calibration is None or scheme is None or carrier is None:
+        return spec
+    update = {carrier.group_field: calibration.group_size}
+    if "symmetric" in type(scheme).model_fields:
+        update["symmetric"] = calibration.symmetric
+    return spec.model_copy(update={"quantization": scheme.model_copy(update=update)})
+
+
+def read_calibration_text(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "calibration text not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"calibration text is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise InputError(path, "calibration text is empty")
+    return text
+
+
+def calibrate_for_recipe(reference: CausalLM, recipe: Any, tokenizer: Any, text: str, source: str | Path,
+                         reserved: int, progress: Progress = lambda *_: None) -> WeightGrid:
+    """The recipe's calibration on `text`: windows from its end (none of its first `reserved` tokens, the
+    check's held-out windows when it is the check's text), then GPTQ layer by layer."""
+    spec = recipe.calibration
+    length = min(spec.tokens, reference.max_seq_len)
+    windows = calibration_windows(tokenizer.encode(text), spec.windows, length, tokenizer.bos_id, reserved, source)
+    return calibrate(reference, windows, spec, progress)
