@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,30 +49,31 @@ def checkpoint(folder: Path, layers: int, logit_max: float) -> Path:
     return path
 
 
-def faults(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Weight edits of the reference that the twin gets and the artifact does not."""
+def faults(model, scale_step: float = 2.0**-8) -> dict[str, dict[str, torch.Tensor]]:
+    """Weight edits of the reference that the twin gets and the artifact does not (tests/test_twin_spread.py
+    uses them too)."""
     params = dict(model.named_parameters())
     middle = len(model.layers) // 2
     down = params[f"layers.{middle}.mlp.down_proj.weight"].detach().clone()
     index = down.abs().argmax()
     down.view(-1)[index] = -down.view(-1)[index]
     gate = params[f"layers.{middle}.mlp.gate_proj.weight"].detach()
-    scaled = {name: p.detach() * (1 + 2.0**-8) for name, p in params.items()
+    scaled = {name: p.detach() * (1 + scale_step) for name, p in params.items()
               if name.startswith("layers.") and p.dim() == 2}
     return {
         "flipped code": {f"layers.{middle}.mlp.down_proj.weight": down},
-        "scale x (1 + 2**-8)": scaled,
+        f"scale x (1 + 2**{math.log2(scale_step):.0f})": scaled,
         "zero point ignored": {f"layers.{middle}.mlp.gate_proj.weight": gate + gate.abs().mean()},
     }
 
 
-def twin_with_fault(target: str, reference, spec, bundle, artifact, case: str):
+def twin_with_fault(target: str, reference, spec, bundle, artifact, case: str, scale_step: float = 2.0**-8):
     """ONNX reads its twin back from the file, so the fault goes into the twin's dequantised weights;
     ExecuTorch rebuilds its twin from the model, so the fault goes into the model before quantising."""
     if target == "onnx":
         module, description = get_target(target).twin(reference, spec, bundle, artifact)
-        return with_weights(module, faults(module)[case]), description
-    return get_target(target).twin(with_weights(reference, faults(reference)[case]), spec, bundle, artifact)
+        return with_weights(module, faults(module, scale_step)[case]), description
+    return get_target(target).twin(with_weights(reference, faults(reference, scale_step)[case]), spec, bundle, artifact)
 
 
 def line(layers: int, recipe: str, target: str, case: str, gate: dict) -> str:

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from bench.synthetic import write_trained_like_checkpoint
+from bench.twin_spread import twin_with_fault
 from cpm_mobile.exporter.defaults import DEFAULT_MODEL, HELDOUT_TEXT
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
-from cpm_mobile.exporter.models.variant import with_weights
 from cpm_mobile.exporter.pipeline import export_bundle
 from cpm_mobile.exporter.spread import input_noise, loosened
 from cpm_mobile.exporter.targets.registry import get_target
@@ -64,17 +64,10 @@ def test_input_noise_moves_the_logits_and_leaves_the_model_as_it_was():
 # -- at depth: right artifacts pass, wrong twins fail -----------------------------------------------------
 
 
-def _faults(model) -> dict[str, dict[str, torch.Tensor]]:
-    params = dict(model.named_parameters())
-    middle = len(model.layers) // 2
-    down = params[f"layers.{middle}.mlp.down_proj.weight"].detach().clone()
-    index = down.abs().argmax()
-    down.view(-1)[index] = -down.view(-1)[index]
-    return {
-        "flipped code": {f"layers.{middle}.mlp.down_proj.weight": down},
-        "scale x (1 + 2**-7)": {name: p.detach() * (1 + 2.0**-7) for name, p in params.items()
-                                if name.startswith("layers.") and p.dim() == 2},
-    }
+# The bench's wrong twins: one flipped code, every scale one step off (2**-7 here); its third fault, an
+# ignored zero point, fails every gate by tens of dB and is left to the bench.
+SCALE_STEP = 2.0**-7
+CASES = ("flipped code", "scale x (1 + 2**-7)")
 
 
 @pytest.fixture(scope="module", params=[24], ids=lambda layers: f"{layers}-layers")
@@ -104,13 +97,9 @@ def test_right_artifacts_pass_and_wrong_twins_fail_at_depth(deep_int8):
         target = artifact["target"]
         spread = result.report["artifacts"][target]["faithfulness"]["spread"]
         assert spread["metrics"]["sqnr_db"] > 0 and spread["stated"]["min_sqnr_db"] == 60.0
-        for case in _faults(reference):
-            if target == "onnx":  # its twin is read back from the graph: the fault goes into the twin
-                module, description = get_target(target).twin(reference, recipe.targets[target], result.bundle, artifact)
-                module = with_weights(module, _faults(module)[case])
-            else:  # its twin is rebuilt from the model: the fault goes in before quantising
-                module, description = get_target(target).twin(with_weights(reference, _faults(reference)[case]),
-                                                               recipe.targets[target], result.bundle, artifact)
+        for case in CASES:
+            module, description = twin_with_fault(target, reference, recipe.targets[target], result.bundle, artifact,
+                                                  case, SCALE_STEP)
             structural = get_target(target).structure(result.bundle, artifact, module)
             if structural:  # the exact stored-weight check names it; the check fails on every structural breach
                 assert any("stored weights" in line for line in structural), (target, case, structural)
