@@ -16,7 +16,9 @@ client is exact on this bundle's tokenizer. This module
   | byte-level BPE tokenizer.json | the bundle folder: exact | the bundle folder: exact |
   | sentencepiece BPE, identity normalisation, byte fallback (Llama's) | `executorch_tokenizer/`: tokenizer.json without the decoder's Strip (the C++ decoder strips every token, not only the first): exact | tokenizer_module.json names GemmaTokenizer (its sentencepiece BPE without regex splitting): exact |
   | sentencepiece BPE (identity or NFKC, user-defined pieces or not) without byte fallback, added tokens or special tokens in the chat template | `tokenizer.model` (sentencepiece itself): exact | not (id -1 for unknown characters; the normaliser ignored) |
-  | sentencepiece BPE with NFKC or user-defined pieces, and byte fallback or added tokens | `tokenizer.model`: not (added tokens are encoded as text, byte pieces decoded as "<0xE6>") | not (the normaliser ignored, user-defined pieces split) |
+  | sentencepiece BPE with NFKC (or any charsmap) and byte fallback, added tokens or not | `executorch_tokenizer/`: tokenizer.json whose normaliser spells the charsmap as Replace rules (exporter.tokenizer_cpp_json, each key checked): exact | not (its BPE applies no normaliser) |
+  | sentencepiece BPE with user-defined pieces, and byte fallback or added tokens | `tokenizer.model`: not (added tokens are encoded as text, byte pieces decoded as "<0xE6>"; the C++ Split drops the text around user-defined pieces) | not (user-defined pieces split) |
+  | sentencepiece BPE with NFKC, no byte fallback, added tokens | `tokenizer.model`: not (added tokens are encoded as text) | not (the normaliser ignored) |
   | sentencepiece BPE, identity, no byte fallback, added tokens | `executorch_tokenizer/`: not (one <unk> per unknown character) | not (id -1) |
   | sentencepiece unigram | `tokenizer.model`: not (ties between equal-score segmentations) | not (the same ties) |
 
@@ -34,7 +36,6 @@ genai_config.json has none either (the app feeds ids): the report says so.
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import Any, Callable
 
 from cpm_mobile.exporter.targets import registry
 from cpm_mobile.exporter.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, TextTokenizer
+from cpm_mobile.exporter.tokenizer_cpp_json import cpp_form
 from cpm_mobile.exporter.tokenizer_spm import BPE_MODEL_TYPE, MODEL_TYPES, SPM_MODEL, read_proto
 
 # The stock clients, as the targets declare them (Capabilities.tokenizer_client in exporter/targets/<name>/spec.py).
@@ -85,6 +87,8 @@ class Kind:
     added: tuple[str, ...] = ()  # tokens beyond the sentencepiece model (tokenizer_config / added_tokens.json)
     template_specials: tuple[str, ...] = ()  # special tokens the chat template writes as text
     remove_extra_whitespaces: bool = False
+    cpp_form: str | None = None  # how tokenizer.json is rewritten for the C++ HFTokenizer (tokenizer_cpp_json)
+    cpp_refusal: str = ""  # why it cannot be, when cpp_form is None
 
     def describe(self) -> str:
         if self.source == "sentencepiece":
@@ -114,6 +118,8 @@ def describe(tokenizer: TextTokenizer) -> Kind:
         precompiled=_has_type(normalizer, "Precompiled"),
         template_specials=tuple(t for t in specials if t in chat),
     )
+    form, how = cpp_form(data)
+    kind.cpp_form, kind.cpp_refusal = (how, "") if form is not None else (None, how)
     if tokenizer.source is None or tokenizer.source.name != SPM_MODEL:
         return kind
     proto = read_proto(tokenizer.source)
@@ -167,6 +173,9 @@ def _executorch_route(kind: Kind, has_spm: bool) -> Route:
                      "without byte fallback sentencepiece turns a run of unknown characters into one <unk>, its "
                      "HFTokenizer into one <unk> per character"
                      + (f"; with {SPM_MODEL} {'; '.join(spm_exact_reasons)}" if kind.source == "sentencepiece" else ""))
+    if kind.source == "sentencepiece" and kind.model == "BPE" and kind.byte_fallback and kind.cpp_form is not None:
+        return Route(EXECUTORCH, ET_FOLDER, True, f"{ET_FOLDER}/: tokenizer.json in its C++ HFTokenizer, with "
+                     f"{kind.cpp_form}; decoder without Strip (it decodes token by token)")
     if kind.source == "sentencepiece" and has_spm:
         why_not_json = _hf_cpp_limits(kind)
         if not spm_exact_reasons:
@@ -204,6 +213,8 @@ def _names(tokens: tuple[str, ...]) -> str:
 def _hf_cpp_limits(kind: Kind) -> str:
     if kind.model != "BPE":
         return f"a {kind.model.lower()} tokenizer.json"
+    if kind.cpp_refusal:
+        return kind.cpp_refusal
     if kind.precompiled:
         return f"the {kind.normalization} normaliser (a Precompiled charsmap)"
     if kind.user_defined:
@@ -282,16 +293,11 @@ _EXPECTED_LOADERS = {SPM_MODEL: ("SPTokenizer",)}
 
 
 def _write_executorch_folder(folder: Path) -> list[str]:
-    """tokenizer.json whose decoder the C++ HFTokenizer applies token by token as `tokenizers` applies it to
-    the whole sequence, and the tokenizer_config.json fields it reads (bos_token / eos_token as strings)."""
-    data = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8"))
-    decoder = data.get("decoder") or {}
-    if decoder.get("type") == "Sequence":
-        # Strip(" ", 1) after Fuse drops the dummy prefix of the whole text; applied to each token it
-        # drops every word's space. Streamed after a prompt, the space is the text's own.
-        decoder = copy.deepcopy(decoder)
-        decoder["decoders"] = [d for d in decoder["decoders"] if d.get("type") != "Strip"]
-        data["decoder"] = decoder
+    """tokenizer.json in the form the C++ HFTokenizer applies as `tokenizers` applies the original
+    (exporter.tokenizer_cpp_json), and the tokenizer_config.json fields it reads (bos_token / eos_token as strings)."""
+    data, why_not = cpp_form(json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8")))
+    if data is None:
+        raise ValueError(f"{ET_FOLDER} chosen for a tokenizer the C++ HFTokenizer cannot read: {why_not}")
     config = json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
     keep = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "add_bos_token", "add_eos_token",
                                    "model_max_length") if config.get(k) is not None}

@@ -9,6 +9,7 @@ onnxruntime-genai's Tokenizer on the folder). No model runs in the fast tests; t
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -20,6 +21,7 @@ import sentencepiece as spm
 from cpm_mobile.exporter.contract import Report
 from cpm_mobile.exporter.defaults import DEFAULT_MODEL, HELDOUT_TEXT
 from cpm_mobile.exporter.tokenizer import TextTokenizer
+from cpm_mobile.exporter.tokenizer_cpp_json import CharsmapRules, charsmap_entries
 from cpm_mobile.exporter.tokenizer_gate import (
     ET_FOLDER, EXECUTORCH, GENAI, GENAI_MODULE, HARD_STRINGS, apply_gate, client_routes, describe, describe_entry,
     executorch_loader, gate_texts, run_gate, write_client_files,
@@ -93,8 +95,8 @@ MATRIX = {
     "bpe identity byte-fallback": (("bpe", True, "identity", (), False), "exact", "exact", "exact"),
     "bpe identity": (("bpe", False, "identity", (), False), "exact", "unsupported", "exact"),
     "bpe identity added": (("bpe", False, "identity", (), True), "unsupported", "unsupported", "exact"),
-    "bpe nfkc byte-fallback added (the issue's)": (("bpe", True, "nmt_nfkc", (), True), "unsupported", "unsupported", "exact"),
-    "bpe nfkc byte-fallback": (("bpe", True, "nmt_nfkc", (), False), "unsupported", "unsupported", "exact"),
+    "bpe nfkc byte-fallback added (the issue's)": (("bpe", True, "nmt_nfkc", (), True), "exact", "unsupported", "exact"),
+    "bpe nfkc byte-fallback": (("bpe", True, "nmt_nfkc", (), False), "exact", "unsupported", "exact"),
     "bpe nfkc": (("bpe", False, "nmt_nfkc", (), False), "exact", "unsupported", "exact"),
     "bpe nfkc added": (("bpe", False, "nmt_nfkc", (), True), "unsupported", "unsupported", "exact"),
     "bpe identity user-defined": (("bpe", False, "identity", RESERVED, False), "exact", "unsupported", "exact"),
@@ -180,24 +182,39 @@ def test_the_hard_strings_and_the_chat_template_are_in_the_gate(tmp_path):
         assert needle in joined
 
 
-def test_the_issues_bundle_tells_the_runner_to_read_tokenizer_model(tmp_path):
-    """NFKC + byte fallback: TextLLMRunner on the bundle folder silently fell back to Tiktoken (the issue); the
-    route names tokenizer.model, which its sentencepiece tokenizer reads exactly for plain text."""
+def test_the_issues_bundle_gives_the_runner_a_tokenizer_json_it_applies_exactly(tmp_path):
+    """NFKC + byte fallback + MiniCPM's added tokens: TextLLMRunner on the bundle folder silently fell back to Tiktoken
+    (the issue), and its sentencepiece tokenizer decodes byte pieces as '<0xE6>'. The route names executorch_tokenizer/,
+    whose normaliser spells the nmt_nfkc charsmap as Replace rules its C++ HFTokenizer reads: sentencepiece's ids on
+    every hard string and on each charsmap key, and sentencepiece's text back."""
     checkpoint = write_spm_checkpoint_tokenizer(tmp_path / "ckpt", "bpe", True, "nmt_nfkc")
     tokenizer, artifacts, entries = gate_bundle(checkpoint, tmp_path / "bundle")
     bundle = tmp_path / "bundle"
     assert executorch_loader(bundle)[0] == "Tiktoken"  # what the folder gave TextLLMRunner
     route = artifacts[0]["metadata"]["tokenizer"]
-    assert route["path"] == "tokenizer.model" and route["exact"] is False
-    assert entries["executorch"]["loaded_as"] == "SPTokenizer"
-    assert "encodes them as text" in route["note"] and "<0xE6>" in route["note"]
+    assert route["path"] == ET_FOLDER and route["exact"] is True and "Replace rules" in route["note"]
+    assert entries["executorch"]["status"] == "exact" and entries["executorch"]["loaded_as"] == "HFTokenizer"
     runner = _runner_tokenizer(bundle / route["path"])
     sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
-    for _, text in HARD_STRINGS:  # full-width forms, ligatures, whitespace: all of it, as sentencepiece does
-        assert runner.encode(text, 1, 0) == tokenizer.encode(text) == [1, *sp.encode(text)], text
-    assert entries["executorch"]["mismatch"]["string"] == "chat template"  # what it cannot do, measured
+    for _, text in HARD_STRINGS:  # full-width forms, ligatures, whitespace, emoji: all of it, as sentencepiece does
+        ids = runner.encode(text, 1, 0)
+        assert ids == [1, *sp.encode(text)], text
+        assert runner.decode_batch(ids[1:]).removeprefix(" ") == sp.decode(ids[1:]), text  # the dummy prefix
+    # Every key of the charsmap (225k: compatibility forms, compositions, Hangul jamo), a sample in one text.
+    data = json.loads(tokenizer.tokenizer.to_str())
+    keys = sorted(charsmap_entries(base64.b64decode(data["normalizer"]["normalizers"][0]["precompiled_charsmap"])))
+    sample = " ".join(k for k in keys[::40] if k.strip())
+    assert runner.encode(sample, 1, 0) == [1, *sp.encode(sample)]
     genai = entries["onnx"]
     assert genai["status"] == "unsupported" and "nmt_nfkc" in genai["note"] and genai["mismatch"]["what"] == "encode"
+
+
+def test_a_charsmap_the_rules_cannot_spell_is_refused_not_claimed(tmp_path):
+    """A rule table whose greedy longest-match the ordered Replace rules do not reproduce (a single-character rule whose
+    output another rule rewrites again) is named, and the route stays marked."""
+    rules = CharsmapRules.of({"a": "b", "b": "c"})
+    assert rules.first_unreproduced({"a": "b", "b": "c"}) == ("a", "b", "c")
+    assert CharsmapRules.of({"A": "a", "e\u0301": "\u00e9"}).first_unreproduced({"A": "a", "e\u0301": "\u00e9"}) is None
 
 
 def test_a_client_claimed_exact_that_differs_fails_the_check(tmp_path):
@@ -292,10 +309,11 @@ def test_the_console_shows_the_tokenizer_row_and_one_line_per_unsupported_client
     monkeypatch.setattr(cli, "console", Console(file=buffer, width=80, force_terminal=False, color_system=None))
     cli._print_report(report)
     lines = [" ".join(line.split()) for line in buffer.getvalue().splitlines()]
-    assert lines.count("tokenizer - - - - - - unsupported") == 2 and "tokenizer - - - - - - n/a" in lines
+    assert lines.count("tokenizer - - - - - - unsupported") == 1 and "tokenizer - - - - - - n/a" in lines
+    assert lines.count("tokenizer - - - - - - pass") == 1
     notes = [line for line in lines if ": tokenizer: " in line]
-    assert [line.split(":")[0] for line in notes] == ["executorch", "onnx"]
-    assert "tokenizer.model (SPTokenizer) is unsupported for this bundle" in notes[0]
+    assert [line.split(":")[0] for line in notes] == ["onnx"]
+    assert ". (og.Tokenizer) is unsupported for this bundle" in notes[0] and "nmt_nfkc" in notes[0]
 
 
 def test_routes_are_decided_from_the_kind_alone(tmp_path):
@@ -360,12 +378,13 @@ def test_exported_bundle_passes_with_each_client_exact_or_marked(spm_bundle):
     kind, _, result = spm_bundle
     assert result.passed, result.report
     entries = {t: e["tokenizer"] for t, e in result.report["artifacts"].items()}
-    expected = "exact" if kind.startswith("identity") else "unsupported"
-    assert {t: e["status"] for t, e in entries.items()} == {"executorch": expected, "onnx": expected}
+    # NFKC: TextLLMRunner through the charsmap's Replace rules; onnxruntime-genai's BPE has no normaliser (marked).
+    expected = {"executorch": "exact", "onnx": "exact" if kind.startswith("identity") else "unsupported"}
+    assert {t: e["status"] for t, e in entries.items()} == expected
     Report.model_validate(result.report)
     for artifact in result.manifest["artifacts"]:
         route = artifact["metadata"]["tokenizer"]
-        assert route["exact"] == (expected == "exact") and (result.bundle / route["path"]).exists()
+        assert route["exact"] == (expected[artifact["target"]] == "exact") and (result.bundle / route["path"]).exists()
     assert all((result.bundle / name).is_file() for name in result.manifest["tokenizer"])
 
 
