@@ -280,6 +280,8 @@ def export(
     calibration: Optional[Path] = typer.Option(
         None, "--calibration", help="Text file a calibrated recipe (int4-gptq) calibrates on (default: the embedded held-out "
                                     "text, leaving out the windows the check measures)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build nothing: estimate each shipped recipe's quality cost on "
+                                                          "the checkpoint from its eager ExecuTorch twin (and size)."),
     verbose: bool = VerboseOption,
 ) -> None:
     """Export a checkpoint, check every artifact against PyTorch, and write the bundle.
@@ -295,6 +297,9 @@ def export(
         from cpm_mobile.recipes import load_recipe
 
         loaded = load_recipe(recipe)
+        if dry_run:
+            _dry_run(model or DEFAULT_MODEL, recipe, loaded.name, heldout, calibration, verbose)
+            return
         selected = loaded.select(list(loaded.targets) if target is TargetOrAll.all else [target.value])
         if junit:
             writable_file(junit)
@@ -307,9 +312,40 @@ def export(
 
         write_junit(result.report, junit, result.manifest["name"])
     if not result.passed:
-        errors.print(f"error: check failed; bundle kept for inspection at {result.bundle}", markup=False)
+        from cpm_mobile.exporter.estimate import verdict
+
+        errors.print(f"error: check failed{verdict(result.report.get('suggestion'))}; bundle kept for inspection at "
+                     f"{result.bundle}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"bundle: {result.bundle}")
+
+
+def _dry_run(model: Path, recipe: str, selected: str, heldout: Optional[Path], calibration: Optional[Path],
+             verbose: bool) -> None:
+    from cpm_mobile.exporter.estimate import dry_run, ppl_delta_pct
+    from cpm_mobile.exporter.inspect import human_size
+    from cpm_mobile.recipes import recipe_names
+
+    names = recipe_names() + ([recipe] if recipe not in recipe_names() else [])
+    with _progress_bar() as progress:
+        estimates, skipped = dry_run(model, heldout, calibration, names, progress)
+    table = _table("estimated quality cost per recipe (eager ExecuTorch twins; nothing built)")
+    for column in ("recipe", ".pte size", "vs fp32", "KL", "ppl +/-", "top-1", "fidelity"):
+        table.add_column(column, justify="left" if column in ("recipe", "fidelity") else "right", no_wrap=True)
+    for item in estimates:
+        metrics = item.metrics
+        table.add_row(item.recipe + (" *" if item.recipe == selected else ""), human_size(item.size_bytes),
+                      f"{item.fp32_ratio:.2f}x", f"{metrics['kl']:.2e}", _signed_pct(ppl_delta_pct(metrics)),
+                      f"{metrics['top1']:.3f}", "no bound stated" if not item.bounded else "pass" if item.passes
+                      else f"fail: {item.breaches[0]}")
+    _print_table(table, labels=("recipe",))
+    if verbose:
+        for name, why in skipped.items():
+            console.print(f"{name}: not estimated: {why}", markup=False)
+
+
+def _signed_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f} %"
 
 
 @app.command()

@@ -11,7 +11,7 @@ from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.defaults import HELDOUT_TEXT
-from cpm_mobile.exporter.pipeline import read_heldout
+from cpm_mobile.exporter.defaults import read_heldout
 from cpm_mobile.exporter.targets.base import Progress, no_progress
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.exporter.tokenizer_gate import gate_texts, run_gate

@@ -360,6 +360,18 @@ class PlanInfo(_Strict):
     heldout_tokens: int = Field(ge=0)
 
 
+class Suggestion(_Strict):
+    """After a fidelity failure: the smallest shipped recipe whose eager ExecuTorch twin passes its own fidelity
+    bounds (exporter/estimate.py), or recipe None when none does short of fp32."""
+
+    recipe: str | None
+    measured_on: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    bounds: dict[str, Any] = Field(default_factory=dict)
+    size_vs_fp32: float | None = None
+    tried: list[str] = Field(default_factory=list)
+
+
 class Report(_Strict):
     """report.json. A format 1 report (no format_version) is read as FORMAT_VERSION: same keys."""
 
@@ -369,6 +381,7 @@ class Report(_Strict):
     reference: ReferenceInfo
     plan: PlanInfo
     bundle_breaches: list[str] = Field(default_factory=list)  # files outside any artifact that changed
+    suggestion: Suggestion | None = None  # only in a report whose fidelity gate failed
 
     @model_validator(mode="before")
     @classmethod
@@ -384,7 +397,8 @@ class Report(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what report.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        return json_safe(self.model_dump(mode="python"))
+        return json_safe(self.model_dump(mode="python", exclude_none=False, exclude={"suggestion"}
+                                         if self.suggestion is None else None))
 
 
 # -- reading a bundle ------------------------------------------------------------------------------

@@ -59,12 +59,12 @@ class CheckpointSummary:
 
     def size_rows(self) -> list[tuple[str, str, str, str]]:
         """(recipe, target, predicted artifact size, ratio to the fp32 recipe's artifact) per row."""
-        return [(row["recipe"], row["target"], _human(row["bytes"]),
+        return [(row["recipe"], row["target"], human_size(row["bytes"]),
                  f"{row['fp32_ratio']:.2f}x" if row["fp32_ratio"] is not None else "-")
                 for row in self.artifact_sizes]
 
 
-def _human(size: float) -> str:
+def human_size(size: float) -> str:
     """Decimal units (1 MB = 10^6 bytes), as file managers and app stores count."""
     for unit in ("B", "kB", "MB"):
         if size < 1000:

@@ -18,7 +18,7 @@ from cpm_mobile.exporter.bundle import (
 from cpm_mobile.exporter.contract import (
     BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_SCHEMA_FILE, Manifest, Report, manifest_json_schema,
 )
-from cpm_mobile.exporter.defaults import HELDOUT_TEXT
+from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_heldout
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.passes import apply_passes
@@ -49,16 +49,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def read_heldout(path: Path | None) -> str:
-    path = Path(path or HELDOUT_TEXT)
-    if not path.is_file():
-        raise InputError(path, "held-out text not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(path, f"held-out text is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def export_bundle(
@@ -132,6 +122,14 @@ def export_bundle(
         twins, faults = artifact_twins(reference, recipe, staging, artifacts, models, targets)
         result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress, faults,
                                  tokenizer_gate=gate)
+        if _fidelity_failed(result.report):
+            # Which recipe would pass, measured on eager twins (exporter/estimate.py), for the failure's verdict.
+            from cpm_mobile.exporter.estimate import suggest
+
+            text = read_calibration_text(calibration or HELDOUT_TEXT)
+            reserved = sum(len(w) for w in plan.heldout_windows) if text == heldout_text else 0
+            result.report["suggestion"] = suggest(reference, recipe, plan, tokenizer, text,
+                                                  calibration or HELDOUT_TEXT, reserved, progress)
         manifest = {
             "format_version": FORMAT_VERSION,
             "format": BUNDLE_FORMAT,
@@ -168,6 +166,13 @@ def export_bundle(
         publish(staging, destination)
     progress("done", 1.0)
     return ExportResult(destination, result.passed, result.report, manifest)
+
+
+def _fidelity_failed(report: dict[str, Any]) -> bool:
+    """Only the recipe's cost failed: every artifact is faithful to its twin, and one breached fidelity."""
+    entries = report["artifacts"].values()
+    return any("fidelity" in e["failed_gates"] for e in entries) and not any(
+        set(e["failed_gates"]) - {"fidelity", "tokenizer"} for e in entries)
 
 
 def _prefixed(progress: Progress, prefix: str) -> Progress:

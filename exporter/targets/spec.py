@@ -97,3 +97,6 @@ class Capabilities:
     grid: GridCarrier | None = None  # None: checkpoint grids are refused
     tokenizer_client: str | None = None  # the stock client that runs the artifact with its own tokenizer
     tokenizer_client_refusal: str = ""  # why there is none, when None
+    # Its quantised twin is built from the recipe alone, no artifact written (exporter/estimate.py's estimates)
+    # and, as the most activation rounding of the targets, the costliest for a grid.
+    twin_from_spec: bool = False

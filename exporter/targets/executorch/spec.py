@@ -112,6 +112,7 @@ class ExecuTorchSpec(TargetSpec):
 SPEC = ExecuTorchSpec
 CAPABILITIES = Capabilities(
     tokenizer_client="ExecuTorch TextLLMRunner",
+    twin_from_spec=True,  # torchao's variant: what XNNPACK's integer kernels compute, per-token int8 activations
     # one custom kernel reads the active experts' rows in place (exporter/kernels)
     sparse_experts="fused_kernel",
     grid=GridCarrier(
