@@ -87,14 +87,20 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's loadgroup, keep each module on one worker (its module-scoped fixtures are built
     once), unless the module names a group it shares with others (the embedded bundles' readers)."""
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
+        groups = {mark.args[0] for mark in item.iter_markers("xdist_group")}
+        if not groups:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        elif EMBEDDED_BUNDLES in groups and "blockffn" in item.nodeid:
+            # The shared bundles in two groups, one per embedded model, so the two workers export and read them
+            # side by side (xdist names a group by all its marks: embedded_bundles + blockffn_bundles).
+            item.add_marker(pytest.mark.xdist_group(BLOCKFFN_BUNDLES))
 
 
 # -- embedded bundles, exported once per session and shared by the modules that only read them ---------------
 
 EMBEDDED_MODELS = ("minicpm-tiny", "blockffn-tiny")
 EMBEDDED_BUNDLES = "embedded_bundles"  # the xdist group of the modules that read the shared bundles
+BLOCKFFN_BUNDLES = "blockffn_bundles"  # added to those reading blockffn-tiny's (pytest_collection_modifyitems)
 # Each recipe's check plan in the shared bundles: the tolerances stay the shipped ones. fp32 keeps its three
 # 64-token prompts (the apps' runners must reproduce them), coreml-fp16 its whole plan (its KL gate).
 BUNDLE_PLANS = {

@@ -184,11 +184,12 @@ def test_layer_files_hold_the_codes_as_stored(methods):
 @pytest.fixture(scope="module")
 def bundle(embedded_bundle):
     # One prompt, 24 new tokens, 2 x 128 held-out tokens (conftest.BUNDLE_PLANS); shared with tests/test_recheck.py.
-    return embedded_bundle("blockffn-tiny", "int4-sparse")
+    return embedded_bundle("blockffn-tiny", "int4-sparse")  # its readers' node ids name no model: grouped here
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
-@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle (blockffn-tiny's)
+@pytest.mark.xdist_group("blockffn_bundles")
 def test_embedded_int4_sparse_passes_both_gates(bundle):
     assert bundle.passed, bundle.report
     results = bundle.report["artifacts"]
@@ -198,7 +199,8 @@ def test_embedded_int4_sparse_passes_both_gates(bundle):
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
-@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle (blockffn-tiny's)
+@pytest.mark.xdist_group("blockffn_bundles")
 def test_embedded_files_store_int4_expert_codes(bundle):
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.scalar_type import ScalarType
@@ -257,7 +259,8 @@ def _flip_one_code(twin, tokens: list[int]):
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
-@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle (blockffn-tiny's)
+@pytest.mark.xdist_group("blockffn_bundles")
 def test_one_flipped_code_fails_the_twin_gate(bundle):
     from cpm_mobile.exporter.targets.registry import get_target
 
@@ -280,7 +283,8 @@ def test_one_flipped_code_fails_the_twin_gate(bundle):
 
 
 @pytest.mark.slow  # reads the shared int4-sparse bundle (a whole export)
-@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle
+@pytest.mark.xdist_group("embedded_bundles")  # shares conftest.embedded_bundle (blockffn-tiny's)
+@pytest.mark.xdist_group("blockffn_bundles")
 def test_embedded_sizes_are_the_predicted_ones(bundle):
     """The shapes-only prediction `cpm-mobile inspect` prints holds for the quantised sparse forms too."""
     from cpm_mobile.exporter.sizes import recipe_sizes

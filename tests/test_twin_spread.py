@@ -26,6 +26,7 @@ from cpm_mobile.exporter.spread import input_noise, loosened
 from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.exporter.verify import Twin, build_plan, check_artifacts
+from cpm_mobile.recipes import load_recipe
 from tests.conftest import short_recipe
 
 # Real depth, narrow width (the .pte size check needs weights well above its per-layer tables).
@@ -78,8 +79,9 @@ def deep_int8(request, tmp_path_factory):
                                          num_hidden_layers=request.param, **NARROW)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEFAULT_MODEL / name, path / name)
-    recipe = short_recipe("int8", targets=["executorch", "onnx"], max_new_tokens=24, heldout_windows=1,
-                          heldout_tokens=128)
+    # One prompt, 16 steps and one 128-token window (160 teacher-forced rows): depth is the subject, not length.
+    recipe = short_recipe("int8", targets=["executorch", "onnx"], max_seq_len=192, max_new_tokens=16,
+                          heldout_windows=1, heldout_tokens=128, prompts=load_recipe("int8").check.prompts[:1])
     return path, recipe, export_bundle(path, recipe, root / "out")
 
 

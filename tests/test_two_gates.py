@@ -39,7 +39,8 @@ def deep_bundle(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEFAULT_MODEL / name, checkpoint / name)
     # The fp32 recipe's bounds as shipped; a shorter plan (the Core ML interpreter walks 24 layers per step).
-    recipe = short_recipe("fp32", prompts=load_recipe("fp32").check.prompts[:1], max_new_tokens=8, heldout_windows=1)
+    recipe = short_recipe("fp32", prompts=load_recipe("fp32").check.prompts[:1], max_new_tokens=8, heldout_windows=1,
+                          heldout_tokens=96, max_seq_len=160)
     result = export_bundle(checkpoint, recipe, root / "out")
     return checkpoint, recipe, result
 
