@@ -82,6 +82,31 @@ def short_recipe(name: str, targets=None, max_seq_len: int | None = None, **chec
     return recipe.model_copy(update=update)
 
 
+# The groups that take longest (measured: `python -m pytest --durations=0`, summed per group), dealt to the two
+# workers first. xdist orders groups by their number of tests, which put the 24-layer fixtures (3 and 4 tests,
+# 400 and 200 s) last, on one worker, while the other idled.
+LONGEST_GROUPS = ("blockffn_bundles_embedded_bundles", "test_twin_spread", "embedded_bundles", "test_two_gates",
+                  "test_quant_executorch", "test_estimate")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class LongestFirst(LoadGroupScheduling):
+        def _assign_work_unit(self, node):
+            if not getattr(self, "_longest_first", False):
+                self._longest_first = True
+                for group in reversed(LONGEST_GROUPS):
+                    if group in self.workqueue:
+                        self.workqueue.move_to_end(group, last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's loadgroup, keep each module on one worker (its module-scoped fixtures are built
