@@ -326,7 +326,8 @@ def _dry_run(model: Path, recipe: str, selected: str, heldout: Optional[Path], c
     from cpm_mobile.exporter.inspect import human_size
     from cpm_mobile.recipes import recipe_names
 
-    names = recipe_names() + ([recipe] if recipe not in recipe_names() else [])
+    shipped = recipe_names()
+    names = shipped + ([recipe] if recipe not in shipped else [])
     with _progress_bar() as progress:
         estimates, skipped = dry_run(model, heldout, calibration, names, progress)
     table = _table("estimated quality cost per recipe (eager ExecuTorch twins; nothing built)")

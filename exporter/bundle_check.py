@@ -7,11 +7,9 @@ from typing import Any
 from cpm_mobile.exporter import contract
 from cpm_mobile.exporter.bundle import MANIFEST, sha256_file
 from cpm_mobile.exporter.calibration import GRID_FILE, calibrated_model, load_grid
-from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
-from cpm_mobile.exporter.defaults import HELDOUT_TEXT
-from cpm_mobile.exporter.defaults import read_heldout
+from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_heldout
 from cpm_mobile.exporter.targets.base import Progress, no_progress
 from cpm_mobile.exporter.tokenizer import TextTokenizer
 from cpm_mobile.exporter.tokenizer_gate import gate_texts, run_gate
@@ -78,14 +76,10 @@ def check_bundle(
     plan = build_plan(recipe, tokenizer, heldout_text, recipe.max_seq_len,
                       checkpoint.config.eos_token_ids, heldout or HELDOUT_TEXT)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
-    models = None
-    if recipe.calibration is not None:
-        # The calibrated grid export stored (its bytes are in manifest.json's files, checked above): the targets'
-        # models carry it as export's did; the fidelity gate stays against the reference.
-        source = calibrated_model(reference, load_grid(bundle / GRID_FILE))
-        models = {a["target"]: apply_passes(source, [*recipe.passes, *recipe.targets[a["target"]].passes], a["target"])
-                  for a in artifacts}
-    twins, faults = artifact_twins(reference, recipe, bundle, artifacts, models)
+    # A calibration recipe's targets exported the grid export stored (its bytes are in manifest.json's files,
+    # checked above); the fidelity gate stays against the reference.
+    source = reference if recipe.calibration is None else calibrated_model(reference, load_grid(bundle / GRID_FILE))
+    twins, faults = artifact_twins(source, recipe, bundle, artifacts)
     for target, found in faults.items():
         breaches.setdefault(target, []).extend(found)
     # The tokenizer gate: each artifact's stock client, as the manifest routes it, against the checkpoint's own

@@ -35,19 +35,19 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_text
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.grid import LinearGrid, WeightGrid
 from cpm_mobile.exporter.models.kv_cache import causal_mask
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import empty_like, with_weights
+from cpm_mobile.exporter.targets.base import Progress, no_progress
 
 GRID_FILE = "calibration.safetensors"
 GRID_FORMAT = "cpm-mobile-grid/1"
 SCALE_DTYPE = torch.bfloat16  # XNNPACK stores 4-bit block scales as bf16: the grid's scales are exact in it
 # Scale search: the group's absmax scale shrunk by these factors; the least squared rounding error wins.
 SHRINK = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 .. 0.6
-
-Progress = Callable[[str, "float | None"], None]
 
 
 # -- the calibration text --------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class _Hessian:
         return self.sum * (2.0 / max(self.count, 1))
 
 
-def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Progress = lambda *_: None,
+def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Progress = no_progress,
               source: str = "") -> WeightGrid:
     """The GPTQ grid of every body linear of `model` (not changed), calibrated on `windows` of token ids.
 
@@ -351,10 +351,6 @@ def load_grid(path: Path) -> WeightGrid:
     return WeightGrid(header["source"], linears)
 
 
-def grid_summary(grid: WeightGrid) -> str:
-    return grid.describe()
-
-
 # -- what the recipe asks, before any work -----------------------------------------------------------
 
 
@@ -409,23 +405,33 @@ def calibrated_spec(spec: Any, calibration: Any) -> Any:
 
 
 def read_calibration_text(path: Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "calibration text not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(path, f"calibration text is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = read_text(path, "calibration text")
     if not text.strip():
         raise InputError(path, "calibration text is empty")
     return text
 
 
-def calibrate_for_recipe(reference: CausalLM, recipe: Any, tokenizer: Any, text: str, source: str | Path,
-                         reserved: int, progress: Progress = lambda *_: None) -> WeightGrid:
-    """The recipe's calibration on `text`: windows from its end (none of its first `reserved` tokens, the
-    check's held-out windows when it is the check's text), then GPTQ layer by layer."""
+@dataclasses.dataclass(frozen=True)
+class CalibrationText:
+    text: str
+    source: str | Path  # named in errors
+    reserved: int  # leading tokens that belong to the check (its held-out windows): never calibrated on
+
+
+def calibration_text(path: Path | None, heldout_text: str, heldout_windows: list[list[int]]) -> CalibrationText:
+    """`path`, else the embedded held-out text. When it is the text the check scores, the check's held-out windows
+    (its first tokens) are reserved: calibrating on them would grade the recipe on what it was fitted to."""
+    source = path or HELDOUT_TEXT
+    text = read_calibration_text(source)
+    return CalibrationText(text, source, sum(len(w) for w in heldout_windows) if text == heldout_text else 0)
+
+
+def calibrate_for_recipe(reference: CausalLM, recipe: Any, tokenizer: Any, calibration: CalibrationText,
+                         progress: Progress = no_progress) -> WeightGrid:
+    """The recipe's calibration on `calibration`: windows from the text's end (none of its reserved tokens),
+    then GPTQ layer by layer."""
     spec = recipe.calibration
     length = min(spec.tokens, reference.max_seq_len)
-    windows = calibration_windows(tokenizer.encode(text), spec.windows, length, tokenizer.bos_id, reserved, source)
+    windows = calibration_windows(tokenizer.encode(calibration.text), spec.windows, length, tokenizer.bos_id,
+                                  calibration.reserved, calibration.source)
     return calibrate(reference, windows, spec, progress)

@@ -397,8 +397,7 @@ class Report(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what report.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        return json_safe(self.model_dump(mode="python", exclude_none=False, exclude={"suggestion"}
-                                         if self.suggestion is None else None))
+        return json_safe(self.model_dump(mode="python", exclude={"suggestion"} if self.suggestion is None else None))
 
 
 # -- reading a bundle ------------------------------------------------------------------------------

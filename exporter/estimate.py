@@ -13,11 +13,10 @@ fails its fidelity gate, to name the recipe that would pass (`suggest`).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cpm_mobile.exporter.calibration import calibrate_for_recipe, calibrated_model, calibrated_spec
+from cpm_mobile.exporter.calibration import CalibrationText, calibrate_for_recipe, calibrated_model, calibrated_spec
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.preflight import recipe_refusals
@@ -43,8 +42,6 @@ class Estimate:
     metrics: dict[str, Any]  # the fidelity gate's measure of the eager twin
     bounds: dict[str, Any]  # the recipe's fidelity bounds
     breaches: list[str]
-    seconds: float
-    note: str = ""
 
     @property
     def passes(self) -> bool:
@@ -96,9 +93,7 @@ def candidates(config: Any, tied: bool, names: list[str] | None = None) -> Candi
         if refusals:
             skipped[recipe.name] = refusals[0]
             continue
-        spec = recipe.targets[TWIN_TARGET]
-        model = apply_passes(shape_model(config, tied, recipe.max_seq_len), [*recipe.passes, *spec.passes], TWIN_TARGET)
-        sizes[recipe.name] = predict_bytes(model, calibrated_spec(spec, recipe.calibration))
+        sizes[recipe.name] = _twin_target_size(recipe, config, tied)
         recipes.append(recipe)
     recipes.sort(key=lambda r: (sizes[r.name], r.name))
     return Candidates(recipes, sizes, fp32_size, skipped)
@@ -109,41 +104,38 @@ def reference_runs(reference: CausalLM, plan: CheckPlan) -> Observations:
 
 
 def estimate(reference: CausalLM, recipe: Recipe, plan: CheckPlan, expected: Observations, tokenizer: TextTokenizer,
-             calibration_text: str, calibration_source: Any, reserved: int, size_bytes: int, fp32_size: int,
+             calibration: CalibrationText | None, size_bytes: int, fp32_size: int,
              progress: Progress = no_progress) -> Estimate:
-    """The recipe's ExecuTorch twin against the fp32 reference's runs `expected`, by its fidelity bounds."""
-    started = time.perf_counter()
+    """The recipe's ExecuTorch twin against the fp32 reference's runs `expected`, by its fidelity bounds
+    (`calibration`: the text a calibration recipe calibrates on)."""
     spec = recipe.targets[TWIN_TARGET]
     source = reference
     if recipe.calibration is not None:
-        grid = calibrate_for_recipe(reference, recipe, tokenizer, calibration_text, calibration_source, reserved,
-                                    progress)
-        source = calibrated_model(reference, grid)
+        source = calibrated_model(reference, calibrate_for_recipe(reference, recipe, tokenizer, calibration, progress))
     variant = apply_passes(source, [*recipe.passes, *spec.passes], TWIN_TARGET)
     twin, _ = get_target(TWIN_TARGET).twin(variant, spec)
     observed = teacher_forced_runs(TorchSession(twin), plan, expected)
     metrics = compare(expected, observed, plan, spec.fidelity.tie_margin_rel)
     bounds = spec.fidelity.model_dump(exclude={"spread"})
-    return Estimate(recipe.name, size_bytes, size_bytes / fp32_size, metrics, bounds, judge(metrics, bounds),
-                    time.perf_counter() - started)
+    return Estimate(recipe.name, size_bytes, size_bytes / fp32_size, metrics, bounds, judge(metrics, bounds))
 
 
-def suggest(reference: CausalLM, failed: Recipe, plan: CheckPlan, tokenizer: TextTokenizer, calibration_text: str,
-            calibration_source: Any, reserved: int, progress: Progress = no_progress) -> dict[str, Any]:
+def suggest(reference: CausalLM, failed: Recipe, plan: CheckPlan, tokenizer: TextTokenizer,
+            calibration: CalibrationText, progress: Progress = no_progress) -> dict[str, Any]:
     """After `failed` breached its fidelity gate: the smallest shipped recipe, at least 0.9x its size, whose eager
     twin meets both its own fidelity bounds and the failed recipe's (the quality asked for), measured in that order
     and stopping at the first, as report.json's `suggestion`; recipe None when none does short of fp32."""
     found = candidates(reference.config, reference.tied)
     asked = _asked_bounds(failed)
-    floor = 0.9 * found.sizes.get(failed.name, _size_of(failed, reference))
+    floor = 0.9 * found.sizes.get(failed.name, _twin_target_size(failed, reference.config, reference.tied))
     expected = reference_runs(reference, plan)
     tried: list[str] = []
     for recipe in found.recipes:
         if recipe.name == failed.name or found.sizes[recipe.name] < floor or _is_fp32(recipe):
             continue
         progress(f"suggest: {recipe.name} (eager twin)", None)
-        result = estimate(reference, recipe, plan, expected, tokenizer, calibration_text, calibration_source, reserved,
-                          found.sizes[recipe.name], found.fp32_size, progress)
+        result = estimate(reference, recipe, plan, expected, tokenizer, calibration, found.sizes[recipe.name],
+                          found.fp32_size, progress)
         if not result.bounded:
             continue
         breaches = result.breaches + [f"{b} (asked by {failed.name})" for b in judge(result.metrics, asked)]
@@ -166,12 +158,12 @@ def _asked_bounds(recipe: Recipe) -> dict[str, Any]:
     return asked
 
 
-def _size_of(recipe: Recipe, reference: CausalLM) -> int:
+def _twin_target_size(recipe: Recipe, config: Any, tied: bool) -> int:
+    """The recipe's ExecuTorch artifact, predicted from the shapes (0 without one)."""
     spec = recipe.targets.get(TWIN_TARGET)
     if spec is None:
         return 0
-    model = apply_passes(shape_model(reference.config, reference.tied, recipe.max_seq_len),
-                         [*recipe.passes, *spec.passes], TWIN_TARGET)
+    model = apply_passes(shape_model(config, tied, recipe.max_seq_len), [*recipe.passes, *spec.passes], TWIN_TARGET)
     return predict_bytes(model, calibrated_spec(spec, recipe.calibration))
 
 
@@ -193,7 +185,7 @@ def dry_run(model_path: Any, heldout: Any = None, calibration: Any = None, names
             progress: Progress = no_progress) -> tuple[list[Estimate], dict[str, str]]:
     """Every shipped recipe (or `names`) that runs on the checkpoint, estimated on the fp32 recipe's check plan:
     (estimates smallest first, skipped recipe -> why)."""
-    from cpm_mobile.exporter.calibration import read_calibration_text
+    from cpm_mobile.exporter.calibration import calibration_text
     from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_heldout
     from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
     from cpm_mobile.exporter.verify import build_plan
@@ -204,10 +196,9 @@ def dry_run(model_path: Any, heldout: Any = None, calibration: Any = None, names
     config = checkpoint.config
     tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
     heldout_text = read_heldout(heldout)
-    calibration_text = read_calibration_text(calibration or HELDOUT_TEXT)
     base = load_recipe("fp32")
     plan = build_plan(base, tokenizer, heldout_text, base.max_seq_len, config.eos_token_ids, heldout or HELDOUT_TEXT)
-    reserved = sum(len(w) for w in plan.heldout_windows) if calibration_text == heldout_text else 0
+    calibration_input = calibration_text(calibration, heldout_text, plan.heldout_windows)
     found = candidates(config, checkpoint.tied, names)
     reference = build_model(checkpoint, max_seq_len=base.max_seq_len)
     progress("fp32 reference", None)
@@ -215,8 +206,7 @@ def dry_run(model_path: Any, heldout: Any = None, calibration: Any = None, names
     estimates = []
     for index, recipe in enumerate(found.recipes):
         progress(f"estimate {recipe.name} (eager twin)", index / max(len(found.recipes), 1))
-        estimates.append(estimate(reference, recipe, plan, expected, tokenizer, calibration_text,
-                                  calibration or HELDOUT_TEXT, reserved, found.sizes[recipe.name], found.fp32_size,
-                                  progress))
+        estimates.append(estimate(reference, recipe, plan, expected, tokenizer, calibration_input,
+                                  found.sizes[recipe.name], found.fp32_size, progress))
     progress("done", 1.0)
     return estimates, found.skipped

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cpm_mobile.exporter import __version__
-from cpm_mobile.exporter.calibration import (
-    GRID_FILE, calibrate_for_recipe, calibrated_model, read_calibration_text, save_grid,
-)
+from cpm_mobile.exporter.calibration import GRID_FILE, calibrate_for_recipe, calibrated_model, calibration_text, save_grid
 from cpm_mobile.exporter.bundle import (
     MANIFEST, REPORT, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
 )
@@ -82,18 +80,15 @@ def export_bundle(
                       heldout or HELDOUT_TEXT)
     if calibration is not None and recipe.calibration is None:
         raise InputError(calibration, f"recipe {recipe.name} has no calibration step (recipes with one: int4-gptq)")
-    if recipe.calibration is not None:  # default: the embedded held-out text (whatever text the check scores)
-        calibration_text = read_calibration_text(calibration or HELDOUT_TEXT)
+    # Read before any work when the recipe calibrates (a failed fidelity gate's suggestions may calibrate too).
+    calibration_input = (calibration_text(calibration, heldout_text, plan.heldout_windows)
+                         if recipe.calibration is not None else None)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
     # What the targets export: the reference itself, or (a calibration recipe) the reference with its linears on
     # the calibrated grid. The fidelity gate measures every artifact against the reference either way.
     source, grid = reference, None
-    if recipe.calibration is not None:
-        # The check's held-out windows are the first tokens of its text: calibrating on them would grade the
-        # recipe on what it was fitted to, so they are left out when the calibration text is that text.
-        reserved = sum(len(w) for w in plan.heldout_windows) if calibration_text == heldout_text else 0
-        grid = calibrate_for_recipe(reference, recipe, tokenizer, calibration_text, calibration or HELDOUT_TEXT,
-                                    reserved, progress)
+    if calibration_input is not None:
+        grid = calibrate_for_recipe(reference, recipe, tokenizer, calibration_input, progress)
         source = calibrated_model(reference, grid)
     name = final.name
     context = ExportContext(
@@ -119,17 +114,15 @@ def export_bundle(
         progress("check: the apps' tokenizers", None)
         gate = run_gate(tokenizer, staging, artifacts, gate_texts(tokenizer, heldout_text, recipe.check.prompts))
         # The twins as `cpm-mobile check` builds them: from the written files, by the same function.
-        twins, faults = artifact_twins(reference, recipe, staging, artifacts, models, targets)
+        twins, faults = artifact_twins(source, recipe, staging, artifacts, models, targets)
         result = check_artifacts(reference, twins, tokenizer, recipe, staging, artifacts, plan, progress, faults,
                                  tokenizer_gate=gate)
         if _fidelity_failed(result.report):
             # Which recipe would pass, measured on eager twins (exporter/estimate.py), for the failure's verdict.
             from cpm_mobile.exporter.estimate import suggest
 
-            text = read_calibration_text(calibration or HELDOUT_TEXT)
-            reserved = sum(len(w) for w in plan.heldout_windows) if text == heldout_text else 0
-            result.report["suggestion"] = suggest(reference, recipe, plan, tokenizer, text,
-                                                  calibration or HELDOUT_TEXT, reserved, progress)
+            text = calibration_input or calibration_text(calibration, heldout_text, plan.heldout_windows)
+            result.report["suggestion"] = suggest(reference, recipe, plan, tokenizer, text, progress)
         manifest = {
             "format_version": FORMAT_VERSION,
             "format": BUNDLE_FORMAT,

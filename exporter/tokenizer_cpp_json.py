@@ -22,7 +22,6 @@ would drop every word's space instead of the text's dummy prefix.
 from __future__ import annotations
 
 import base64
-import copy
 import re
 import struct
 from collections import defaultdict
@@ -134,14 +133,14 @@ class CharsmapRules:
 
 
 @lru_cache(maxsize=4)  # describe() and the bundle writer ask for the same tokenizer's form
-def _charsmap_normalizers(charsmap: str) -> tuple[list[dict[str, Any]] | None, str]:
+def _charsmap_normalizers(charsmap: str) -> tuple[tuple[dict[str, Any], ...] | None, str]:
     entries = charsmap_entries(base64.b64decode(charsmap))
     rules = CharsmapRules.of(entries)
     missed = rules.first_unreproduced(entries)
     if missed is not None:
         key, wanted, got = (ascii(x) for x in missed)
         return None, f"its Precompiled charsmap, which Replace rules cannot spell ({key} -> {wanted}, rules {got})"
-    normalizers = rules.normalizers()
+    normalizers = tuple(rules.normalizers())
     return normalizers, (f"the Precompiled charsmap as {len(normalizers)} Replace rules (each of its {len(entries)} "
                          "keys checked)")
 
@@ -163,7 +162,7 @@ def cpp_form(data: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
             rules, how = _charsmap_normalizers(step["precompiled_charsmap"])
             if rules is None:
                 return None, how
-            expanded += copy.deepcopy(rules)
+            expanded += rules  # shared with the cache: the form is written out, never edited
             done.append(how)
         else:
             expanded.append(step)

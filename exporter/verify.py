@@ -41,13 +41,14 @@ class Twin:
     description: str
 
 
-def artifact_twins(reference_model: CausalLM, recipe: Recipe, bundle_dir: Path, artifacts: list[dict[str, Any]],
+def artifact_twins(source: CausalLM, recipe: Recipe, bundle_dir: Path, artifacts: list[dict[str, Any]],
                    models: dict[str, CausalLM] | None = None, targets: dict[str, Any] | None = None,
                    ) -> tuple[dict[str, Twin], dict[str, list[str]]]:
     """Each artifact's twin, built by its target from the written files, and its structural faults.
 
     Export's check and `cpm-mobile check` both call this on the same bytes, so both hold an artifact
-    to the same twin. `models`: the passes' variants export used (saves applying them again);
+    to the same twin. `source`: what the targets exported (the reference, or a calibration recipe's
+    calibrated variant of it). `models`: the passes' variants export used (saves applying them again);
     `targets`: the target instances export used (they keep what they built for the twin).
     """
     twins: dict[str, Twin] = {}
@@ -55,7 +56,7 @@ def artifact_twins(reference_model: CausalLM, recipe: Recipe, bundle_dir: Path, 
     for artifact in artifacts:
         name = artifact["target"]
         spec = recipe.targets[name]
-        model = (models or {}).get(name) or apply_passes(reference_model, [*recipe.passes, *spec.passes], name)
+        model = (models or {}).get(name) or apply_passes(source, [*recipe.passes, *spec.passes], name)
         target = (targets or {}).get(name) or get_target(name)
         try:
             module, description = target.twin(model, spec, bundle_dir, artifact)

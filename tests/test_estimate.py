@@ -37,7 +37,7 @@ def test_the_estimate_is_what_the_pte_fidelity_gate_measures(embedded_bundle, na
     plan = build_plan(recipe, tokenizer, HELDOUT_TEXT.read_text(encoding="utf-8"), recipe.max_seq_len,
                       checkpoint.config.eos_token_ids)
     reference = build_model(checkpoint, max_seq_len=recipe.max_seq_len)
-    result = estimate(reference, recipe, plan, reference_runs(reference, plan), tokenizer, "", None, 0, 1, 1)
+    result = estimate(reference, recipe, plan, reference_runs(reference, plan), tokenizer, None, 1, 1)
     assert result.metrics["kl"] == pytest.approx(measured["kl"], rel=0.2), (result.metrics, measured)
     assert result.metrics["ppl"] == pytest.approx(measured["ppl"], rel=2e-3)
     assert abs(result.metrics["top1"] - measured["top1"]) <= 0.02
