@@ -1,7 +1,7 @@
 """tokenizer.json in the form ExecuTorch's C++ HFTokenizer (pytorch_tokenizers) applies exactly.
 
-The C++ HFTokenizer reads the normalizers Replace (string or regex), Prepend, Sequence and NFC, and
-no Metaspace pre-tokenizer. A sentencepiece BPE model converted by transformers (exporter.tokenizer_spm)
+The C++ HFTokenizer reads the normalizers Replace (string or regex), Prepend, Sequence and NFC (not
+exactly: it decomposes 'é' and breaks Hangul), and no Metaspace pre-tokenizer. A sentencepiece BPE model converted by transformers (exporter.tokenizer_spm)
 carries two things it cannot load:
 
 - its normaliser, a `Precompiled` charsmap (sentencepiece's `nmt_nfkc` and custom rule tables): a
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-UNSUPPORTED_BY_CPP = ("Precompiled", "NFKC", "NFKD", "NFD", "Lowercase", "Strip", "StripAccents", "BertNormalizer")
+# What the C++ HFTokenizer applies as tokenizers does; its NFC is not (it decomposes 'é' and breaks Hangul).
+CPP_EXACT_NORMALIZERS = ("Replace", "Prepend")
 _DOUBLE_PREFIX = {"Regex": "\\A\u2581"}
 
 
@@ -177,7 +178,7 @@ def cpp_form(data: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     if pres:  # the converter's Split keeping user-defined pieces whole: the C++ Split returns no text for it
         return None, f"its {'+'.join(p.get('type', '?') for p in pres)} pre-tokenizer (user-defined pieces)"
     data["pre_tokenizer"] = None
-    unsupported = sorted({s.get("type") for s in expanded if s.get("type") in UNSUPPORTED_BY_CPP})
+    unsupported = sorted({str(s.get("type")) for s in expanded if s.get("type") not in CPP_EXACT_NORMALIZERS})
     if unsupported:
         return None, f"its {', '.join(unsupported)} normaliser"
     data["normalizer"] = {"type": "Sequence", "normalizers": expanded} if expanded else None

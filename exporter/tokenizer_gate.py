@@ -13,7 +13,8 @@ client is exact on this bundle's tokenizer. This module
 
   | kind | ExecuTorch (TextLLMRunner) | onnxruntime-genai |
   |---|---|---|
-  | byte-level BPE tokenizer.json | the bundle folder: exact | the bundle folder: exact |
+  | byte-level BPE tokenizer.json, no normaliser | the bundle folder: exact | the bundle folder: exact |
+  | byte-level BPE tokenizer.json with NFC (Qwen's) | the bundle folder: not (its NFC decomposes 'é', breaks Hangul) | not (no normaliser applied) |
   | sentencepiece BPE, identity normalisation, byte fallback (Llama's) | `executorch_tokenizer/`: tokenizer.json without the decoder's Strip (the C++ decoder strips every token, not only the first): exact | tokenizer_module.json names GemmaTokenizer (its sentencepiece BPE without regex splitting): exact |
   | sentencepiece BPE (identity or NFKC, user-defined pieces or not) without byte fallback, added tokens or special tokens in the chat template | `tokenizer.model` (sentencepiece itself): exact | not (id -1 for unknown characters; the normaliser ignored) |
   | sentencepiece BPE with NFKC (or any charsmap) and byte fallback, added tokens or not | `executorch_tokenizer/`: tokenizer.json whose normaliser spells the charsmap as Replace rules (exporter.tokenizer_cpp_json, each key checked): exact | not (its BPE applies no normaliser) |
@@ -51,6 +52,10 @@ EXECUTORCH = "ExecuTorch TextLLMRunner"
 GENAI = "onnxruntime-genai"
 ET_FOLDER = "executorch_tokenizer"  # a tokenizer.json + tokenizer_config.json TextLLMRunner loads as a folder
 GENAI_MODULE = "tokenizer_module.json"  # ort-extensions merges it over tokenizer_config.json; transformers ignores it
+# Measured (tests/test_tokenizer_gate.py): pytorch_tokenizers' NFCNormalizer turns 'é' into 'e' + U+0301 and a
+# Hangul syllable into other bytes, so no byte-level tokenizer.json with NFC is exact in the C++ HFTokenizer.
+NFC_IN_CPP = ("its C++ NFC normaliser decomposes precomposed characters ('é', 'Å') and breaks Hangul syllables "
+              "(the bundle folder's tokenizer.json)")
 NO_GENAI = "no genai_config.json: onnxruntime-genai does not run this folder, the app feeds ids from tokenizer.json"
 
 # Strings a tokenizer gets wrong first: normalisation (full-width forms, ligatures, compatibility
@@ -159,8 +164,10 @@ def client_routes(tokenizer: TextTokenizer, bundle_has_spm: bool = True) -> dict
 
 
 def _executorch_route(kind: Kind, has_spm: bool) -> Route:
-    if kind.byte_level and kind.model == "BPE" and kind.normalization in ("none", "NFC"):
+    if kind.byte_level and kind.model == "BPE" and kind.normalization == "none":
         return Route(EXECUTORCH, ".", True, "the bundle folder: tokenizer.json in its C++ HFTokenizer")
+    if kind.byte_level and kind.model == "BPE" and kind.normalization == "NFC":
+        return Route(EXECUTORCH, ".", False, NFC_IN_CPP)
     spm_exact_reasons = _sentencepiece_runner_limits(kind)
     if kind.llama_form:
         if kind.byte_fallback:
@@ -223,8 +230,11 @@ def _hf_cpp_limits(kind: Kind) -> str:
 
 
 def _genai_route(kind: Kind) -> Route:
-    if kind.byte_level and kind.model == "BPE" and kind.normalization in ("none", "NFC"):
+    if kind.byte_level and kind.model == "BPE" and kind.normalization == "none":
         return Route(GENAI, ".", True, "the bundle folder: tokenizer.json, tokenizer_config.json")
+    if kind.byte_level and kind.model == "BPE" and kind.normalization == "NFC":
+        return Route(GENAI, ".", False, "its BPE applies no normaliser: decomposed text ('e\u0301', 'A\u030a') is "
+                                        "not composed as NFC composes it")
     if kind.llama_form:
         if kind.byte_fallback:
             return Route(GENAI, ".", True,

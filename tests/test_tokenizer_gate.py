@@ -169,6 +169,24 @@ def test_byte_level_bpe_tokenizer_json_is_exact_in_both_clients(source, tmp_path
     assert not (tmp_path / "bundle" / ET_FOLDER).exists() and not (tmp_path / "bundle" / GENAI_MODULE).exists()
 
 
+def test_byte_level_bpe_with_nfc_is_marked_in_both_clients(tmp_path, tokenizer_dir):
+    """Qwen-style tokenizer.json (byte-level BPE after an NFC normaliser): the C++ HFTokenizer's NFC decomposes
+    precomposed 'été' and breaks Hangul, onnxruntime-genai applies no normaliser to decomposed 'e\u0301': each is
+    marked unsupported with what it got wrong, never passed as exact."""
+    checkpoint = tmp_path / "nfc"
+    shutil.copytree(tokenizer_dir, checkpoint)
+    data = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "NFC"}
+    (checkpoint / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tokenizer, artifacts, entries = gate_bundle(checkpoint, tmp_path / "bundle")
+    assert describe(tokenizer).byte_level and describe(tokenizer).normalization == "NFC"
+    for target, phrase in (("executorch", "decomposes precomposed"), ("onnx", "applies no normaliser")):
+        entry = entries[target]
+        assert entry["status"] == "unsupported" and entry["passed"] and phrase in entry["note"], entry
+        assert entry["mismatch"] is not None and entry["mismatch"]["what"] == "encode"  # measured, not assumed
+        assert next(a for a in artifacts if a["target"] == target)["metadata"]["tokenizer"]["exact"] is False
+
+
 def test_the_hard_strings_and_the_chat_template_are_in_the_gate(tmp_path):
     checkpoint = write_spm_checkpoint_tokenizer(tmp_path / "ckpt")
     texts = dict(gate_texts(TextTokenizer.from_folder(checkpoint), "held out", PROMPTS))
