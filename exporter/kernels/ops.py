@@ -160,3 +160,102 @@ def sparse_expert_ffn_quantised(bits: int, x: torch.Tensor, scores: torch.Tensor
                                 up_scales: torch.Tensor, down: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
     op = getattr(torch.ops.cpm_mobile, QUANTISED_OPS[bits]).default
     return op(x, scores, up, up_scales, down, down_scales)
+
+
+# -- weight-only linears ---------------------------------------------------------------------------
+#
+# linear_q8x4(x [..., K], packed uint8 [ceil(N / 4), K / 32, 144], int N) -> [..., N]
+# linear_q4x4(x [..., K], packed uint8 [ceil(N / 4), K / 32, 72], int N) -> [..., N]
+#
+# x @ (code x scale).T with fp32 activations, one scale per 32 input columns, the weight packed in tiles
+# of 4 rows x 32 columns in the order the kernel streams them (runtimes/kernels/linear_weight_only.cpp):
+#   8-bit: 4 fp32 scales, then the 4 rows' 32 int8 codes;
+#   4-bit: 4 bf16 scales, then the 4 rows' 32 codes as 16 bytes each (the pack_int4 order).
+# The eager form below is the twin's: the same dequantised weight in another summation order.
+
+LINEAR_OPS = {8: "linear_q8x4", 4: "linear_q4x4"}
+KERNELS_LINEAR = {bits: f"{NAMESPACE}::{name}.out" for bits, name in LINEAR_OPS.items()}
+TILE_ROWS = 4
+TILE_BLOCK = 32
+SCALE_DTYPES = {8: torch.float32, 4: torch.bfloat16}
+
+for _name in LINEAR_OPS.values():
+    _library.define(f"{_name}(Tensor x, Tensor packed, int out_features) -> Tensor")
+    _library.define(f"{_name}.out(Tensor x, Tensor packed, int out_features, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def tile_bytes(bits: int) -> int:
+    scale_bytes = torch.finfo(SCALE_DTYPES[bits]).bits // 8
+    return TILE_ROWS * (scale_bytes + TILE_BLOCK * bits // 8)
+
+
+def pack_tiles(bits: int, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] (4-bit: values in -8..7) and one scale per 32 columns [N, K / 32] -> the kernel's tiles.
+    The scales are stored as SCALE_DTYPES[bits] and must already be exactly that (no silent rounding)."""
+    rows, columns = codes.shape
+    if columns % TILE_BLOCK or scales.shape != (rows, columns // TILE_BLOCK):
+        raise ValueError(f"weight-only tiles need K a multiple of {TILE_BLOCK} and one scale per {TILE_BLOCK} "
+                         f"columns; got codes {tuple(codes.shape)}, scales {tuple(scales.shape)}")
+    stored = scales.to(SCALE_DTYPES[bits])
+    if not torch.equal(stored.float(), scales.float()):
+        raise ValueError(f"{bits}-bit tiles store {SCALE_DTYPES[bits]} scales: round them first")
+    padded = -rows % TILE_ROWS
+    codes = F.pad(codes, (0, 0, 0, padded))
+    stored = F.pad(stored, (0, 0, 0, padded), value=1.0)
+    tiles, blocks = codes.shape[0] // TILE_ROWS, columns // TILE_BLOCK
+    if bits == 8:
+        code_bytes = codes.reshape(tiles, TILE_ROWS, blocks, TILE_BLOCK).transpose(1, 2).view(torch.uint8)
+    else:
+        code_bytes = pack_int4(codes).reshape(tiles, TILE_ROWS, blocks, TILE_BLOCK // 2).transpose(1, 2)
+    scale_bytes = stored.reshape(tiles, TILE_ROWS, blocks).transpose(1, 2).contiguous().view(torch.uint8)
+    return torch.cat([scale_bytes, code_bytes.reshape(tiles, blocks, -1)], dim=-1).contiguous()
+
+
+def unpack_tiles(bits: int, packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_tiles: (int8 codes [N, K], scales [N, K / 32] in their stored dtype)."""
+    tiles, blocks, _ = packed.shape
+    scale_bytes = torch.finfo(SCALE_DTYPES[bits]).bits // 8 * TILE_ROWS
+    scales = packed[..., :scale_bytes].contiguous().view(SCALE_DTYPES[bits])  # [tiles, blocks, 4]
+    scales = scales.transpose(1, 2).reshape(tiles * TILE_ROWS, blocks)
+    code_bytes = packed[..., scale_bytes:].reshape(tiles, blocks, TILE_ROWS, -1).transpose(1, 2)
+    code_bytes = code_bytes.reshape(tiles * TILE_ROWS, -1).contiguous()
+    codes = code_bytes.view(torch.int8) if bits == 8 else unpack_int4(code_bytes)
+    return codes[:out_features], scales[:out_features]
+
+
+def tiles_dequantised(bits: int, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The fp32 [N, K] weight the tiles stand for."""
+    codes, scales = unpack_tiles(bits, packed, out_features)
+    return codes.float() * scales.float().repeat_interleave(TILE_BLOCK, dim=1)
+
+
+def _linear_impls(bits: int, name: str) -> None:
+    def output_shape(x, out_features):
+        return (*x.shape[:-1], out_features)
+
+    @torch.library.impl(_library, name, "CompositeExplicitAutograd")
+    def _functional(x, packed, out_features):
+        return F.linear(x, tiles_dequantised(bits, packed, out_features))
+
+    @torch.library.impl(_library, name, "Meta")
+    def _functional_meta(x, packed, out_features):
+        return x.new_empty(output_shape(x, out_features))
+
+    @torch.library.impl(_library, f"{name}.out", "CompositeExplicitAutograd")
+    def _out(x, packed, out_features, *, out):
+        result = F.linear(x, tiles_dequantised(bits, packed, out_features))
+        out.resize_(result.shape)
+        return out.copy_(result)
+
+    @torch.library.impl(_library, f"{name}.out", "Meta")
+    def _out_meta(x, packed, out_features, *, out):
+        out.resize_(output_shape(x, out_features))
+        return out
+
+
+for _bits, _name in LINEAR_OPS.items():
+    _linear_impls(_bits, _name)
+
+
+def linear_tiles(bits: int, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return getattr(torch.ops.cpm_mobile, LINEAR_OPS[bits]).default(x, packed, out_features)

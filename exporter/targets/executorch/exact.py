@@ -7,6 +7,8 @@ sha256 of its bytes (node_visitor.py: 4-bit codes packed two per byte by convert
 as int8, per-group scales as bf16 with a "scale_" prefix, per-channel scales fp32). So each of the
 twin's quantised linears must find its codes' and scales' digests among the program's keys, and each
 stored buffer must still hash to its own key (a changed byte breaks that). Exact at any depth.
+The weight-only linears (our kernels, outside XNNPACK) are checked the same way against the program's
+own constant tensors.
 """
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ def stored_weight_faults(pte: Path, twin: nn.Module) -> list[str]:
     """Linears whose codes or scales the program does not store, and buffers that no longer match their key."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    named = deserialize_pte_binary(Path(pte).read_bytes()).named_data
+    pte_file = deserialize_pte_binary(Path(pte).read_bytes())
+    faults = _weight_only_faults(pte_file.program, twin)
+    named = pte_file.named_data
     if named is None or not named.pte_data:
-        return []
+        return faults[:8]
     keys = set(named.pte_data)
-    faults = []
     for key, entry in named.pte_data.items():
         digest = hashlib.sha256(named.buffers[entry.buffer_index]).hexdigest()
         if key.removeprefix("scale_") != digest:
@@ -62,3 +65,17 @@ def stored_weight_faults(pte: Path, twin: nn.Module) -> list[str]:
             faults.append(f"stored weights: {name}'s {' and '.join(missing)} differ from the twin's "
                           f"(not among the program's {len(keys)} XNNPACK constants)")
     return faults[:8]
+
+
+def _weight_only_faults(program, twin: nn.Module) -> list[str]:
+    """Each weight-only linear's packed tiles (codes and scales, exporter/kernels/weight_only.py) must be one of
+    the program's constant tensors byte for byte: our kernels read them from the program's constant buffer."""
+    from cpm_mobile.exporter.kernels.weight_only import WeightOnlyLinear
+
+    modules = [(name, module) for name, module in twin.named_modules() if isinstance(module, WeightOnlyLinear)]
+    if not modules:
+        return []
+    stored = {hashlib.sha256(buffer.storage).hexdigest() for buffer in program.constant_buffer}
+    return [f"stored weights: {name}'s codes and scales differ from the twin's (not among the program's "
+            f"{len(stored)} constant tensors)"
+            for name, module in modules if _digest(module.packed) not in stored]

@@ -69,22 +69,24 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
     """Module name -> function building its quantised replacement."""
     linear_bits = TERNARY_CODE_BITS if scheme.scheme == "ternary" else BITS[scheme.scheme]
     grid = model.config.weight_grid
+    # The module a linear's torchao weight becomes: XNNPACK's (int8 activations) or our weight-only kernel's.
+    as_module = _weight_only if weight_only(scheme) else _linear
     plan = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":
             if grid is not None:
-                plan[name] = lambda m, e=grid.linears[f"{name}.weight"]: _linear(m, _grid_intx(e))
+                plan[name] = lambda m, e=grid.linears[f"{name}.weight"]: as_module(m, _grid_intx(e))
             elif scheme.scheme == "ternary":
                 plan[name] = lambda m, g=scheme.group_size: _linear(m, _ternary(m.weight, g))
             else:
-                plan[name] = lambda m: _linear(m, _intx(m.weight, linear_bits, scheme.group_size, scheme.rounding,
-                                                        dynamic_activations=True))
+                plan[name] = lambda m: as_module(m, _intx(m.weight, linear_bits, scheme.group_size, scheme.rounding,
+                                                          dynamic_activations=True))
     if scheme.lm_head != "fp32":
         bits = BITS[scheme.lm_head]
-        group = scheme.group_size if bits == 4 else None
+        group = scheme.group_size if bits == 4 or weight_only(scheme) else None
         rounding = "rtn" if scheme.scheme == "ternary" else scheme.rounding
-        plan["lm_head"] = lambda m, b=bits, g=group, r=rounding: _linear(m, _intx(m.weight, b, g, r,
-                                                                                  dynamic_activations=True))
+        plan["lm_head"] = lambda m, b=bits, g=group, r=rounding: as_module(m, _intx(m.weight, b, g, r,
+                                                                                    dynamic_activations=True))
     if scheme.embedding != "fp32":
         bits = BITS[scheme.embedding]
         group = getattr(scheme, "embedding_group_size", None) if bits == 4 else None
@@ -97,6 +99,11 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
     return plan
 
 
+def weight_only(scheme: Scheme) -> bool:
+    """Whether the scheme's linears run in our weight-only kernels (fp32 activations) rather than XNNPACK."""
+    return getattr(scheme, "activations", "int8") == "fp32"
+
+
 def check_fits(model: CausalLM, scheme: Scheme) -> None:
     """Every group size divides the input dim it splits, and the checkpoint's grid is one XNNPACK
     runs as it is, before any work."""
@@ -104,6 +111,17 @@ def check_fits(model: CausalLM, scheme: Scheme) -> None:
     from cpm_mobile.exporter.targets.grid import check_grid
 
     check_grid(model, scheme, CAPABILITIES.grid, "executorch")
+    if weight_only(scheme):
+        from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
+
+        if any(isinstance(module, FusedSparseBlockFFN) for module in model.modules()):
+            raise InputError("quantization.activations", "fp32 (the weight-only kernels) does not combine with the "
+                                                         "fused sparse experts, whose kernels take XNNPACK's "
+                                                         "grids: use activations int8")
+        grid = model.config.weight_grid
+        if grid is not None and any(entry.group_size != 32 for entry in grid.linears.values()):
+            raise InputError("quantization.activations", "fp32 (the weight-only kernels) carries blocks of 32 only; "
+                                                         "the checkpoint's grid has other blocks")
     group = scheme.group_size
     if group is not None:
         for name, module in model.named_modules():
@@ -200,6 +218,18 @@ def _linear(source: nn.Linear, weight) -> nn.Linear:
     return linear
 
 
+def _weight_only(source: nn.Linear, weight) -> nn.Module:
+    """Our weight-only kernel's module over a torchao weight's codes and scales (bf16 for 4 bits, as stored)."""
+    from cpm_mobile.exporter.kernels.weight_only import WeightOnlyLinear
+
+    bits = code_bits(weight)
+    scales = weight.scale.to(torch.float32)
+    if bits == 4 and not torch.equal(scales.to(torch.bfloat16).float(), scales):
+        raise AssertionError("4-bit weight-only scales must be bf16 already (_with_bf16_scales)")
+    bias = None if source.bias is None else source.bias
+    return WeightOnlyLinear(weight.qdata, scales.reshape(weight.qdata.shape[0], -1), bits, bias)
+
+
 def _embedding(source: nn.Embedding, weight) -> nn.Embedding:
     embedding = nn.Embedding(source.num_embeddings, source.embedding_dim, device="meta")
     embedding.weight = nn.Parameter(weight, requires_grad=False)
@@ -213,6 +243,10 @@ def describe(scheme: Scheme) -> str:
     """What the twin is, for the report."""
     linears = "ternary {-1,0,+1} x absmean" if scheme.scheme == "ternary" else f"{BITS[scheme.scheme]}-bit symmetric"
     group = f"blocks of {scheme.group_size}" if scheme.group_size else "per channel"
+    if weight_only(scheme):
+        return (f"eager weight-only variant (cpm_mobile::linear_q{BITS[scheme.scheme]}x4's eager form): fp32 "
+                f"activations x {linears} weights ({group}, {scheme.rounding}), embedding {scheme.embedding}, "
+                f"lm_head {scheme.lm_head}")
     return (f"eager torchao variant: int8 dynamic activations x {linears} weights ({group}, {scheme.rounding}), "
             f"embedding {scheme.embedding}, lm_head {scheme.lm_head}")
 

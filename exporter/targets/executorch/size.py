@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
+from cpm_mobile.exporter.targets.executorch.quant import weight_only
 from cpm_mobile.exporter.targets.stored import (
     BF16, EMBEDDING, FP32, LM_HEAD, Stored, expert_tables, float_tensor, matrices, rest,
 )
@@ -39,7 +40,8 @@ def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
         rows, columns = module.weight.shape
         # The embedding runs in weight-only kernels (its own group size); every linear in XNNPACK.
         group = getattr(scheme, "embedding_group_size", None) if name == EMBEDDING else scheme.group_size
-        stored.append(_pte_codes(name, rows, columns, choice, group, dynamic_activations=name != EMBEDDING))
+        stored.append(_pte_codes(name, rows, columns, choice, group, dynamic_activations=name != EMBEDDING,
+                                 weight_only=name != EMBEDDING and weight_only(scheme)))
     if scheme is not None:  # expert rows [units, H], quantised by the dense quantiser's own builders
         hidden = model.config.hidden_size
         for name, table in expert_tables(model):
@@ -47,11 +49,17 @@ def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
     return stored + rest(model, 32, quantised_tables=scheme is not None)
 
 
-def _pte_codes(name: str, rows: int, columns: int, choice: str, group: int | None, dynamic_activations: bool) -> Stored:
-    """A [rows, columns] weight as torchao codes: 4-bit in groups along columns, 8-bit one scale per row."""
+def _pte_codes(name: str, rows: int, columns: int, choice: str, group: int | None, dynamic_activations: bool,
+               weight_only: bool = False) -> Stored:
+    """A [rows, columns] weight as torchao codes: 4-bit in groups along columns, 8-bit one scale per row
+    (XNNPACK) or per 32 columns (the weight-only kernel's tiles, rows padded to a multiple of 4)."""
+    from cpm_mobile.exporter.kernels.ops import TILE_ROWS
     from cpm_mobile.exporter.targets.executorch.quant import BITS, TERNARY_CODE_BITS, bf16_scales
 
     bits = TERNARY_CODE_BITS if choice == "ternary" else BITS[choice]
+    if weight_only:
+        rows = -(-rows // TILE_ROWS) * TILE_ROWS
+        return Stored(name, rows * columns, bits, rows * (columns // group), BF16 if bits == 4 else FP32)
     group = group if bits == 4 else None
     scale_bytes = BF16 if bf16_scales(bits, dynamic_activations) else FP32
     return Stored(name, rows * columns, bits, rows * (columns // (group or columns)), scale_bytes)

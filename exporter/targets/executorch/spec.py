@@ -1,22 +1,29 @@
 """The ExecuTorch target's spec: options and the quantisation schemes it carries (pydantic only, no torch here).
 
-What XNNPACK in executorch 1.5.1 runs, measured on this machine, decides what is allowed:
+What XNNPACK in executorch 1.5.1 runs, measured on this machine, decides what is allowed (`activations: int8`):
 - linears: int8 dynamic per-token activations x symmetric weights, 8-bit only per output channel
   ("Only 4b group quantization is supported" for 8-bit blocks), 4-bit per channel or in blocks;
   block scales are stored as bf16 by ExecuTorch's XNNPACK serialiser;
 - asymmetric weights (a zero point) are delegated but the zero point is ignored: silently wrong
   output (SQNR 18 dB against the eager module), so there is no asymmetric option;
 - embeddings run outside XNNPACK in ExecuTorch's quantized_decomposed::embedding_{byte,4bit} kernels.
+With `activations: fp32` the linears run in our weight-only kernels instead (cpm_mobile::linear_q8x4 /
+linear_q4x4, runtimes/kernels/linear_weight_only.cpp): fp32 activations, one scale per 32 input columns
+(llama.cpp Q8_0 / Q4_0's grid), fp32 scales for 8 bits, bf16 for 4.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cpm_mobile.exporter.targets.spec import Capabilities, GridCarrier, Strict, TargetSpec
 
 XNNPACK_BLOCK = 32  # XNNPACK's blockwise 4-bit kernels take blocks in multiples of 32 input channels
+WEIGHT_ONLY_BLOCK = 32  # our weight-only kernels' tiles: one scale per 32 input columns
+Activations = Literal["int8", "fp32"]
+ACTIVATIONS_HELP = ("int8: XNNPACK's integer kernels, activations rounded to int8 per token (fastest prefill); "
+                    "fp32: our weight-only kernels, activations kept fp32, blocks of 32 (no activation rounding)")
 EMBEDDING_FORMATS = ("int8", "int4", "fp32")
 
 
@@ -43,20 +50,39 @@ def _check_embedding_group(value: Optional[int]) -> Optional[int]:
 
 
 class Int8Scheme(_Scheme):
-    """8da8w: int8 per-token dynamic activations, int8 weights with one scale per output channel."""
+    """int8 weights. activations int8 (8da8w): XNNPACK, one weight scale per output channel; activations fp32:
+    our weight-only kernel, one scale per 32 input columns (Q8_0's grid)."""
 
     scheme: Literal["int8"]
-    group_size: Optional[int] = Field(None, description="must be null: XNNPACK runs 8-bit weights per channel only")
+    activations: Activations = Field("int8", description=ACTIVATIONS_HELP)
+    group_size: Optional[int] = Field(None, description="null (per channel) with activations int8: XNNPACK runs "
+                                                        "8-bit weights per channel only; 32 with activations fp32")
     embedding: Literal["int8", "fp32"] = "int8"
     lm_head: Literal["int8", "fp32"] = "int8"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_only_blocks(cls, data):
+        if isinstance(data, dict) and data.get("activations") == "fp32" and "group_size" not in data:
+            return {**data, "group_size": WEIGHT_ONLY_BLOCK}  # the weight-only kernel's one grid
+        return data
+
     @field_validator("group_size")
     @classmethod
-    def _per_channel_only(cls, value: Optional[int]) -> Optional[int]:
+    def _grid(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if info.data.get("activations") == "fp32":
+            return _weight_only_block(value)
         if value is not None:
             raise ValueError("XNNPACK runs 8-bit weights only per output channel: group_size must be null "
-                             "(use scheme int4 for blocks)")
+                             f"(or activations fp32 with group_size {WEIGHT_ONLY_BLOCK}; or scheme int4 for blocks)")
         return value
+
+
+def _weight_only_block(group_size: Optional[int]) -> Optional[int]:
+    if group_size != WEIGHT_ONLY_BLOCK:
+        raise ValueError(f"activations fp32 (the weight-only kernels) takes group_size {WEIGHT_ONLY_BLOCK}, got "
+                         f"{group_size}")
+    return group_size
 
 
 class _BlockScheme(_Scheme):
@@ -79,9 +105,19 @@ class _BlockScheme(_Scheme):
 
 
 class Int4Scheme(_BlockScheme):
-    """8da4w: int8 per-token dynamic activations, symmetric int4 weights in blocks along the input dim."""
+    """Symmetric int4 weights in blocks along the input dim. activations int8 (8da4w): XNNPACK with int8
+    per-token dynamic activations; fp32: our weight-only kernel (blocks of 32, bf16 scales)."""
 
     scheme: Literal["int4"]
+    activations: Activations = Field("int8", description=ACTIVATIONS_HELP)
+
+    @field_validator("activations")
+    @classmethod
+    def _grid(cls, value: str, info: ValidationInfo) -> str:
+        if value == "fp32":
+            _weight_only_block(info.data.get("group_size"))
+        return value
+
     # Defaults chosen by KL on the embedded minicpm-tiny (2555 held-out tokens): 4-bit everywhere with
     # round-to-nearest 0.030, HQQ 0.024, + 8-bit lm_head 0.011, + 8-bit embedding 0.006.
     rounding: Literal["rtn", "hqq"] = "hqq"
