@@ -1,12 +1,12 @@
 """Faithfulness of quantised artifacts whose twin is statistical, at real depth.
 
-XNNPACK's and onnxruntime's int8 activation rounding is discontinuous, so a right artifact drifts from
-its twin by an amount that grows with depth. The check measures that drift per export (the twin against
+onnxruntime's int8 activation rounding (and XNNPACK's, with `activations: int8`) is discontinuous, so a
+right artifact drifts from its twin by an amount that grows with depth. The check measures that drift per export (the twin against
 itself under last-bit noise, exporter/spread.py) and loosens the stated bounds to it; the ONNX graph's
 stored weights are also checked exactly through its fp32 path (exporter/targets/onnx/exact.py).
 Here: the bounds arithmetic, the noise leaving the twin untouched afterwards, and, on trained-like
 checkpoints of 24 layers, right artifacts pass while wrong twins (a fault the artifact does not
-have) fail. bench/twin_spread.py measures the same at 4, 24, 30 and 40 layers on a wider model.
+have) fail; the int8 recipe's .pte (weight-only kernels, a deterministic twin) is held to tight bounds there. bench/twin_spread.py measures the same at 4, 24, 30 and 40 layers on a wider model.
 """
 from __future__ import annotations
 
@@ -97,8 +97,12 @@ def test_right_artifacts_pass_and_wrong_twins_fail_at_depth(deep_int8):
     plan = build_plan(recipe, tokenizer, HELDOUT_TEXT.read_text(), recipe.max_seq_len)
     for artifact in result.manifest["artifacts"]:
         target = artifact["target"]
-        spread = result.report["artifacts"][target]["faithfulness"]["spread"]
-        assert spread["metrics"]["sqnr_db"] > 0 and spread["stated"]["min_sqnr_db"] == 60.0
+        faithfulness = result.report["artifacts"][target]["faithfulness"]
+        if target == "onnx":  # statistical: onnxruntime's int8 activation rounding
+            assert faithfulness["spread"]["metrics"]["sqnr_db"] > 0
+            assert faithfulness["spread"]["stated"]["min_sqnr_db"] == 60.0
+        else:  # the weight-only kernels: deterministic, tight bounds at any depth, no spread to measure
+            assert "spread" not in faithfulness and faithfulness["metrics"]["sqnr_db"] > 70
         for case in CASES:
             module, description = twin_with_fault(target, reference, recipe.targets[target], result.bundle, artifact,
                                                   case, SCALE_STEP)
