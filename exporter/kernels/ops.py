@@ -164,12 +164,12 @@ def sparse_expert_ffn_quantised(bits: int, x: torch.Tensor, scores: torch.Tensor
 
 # -- weight-only linears ---------------------------------------------------------------------------
 #
-# linear_q8x4(x [..., K], packed uint8 [ceil(N / 4), K / 32, 144], int N) -> [..., N]
+# linear_q8x4(x [..., K], packed uint8 [ceil(N / 4), K / 32, 136], int N) -> [..., N]
 # linear_q4x4(x [..., K], packed uint8 [ceil(N / 4), K / 32, 72], int N) -> [..., N]
 #
 # x @ (code x scale).T with fp32 activations, one scale per 32 input columns, the weight packed in tiles
 # of 4 rows x 32 columns in the order the kernel streams them (runtimes/kernels/linear_weight_only.cpp):
-#   8-bit: 4 fp32 scales, then the 4 rows' 32 int8 codes;
+#   8-bit: 4 fp16 scales, then the 4 rows' 32 int8 codes;
 #   4-bit: 4 bf16 scales, then the 4 rows' 32 codes as 16 bytes each (the pack_int4 order).
 # The eager form below is the twin's: the same dequantised weight in another summation order.
 
@@ -177,7 +177,7 @@ LINEAR_OPS = {8: "linear_q8x4", 4: "linear_q4x4"}
 KERNELS_LINEAR = {bits: f"{NAMESPACE}::{name}.out" for bits, name in LINEAR_OPS.items()}
 TILE_ROWS = 4
 TILE_BLOCK = 32
-SCALE_DTYPES = {8: torch.float32, 4: torch.bfloat16}
+SCALE_DTYPES = {8: torch.float16, 4: torch.bfloat16}  # 8 bits: Q8_0's 34 bytes per 32 weights
 
 for _name in LINEAR_OPS.values():
     _library.define(f"{_name}(Tensor x, Tensor packed, int out_features) -> Tensor")

@@ -1,7 +1,7 @@
 """WeightOnlyLinear: a linear over 8- or 4-bit codes with fp32 activations, run by cpm_mobile::linear_q8x4/_q4x4.
 
 The `packed` buffer is what the .pte stores: tiles of 4 rows x 32 input columns, each with its rows'
-scales (fp32 for 8 bits, bf16 for 4, one per 32 columns) and codes (ops.pack_tiles). Run eagerly, the
+scales (fp16 for 8 bits, bf16 for 4, one per 32 columns) and codes (ops.pack_tiles). Run eagerly, the
 op multiplies by exactly their dequantised values, so the module is its own twin: the program differs
 from it only in fp32 summation order, at any depth (no activation rounding to flip).
 """

@@ -162,11 +162,12 @@ def bf16_scales(bits: int, dynamic_activations: bool) -> bool:
     return bits == 4 and dynamic_activations
 
 
-def _with_bf16_scales(quantised, weight: torch.Tensor):
-    """The same quantisation with its block scales rounded to bf16 (what XNNPACK stores) and codes redone to match."""
+def _with_bf16_scales(quantised, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    """The same quantisation with its block scales rounded to bf16 (what XNNPACK stores; or `dtype`) and
+    codes redone to match."""
     from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, quantize_affine
 
-    scale = quantised.scale.to(torch.bfloat16).to(torch.float32)
+    scale = quantised.scale.to(dtype).to(torch.float32)
     qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[quantised.target_dtype]
     codes = quantize_affine(weight, quantised.block_size, scale, quantised.zero_point,
                             output_dtype=torch.int8, quant_min=qmin, quant_max=qmax)
@@ -219,13 +220,17 @@ def _linear(source: nn.Linear, weight) -> nn.Linear:
 
 
 def _weight_only(source: nn.Linear, weight) -> nn.Module:
-    """Our weight-only kernel's module over a torchao weight's codes and scales (bf16 for 4 bits, as stored)."""
+    """Our weight-only kernel's module over a torchao weight's codes and scales, the scales rounded to the
+    dtype the tiles store (fp16 for 8 bits, as Q8_0's; bf16 for 4, as XNNPACK's and the grids') and the
+    codes redone to match (a grid's bf16 scales are kept as they are)."""
+    from cpm_mobile.exporter.kernels.ops import SCALE_DTYPES
     from cpm_mobile.exporter.kernels.weight_only import WeightOnlyLinear
 
     bits = code_bits(weight)
+    stored = SCALE_DTYPES[bits]
+    if not torch.equal(weight.scale.to(stored).float(), weight.scale.float()):
+        weight = _with_bf16_scales(weight, source.weight.detach().float(), stored)
     scales = weight.scale.to(torch.float32)
-    if bits == 4 and not torch.equal(scales.to(torch.bfloat16).float(), scales):
-        raise AssertionError("4-bit weight-only scales must be bf16 already (_with_bf16_scales)")
     bias = None if source.bias is None else source.bias
     return WeightOnlyLinear(weight.qdata, scales.reshape(weight.qdata.shape[0], -1), bits, bias)
 

@@ -52,14 +52,14 @@ def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
 def _pte_codes(name: str, rows: int, columns: int, choice: str, group: int | None, dynamic_activations: bool,
                weight_only: bool = False) -> Stored:
     """A [rows, columns] weight as torchao codes: 4-bit in groups along columns, 8-bit one scale per row
-    (XNNPACK) or per 32 columns (the weight-only kernel's tiles, rows padded to a multiple of 4)."""
+    (XNNPACK) or per 32 columns (the weight-only kernel's tiles: 16-bit scales, rows padded to a multiple of 4)."""
     from cpm_mobile.exporter.kernels.ops import TILE_ROWS
     from cpm_mobile.exporter.targets.executorch.quant import BITS, TERNARY_CODE_BITS, bf16_scales
 
     bits = TERNARY_CODE_BITS if choice == "ternary" else BITS[choice]
     if weight_only:
         rows = -(-rows // TILE_ROWS) * TILE_ROWS
-        return Stored(name, rows * columns, bits, rows * (columns // group), BF16 if bits == 4 else FP32)
+        return Stored(name, rows * columns, bits, rows * (columns // group), 2)  # fp16 (8 bits) or bf16 (4) scales
     group = group if bits == 4 else None
     scale_bytes = BF16 if bf16_scales(bits, dynamic_activations) else FP32
     return Stored(name, rows * columns, bits, rows * (columns // (group or columns)), scale_bytes)

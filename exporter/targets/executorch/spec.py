@@ -9,7 +9,7 @@ What XNNPACK in executorch 1.5.1 runs, measured on this machine, decides what is
 - embeddings run outside XNNPACK in ExecuTorch's quantized_decomposed::embedding_{byte,4bit} kernels.
 With `activations: fp32` the linears run in our weight-only kernels instead (cpm_mobile::linear_q8x4 /
 linear_q4x4, runtimes/kernels/linear_weight_only.cpp): fp32 activations, one scale per 32 input columns
-(llama.cpp Q8_0 / Q4_0's grid), fp32 scales for 8 bits, bf16 for 4.
+(llama.cpp Q8_0 / Q4_0's grid), fp16 scales for 8 bits (Q8_0's), bf16 for 4.
 """
 from __future__ import annotations
 
