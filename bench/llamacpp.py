@@ -4,7 +4,7 @@ its own converter, quantised with llama-quantize, timed with llama-bench.
 python -m bench.llamacpp build                         # find or build the tools (minutes, once)
 python -m bench.llamacpp convert CKPT OUT.gguf         # GGUF F32 with convert_hf_to_gguf.py
 
-The sdist's vendor/llama.cpp is the whole tree. Only llama-bench, llama-quantize and llama-perplexity
+The sdist's vendor/llama.cpp is the whole tree. Only llama-bench, llama-quantize, llama-perplexity, llama-imatrix
 are built (cmake + ninja, 2 jobs), into CACHE (default ~/.cache/cpm-mobile/llama.cpp, or
 $CPM_MOBILE_LLAMACPP), and found there on later runs.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from cpm_mobile.exporter.defaults import DEFAULT_MODEL
 
 CACHE = Path(os.environ.get("CPM_MOBILE_LLAMACPP", "~/.cache/cpm-mobile/llama.cpp")).expanduser()
-TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity", "llama-imatrix")
 QUANT_TYPES = ("Q8_0", "Q4_0")
 EMBEDDED_TOKENIZER = DEFAULT_MODEL
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
