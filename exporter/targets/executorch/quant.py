@@ -152,7 +152,7 @@ def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: 
         intx_choose_qparams_algorithm="hqq_scale_only" if rounding == "hqq" else "affine",
     )
     if bf16_scales(bits, dynamic_activations):
-        quantised = _with_bf16_scales(quantised, weight)
+        quantised = _with_scales_in(quantised, weight)
     return quantised
 
 
@@ -162,9 +162,9 @@ def bf16_scales(bits: int, dynamic_activations: bool) -> bool:
     return bits == 4 and dynamic_activations
 
 
-def _with_bf16_scales(quantised, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
-    """The same quantisation with its block scales rounded to bf16 (what XNNPACK stores; or `dtype`) and
-    codes redone to match."""
+def _with_scales_in(quantised, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    """The same quantisation with its block scales rounded to `dtype` (bf16: what XNNPACK stores) and the codes
+    redone to match."""
     from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, quantize_affine
 
     scale = quantised.scale.to(dtype).to(torch.float32)
@@ -229,7 +229,7 @@ def _weight_only(source: nn.Linear, weight) -> nn.Module:
     bits = code_bits(weight)
     stored = SCALE_DTYPES[bits]
     if not torch.equal(weight.scale.to(stored).float(), weight.scale.float()):
-        weight = _with_bf16_scales(weight, source.weight.detach().float(), stored)
+        weight = _with_scales_in(weight, source.weight.detach().float(), stored)
     scales = weight.scale.to(torch.float32)
     bias = None if source.bias is None else source.bias
     return WeightOnlyLinear(weight.qdata, scales.reshape(weight.qdata.shape[0], -1), bits, bias)
