@@ -104,6 +104,32 @@ def test_text_llm_runner_encodes_and_generates_the_reports_continuation(fp32_bun
     assert "".join(pieces) == sample["continuation"]
 
 
+def test_text_llm_runner_runs_the_int8_pte_on_our_weight_only_kernel(embedded_bundle):
+    """The int8 .pte calls cpm_mobile::linear_q8x4 (the app links libcpm_mobile_kernels): ExecuTorch's runner, with the
+    library loaded as an app links it, generates token for token what our session's greedy loop gets from the same
+    program (the quantised model's own continuation, not the fp32 reference's)."""
+    from cpm_mobile.exporter.generate import complete
+    from cpm_mobile.runtimes.executorch import ExecuTorchSession, load_kernel_libraries
+
+    load_kernel_libraries()
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    result = embedded_bundle("minicpm-tiny", "int8")
+    bundle = result.bundle
+    artifact = next(a for a in result.manifest["artifacts"] if a["target"] == "executorch")
+    assert artifact["metadata"]["app_kernels"] == {"libcpm_mobile_kernels": ["cpm_mobile::linear_q8x4.out"]}
+    ours = TextTokenizer.from_folder(bundle)
+    session = ExecuTorchSession(bundle / "model.pte")
+    eos = artifact["metadata"]["constant_methods"]["get_eos_ids"]
+    for sample in result.report["reference"]["greedy_samples"]:
+        expected = "".join(complete(session, ours.encode(sample["prompt"]), ours.tokenizer, 64, stop_ids=eos))
+        pieces: list[str] = []
+        runner = TextLLMRunner(str(bundle / "model.pte"), str(bundle))
+        runner.generate(sample["prompt"], GenerationConfig(echo=False, max_new_tokens=64, temperature=0.0, num_bos=1),
+                        pieces.append)
+        assert "".join(pieces) == expected and len(expected.split()) >= 5
+
+
 def test_onnxruntime_genai_encodes_and_generates_the_reports_continuation(fp32_bundle):
     """onnxruntime-genai with its own tokenizer on the bundle folder; add_special_tokens gives the BOS."""
     import onnxruntime_genai as og
