@@ -184,9 +184,13 @@ for _name in LINEAR_OPS.values():
     _library.define(f"{_name}.out(Tensor x, Tensor packed, int out_features, *, Tensor(a!) out) -> Tensor(a!)")
 
 
+def scale_bytes(bits: int) -> int:
+    """Bytes of one stored scale (fp16 for 8 bits, bf16 for 4)."""
+    return torch.finfo(SCALE_DTYPES[bits]).bits // 8
+
+
 def tile_bytes(bits: int) -> int:
-    scale_bytes = torch.finfo(SCALE_DTYPES[bits]).bits // 8
-    return TILE_ROWS * (scale_bytes + TILE_BLOCK * bits // 8)
+    return TILE_ROWS * (scale_bytes(bits) + TILE_BLOCK * bits // 8)
 
 
 def pack_tiles(bits: int, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -207,17 +211,17 @@ def pack_tiles(bits: int, codes: torch.Tensor, scales: torch.Tensor) -> torch.Te
         code_bytes = codes.reshape(tiles, TILE_ROWS, blocks, TILE_BLOCK).transpose(1, 2).view(torch.uint8)
     else:
         code_bytes = pack_int4(codes).reshape(tiles, TILE_ROWS, blocks, TILE_BLOCK // 2).transpose(1, 2)
-    scale_bytes = stored.reshape(tiles, TILE_ROWS, blocks).transpose(1, 2).contiguous().view(torch.uint8)
-    return torch.cat([scale_bytes, code_bytes.reshape(tiles, blocks, -1)], dim=-1).contiguous()
+    scale_head = stored.reshape(tiles, TILE_ROWS, blocks).transpose(1, 2).contiguous().view(torch.uint8)
+    return torch.cat([scale_head, code_bytes.reshape(tiles, blocks, -1)], dim=-1).contiguous()
 
 
 def unpack_tiles(bits: int, packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of pack_tiles: (int8 codes [N, K], scales [N, K / 32] in their stored dtype)."""
     tiles, blocks, _ = packed.shape
-    scale_bytes = torch.finfo(SCALE_DTYPES[bits]).bits // 8 * TILE_ROWS
-    scales = packed[..., :scale_bytes].contiguous().view(SCALE_DTYPES[bits])  # [tiles, blocks, 4]
+    head = scale_bytes(bits) * TILE_ROWS  # the tile's scales, then its codes
+    scales = packed[..., :head].contiguous().view(SCALE_DTYPES[bits])  # [tiles, blocks, 4]
     scales = scales.transpose(1, 2).reshape(tiles * TILE_ROWS, blocks)
-    code_bytes = packed[..., scale_bytes:].reshape(tiles, blocks, TILE_ROWS, -1).transpose(1, 2)
+    code_bytes = packed[..., head:].reshape(tiles, blocks, TILE_ROWS, -1).transpose(1, 2)
     code_bytes = code_bytes.reshape(tiles * TILE_ROWS, -1).contiguous()
     codes = code_bytes.view(torch.int8) if bits == 8 else unpack_int4(code_bytes)
     return codes[:out_features], scales[:out_features]

@@ -30,7 +30,7 @@ from torch import nn
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
-from cpm_mobile.exporter.targets.executorch.spec import Int4Scheme, Int8Scheme, TernaryScheme
+from cpm_mobile.exporter.targets.executorch.spec import Int4Scheme, Int8Scheme, TernaryScheme, weight_only
 
 Scheme = Int8Scheme | Int4Scheme | TernaryScheme
 BITS = {"int8": 8, "int4": 4}
@@ -69,8 +69,14 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
     """Module name -> function building its quantised replacement."""
     linear_bits = TERNARY_CODE_BITS if scheme.scheme == "ternary" else BITS[scheme.scheme]
     grid = model.config.weight_grid
-    # The module a linear's torchao weight becomes: XNNPACK's (int8 activations) or our weight-only kernel's.
-    as_module = _weight_only if weight_only(scheme) else _linear
+    # A linear's codes and scales become XNNPACK's linear (int8 activations) or our weight-only kernel's module,
+    # whose tiles store the scales in their own dtype (rounded to it before the codes are chosen).
+    if weight_only(scheme):
+        from cpm_mobile.exporter.kernels.ops import SCALE_DTYPES
+
+        as_module, dynamic, scale_dtype = _weight_only, False, SCALE_DTYPES.get
+    else:
+        as_module, dynamic, scale_dtype = _linear, True, lambda bits: None
     plan = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":
@@ -80,13 +86,13 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
                 plan[name] = lambda m, g=scheme.group_size: _linear(m, _ternary(m.weight, g))
             else:
                 plan[name] = lambda m: as_module(m, _intx(m.weight, linear_bits, scheme.group_size, scheme.rounding,
-                                                          dynamic_activations=True))
+                                                          dynamic, scale_dtype(linear_bits)))
     if scheme.lm_head != "fp32":
         bits = BITS[scheme.lm_head]
         group = scheme.group_size if bits == 4 or weight_only(scheme) else None
         rounding = "rtn" if scheme.scheme == "ternary" else scheme.rounding
-        plan["lm_head"] = lambda m, b=bits, g=group, r=rounding: as_module(m, _intx(m.weight, b, g, r,
-                                                                                    dynamic_activations=True))
+        plan["lm_head"] = lambda m, b=bits, g=group, r=rounding: as_module(m, _intx(m.weight, b, g, r, dynamic,
+                                                                                    scale_dtype(b)))
     if scheme.embedding != "fp32":
         bits = BITS[scheme.embedding]
         group = getattr(scheme, "embedding_group_size", None) if bits == 4 else None
@@ -97,11 +103,6 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
 
     plan.update(sparse_ffn_plan(model, plan, scheme.group_size))  # fused sparse experts: same codes, our kernel
     return plan
-
-
-def weight_only(scheme: Scheme) -> bool:
-    """Whether the scheme's linears run in our weight-only kernels (fp32 activations) rather than XNNPACK."""
-    return getattr(scheme, "activations", "int8") == "fp32"
 
 
 def check_fits(model: CausalLM, scheme: Scheme) -> None:
@@ -138,8 +139,10 @@ def check_fits(model: CausalLM, scheme: Scheme) -> None:
 # -- weights ---------------------------------------------------------------------------------------
 
 
-def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: str, dynamic_activations: bool):
-    """torchao's symmetric intx weight (round to nearest or HQQ's scale search), block scales made bf16."""
+def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: str, dynamic_activations: bool,
+          scale_dtype: Optional[torch.dtype] = None):
+    """torchao's symmetric intx weight (round to nearest or HQQ's scale search), its scales rounded to
+    `scale_dtype` (default: bf16 where XNNPACK stores them so) and the codes chosen on the rounded scales."""
     from torchao.quantization.quant_primitives import MappingType
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
@@ -151,8 +154,10 @@ def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: 
         activation_quantization="int8_asym_per_token" if dynamic_activations else None,
         intx_choose_qparams_algorithm="hqq_scale_only" if rounding == "hqq" else "affine",
     )
-    if bf16_scales(bits, dynamic_activations):
-        quantised = _with_scales_in(quantised, weight)
+    if scale_dtype is None and bf16_scales(bits, dynamic_activations):
+        scale_dtype = torch.bfloat16
+    if scale_dtype is not None:
+        quantised = _with_scales_in(quantised, weight, scale_dtype)
     return quantised
 
 
@@ -220,19 +225,12 @@ def _linear(source: nn.Linear, weight) -> nn.Linear:
 
 
 def _weight_only(source: nn.Linear, weight) -> nn.Module:
-    """Our weight-only kernel's module over a torchao weight's codes and scales, the scales rounded to the
-    dtype the tiles store (fp16 for 8 bits, as Q8_0's; bf16 for 4, as XNNPACK's and the grids') and the
-    codes redone to match (a grid's bf16 scales are kept as they are)."""
-    from cpm_mobile.exporter.kernels.ops import SCALE_DTYPES
+    """Our weight-only kernel's module over a torchao weight's codes and scales, which must already be in the
+    dtype the tiles store (fp16 for 8 bits, as Q8_0's; bf16 for 4, as a grid's: WeightOnlyLinear refuses others)."""
     from cpm_mobile.exporter.kernels.weight_only import WeightOnlyLinear
 
-    bits = code_bits(weight)
-    stored = SCALE_DTYPES[bits]
-    if not torch.equal(weight.scale.to(stored).float(), weight.scale.float()):
-        weight = _with_scales_in(weight, source.weight.detach().float(), stored)
-    scales = weight.scale.to(torch.float32)
-    bias = None if source.bias is None else source.bias
-    return WeightOnlyLinear(weight.qdata, scales.reshape(weight.qdata.shape[0], -1), bits, bias)
+    scales = weight.scale.to(torch.float32).reshape(weight.qdata.shape[0], -1)
+    return WeightOnlyLinear(weight.qdata, scales, code_bits(weight), source.bias)
 
 
 def _embedding(source: nn.Embedding, weight) -> nn.Embedding:

@@ -9,8 +9,7 @@ lm_head's), quantised or not. A program's own tables are 2.5-3.5 % of the embedd
 from __future__ import annotations
 
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
-from cpm_mobile.exporter.targets.executorch.quant import weight_only
+from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec, weight_only
 from cpm_mobile.exporter.targets.stored import (
     BF16, EMBEDDING, FP32, LM_HEAD, Stored, expert_tables, float_tensor, matrices, rest,
 )
@@ -53,13 +52,13 @@ def _pte_codes(name: str, rows: int, columns: int, choice: str, group: int | Non
                weight_only: bool = False) -> Stored:
     """A [rows, columns] weight as torchao codes: 4-bit in groups along columns, 8-bit one scale per row
     (XNNPACK) or per 32 columns (the weight-only kernel's tiles: 16-bit scales, rows padded to a multiple of 4)."""
-    from cpm_mobile.exporter.kernels.ops import TILE_ROWS
+    from cpm_mobile.exporter.kernels.ops import TILE_BLOCK, TILE_ROWS, scale_bytes
     from cpm_mobile.exporter.targets.executorch.quant import BITS, TERNARY_CODE_BITS, bf16_scales
 
     bits = TERNARY_CODE_BITS if choice == "ternary" else BITS[choice]
     if weight_only:
         rows = -(-rows // TILE_ROWS) * TILE_ROWS
-        return Stored(name, rows * columns, bits, rows * (columns // group), 2)  # fp16 (8 bits) or bf16 (4) scales
+        return Stored(name, rows * columns, bits, rows * (columns // TILE_BLOCK), scale_bytes(bits))
     group = group if bits == 4 else None
     scale_bytes = BF16 if bf16_scales(bits, dynamic_activations) else FP32
     return Stored(name, rows * columns, bits, rows * (columns // (group or columns)), scale_bytes)

@@ -133,6 +133,11 @@ class TernaryScheme(_BlockScheme):
 ExecuTorchQuantization = Annotated[Union[Int8Scheme, Int4Scheme, TernaryScheme], Field(discriminator="scheme")]
 
 
+def weight_only(scheme: Union[Int8Scheme, Int4Scheme, TernaryScheme]) -> bool:
+    """Whether the scheme's linears run in our weight-only kernels (fp32 activations) rather than XNNPACK."""
+    return getattr(scheme, "activations", "int8") == "fp32"
+
+
 class ExecuTorchOptions(Strict):
     backend: Literal["xnnpack"] = "xnnpack"
     attention: Literal["custom_sdpa", "plain"] = Field(
