@@ -468,10 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["minicpm-tiny", "blockffn-tiny"], help="train one model only (no report)")
     parser.add_argument("--losses-json", type=Path, help="also write the per-step losses here (reproducibility checks)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a Settings field")
+    parser.add_argument("--layers", type=int, help="decoder layers (default 4): a deeper model of the same width, "
+                                                   "for measurements at real depth (bench.quality --model)")
+    parser.add_argument("--threads", type=int, default=THREADS)
     args = parser.parse_args(argv)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     # Filling every fresh tensor with NaN (the deterministic mode's default) only costs time here.
     torch.utils.deterministic.fill_uninitialized_memory = False
@@ -496,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, RunResult] = {}
     for name in names:
         config = model_config(name)
+        if args.layers:
+            config["num_hidden_layers"] = args.layers
         model, runs[name] = train(name, config, stream, settings, console)
         save_model(out / name, model, config, tokenizer)
         console.log(f"{name}: {runs[name].wall_s:.0f} s, final {runs[name].final}")
