@@ -1,6 +1,7 @@
 """Every shipped recipe x format on trained weights, next to llama.cpp's Q8_0 / Q4_0 of the same weights, in one run.
 
     python -m bench.quality [--model exporter/embedded/minicpm-tiny --model ...] [--recipe int8 --recipe int4 ...]
+                            [--target executorch --target onnx]
 
 For each model and recipe, `export_bundle` exports every target of the recipe and checks it (both gates, the
 recipe's own held-out plan: 16 windows x 256 tokens); the rows are the report's fidelity metrics (vs fp32) and
@@ -37,8 +38,10 @@ RECIPES = ("fp32", "int8", "int4", "coreml-palette4", "coreml-palette2", "ternar
 SHOWN = ("kl", "ppl_rel_delta", "top1", "sqnr_db")
 
 
-def recipe_rows(model_path: Path, recipe_name: str, out: Path) -> list[dict]:
+def recipe_rows(model_path: Path, recipe_name: str, out: Path, targets: list[str] | None = None) -> list[dict]:
     recipe = load_recipe(recipe_name)
+    if targets:
+        recipe = recipe.select([t for t in targets if t in recipe.targets])
     result = export_bundle(model_path, recipe, out, name=f"{model_path.name}-{recipe_name}", force=True)
     sizes = {a["target"]: a["metadata"]["size_bytes"] for a in result.manifest["artifacts"]}
     rows = []
@@ -119,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, action="append", default=[])
     parser.add_argument("--recipe", action="append", default=[])
+    parser.add_argument("--target", action="append", default=[], help="only these targets of each recipe")
     parser.add_argument("--out", type=Path, default=Path("bench/reports/quality"))
     args = parser.parse_args()
     models = args.model or [DEFAULT_MODEL, DEFAULT_SPARSE_MODEL]
@@ -130,7 +134,7 @@ def main() -> None:
             rows += llamacpp_rows(model_path)
             for name in recipes:
                 with console.status(f"{model_path.name}: exporting and checking {name}"):
-                    rows += recipe_rows(model_path, name, Path(temp))
+                    rows += recipe_rows(model_path, name, Path(temp), args.target)
                 write_outputs(rows, args.out)
 
 

@@ -46,6 +46,7 @@ from cpm_mobile.exporter.targets.base import Progress, no_progress
 GRID_FILE = "calibration.safetensors"
 GRID_FORMAT = "cpm-mobile-grid/1"
 SCALE_DTYPE = torch.bfloat16  # XNNPACK stores 4-bit block scales as bf16: the grid's scales are exact in it
+WIDE_SCALE_DTYPE = torch.float16  # a mixed grid's 8-bit linears: our weight-only kernel's tiles store fp16 scales
 # Scale search: the group's absmax scale shrunk by these factors; the least squared rounding error wins.
 SHRINK = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 .. 0.6
 
@@ -203,12 +204,19 @@ class _Hessian:
         return self.sum * (2.0 / max(self.count, 1))
 
 
+def rounding_for(bits: int, spec: Any) -> GroupRounding:
+    """The group rounding of a linear with `bits`-bit codes: bf16 scales at 4 bits (XNNPACK's), fp16 at 8 (our
+    weight-only kernel's tiles, as llama.cpp's Q8_0)."""
+    return GroupRounding(bits, spec.group_size, spec.symmetric, SCALE_DTYPE if bits == spec.bits else WIDE_SCALE_DTYPE)
+
+
 def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Progress = no_progress,
-              source: str = "") -> WeightGrid:
+              source: str = "", bits: Mapping[str, int] | None = None) -> WeightGrid:
     """The GPTQ grid of every body linear of `model` (not changed), calibrated on `windows` of token ids.
 
-    spec: the recipe's CalibrationSpec (bits, group_size, symmetric, damp, block_size)."""
-    rounding = GroupRounding(spec.bits, spec.group_size, spec.symmetric)
+    spec: the recipe's CalibrationSpec (bits, group_size, symmetric, damp, block_size).
+    bits: weight name -> code width for the linears not at spec.bits (a mixed-precision choice)."""
+    roundings = {b: rounding_for(b, spec) for b in {spec.bits, *(bits or {}).values()}}
     n_tokens = sum(len(w) for w in windows)
     config = model.config
     linears: dict[str, LinearGrid] = {}
@@ -235,9 +243,11 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
                     for handle in handles:
                         handle.remove()
                 for name, module in stage:
+                    key = f"layers.{index}.{name}.weight"
+                    rounding = roundings[(bits or {}).get(key, spec.bits)]
                     grid = gptq_linear(module.weight, hessians[name].value(), rounding, spec.damp, spec.block_size)
                     module.weight.copy_(grid.dequantize().to(module.weight.dtype))
-                    linears[f"layers.{index}.{name}.weight"] = grid
+                    linears[key] = grid
             hidden = [run(h) for h in hidden]
     progress("calibrate: done", 1.0)
     return WeightGrid(source or f"gptq calibrated on {n_tokens} tokens", linears)
@@ -315,17 +325,25 @@ def save_grid(grid: WeightGrid, path: Path, metadata: Mapping[str, str] | None =
 
     tensors = {}
     for name, linear in grid.linears.items():
-        if linear.bits != 4:
-            raise ValueError(f"{name}: only 4-bit grids are stored")
+        if linear.bits not in (4, 8):
+            raise ValueError(f"{name}: only 4- and 8-bit grids are stored")
         codes = linear.codes
-        tensors[f"{name}.codes"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+        tensors[f"{name}.codes"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous() if linear.bits == 4 \
+            else codes.contiguous()
         tensors[f"{name}.scales"] = linear.scales.contiguous()
         tensors[f"{name}.zeros"] = linear.zeros.contiguous()
     first = grid.first()
+    wide = {name: [linear.bits, _dtype_name(linear.scale_dtype)] for name, linear in grid.linears.items()
+            if linear.bits != first.bits}
     header = {"format": GRID_FORMAT, "source": grid.source, "bits": str(first.bits),
-              "group_size": str(first.group_size), "scale_dtype": str(first.scale_dtype).removeprefix("torch."),
-              "linears": json.dumps(list(grid.linears)), **(metadata or {})}
+              "group_size": str(first.group_size), "scale_dtype": _dtype_name(first.scale_dtype),
+              "linears": json.dumps(list(grid.linears)), **({"wide": json.dumps(wide)} if wide else {}),
+              **(metadata or {})}
     save_file(tensors, str(path), metadata=header)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_grid(path: Path) -> WeightGrid:
@@ -338,15 +356,19 @@ def load_grid(path: Path) -> WeightGrid:
             header = handle.metadata() or {}
             if header.get("format") != GRID_FORMAT:
                 raise InputError(path, f"not a calibrated grid ({GRID_FORMAT})")
-            bits, group = int(header["bits"]), int(header["group_size"])
-            scale_dtype = getattr(torch, header["scale_dtype"])
+            group = int(header["group_size"])
+            narrow = (int(header["bits"]), header["scale_dtype"])
+            wide = json.loads(header.get("wide", "{}"))  # a mixed grid: name -> [bits, scale dtype]
             linears = {}
             for name in json.loads(header["linears"]):
-                packed = handle.get_tensor(f"{name}.codes")
-                codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+                bits, scale_dtype = wide.get(name, narrow)
+                stored = handle.get_tensor(f"{name}.codes")
+                codes = torch.stack([stored & 0x0F, stored >> 4], dim=-1).reshape(stored.shape[0], -1) \
+                    if bits == 4 else stored
                 linears[name] = LinearGrid(codes, handle.get_tensor(f"{name}.scales"),
-                                           handle.get_tensor(f"{name}.zeros"), bits, group, scale_dtype)
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as error:
+                                           handle.get_tensor(f"{name}.zeros"), int(bits), group,
+                                           getattr(torch, scale_dtype))
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as error:
         raise InputError(path, f"unreadable calibrated grid ({error})") from None
     return WeightGrid(header["source"], linears)
 
@@ -358,10 +380,22 @@ def planned_grid(model: CausalLM, spec: Any) -> WeightGrid:
     """A stand-in for the grid calibration will give `model` (every body linear, the spec's group size and
     symmetry, tiny tensors): the targets' grid checks judge it before any work, as they judge a checkpoint's."""
     g = spec.group_size
-    zero = (1 << (spec.bits - 1)) if spec.symmetric else 0
-    linears = {f"{name}.weight": LinearGrid(torch.zeros(1, 2 * g, dtype=torch.uint8), torch.ones(1, 2),
-                                            torch.full((1, 2), zero, dtype=torch.uint8), spec.bits, g, SCALE_DTYPE)
-               for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"}
+    body = {f"{name}.weight": module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name != "lm_head"}
+    widths = dict.fromkeys(body, spec.bits)
+    if spec.mixed is not None:  # which linears calibration keeps wide is measured then; as many weights as the budget
+        allowed = (spec.mixed.bits_per_weight - spec.bits) / (spec.mixed.high_bits - spec.bits) \
+            * sum(m.weight.numel() for m in body.values())
+        for name, module in body.items():
+            if module.weight.numel() <= allowed:
+                widths[name] = spec.mixed.high_bits
+                allowed -= module.weight.numel()
+    linears = {}
+    for name, bits in widths.items():
+        zero = (1 << (bits - 1)) if spec.symmetric else 0
+        linears[name] = LinearGrid(torch.zeros(1, 2 * g, dtype=torch.uint8), torch.ones(1, 2),
+                                   torch.full((1, 2), zero, dtype=torch.uint8), bits, g,
+                                   rounding_for(bits, spec).scale_dtype)
     return WeightGrid("gptq calibration (planned)", linears)
 
 
@@ -434,4 +468,19 @@ def calibrate_for_recipe(reference: CausalLM, recipe: Any, tokenizer: Any, calib
     length = min(spec.tokens, reference.max_seq_len)
     windows = calibration_windows(tokenizer.encode(calibration.text), spec.windows, length, tokenizer.bos_id,
                                   calibration.reserved, calibration.source)
-    return calibrate(reference, windows, spec, progress)
+    bits = None
+    if spec.mixed is not None:
+        choice = mixed_choice(reference, windows[:spec.mixed.windows], spec, progress)
+        bits = {name: spec.mixed.high_bits for name in choice.high}
+    return calibrate(reference, windows, spec, progress, bits=bits)
+
+
+def mixed_choice(reference: CausalLM, windows: list[list[int]], spec: Any, progress: Progress = no_progress):
+    """The linears a mixed-precision calibration keeps at 8 bits (exporter/sensitivity.py)."""
+    from cpm_mobile.exporter import sensitivity
+
+    low = rounding_for(spec.bits, spec)
+    measured = sensitivity.sensitivities(reference, windows, lambda w: gptq_linear(w, None, low).dequantize(),
+                                         progress)
+    sizes = {name: module.weight.numel() for name, module in sensitivity.body_linears(reference).items()}
+    return sensitivity.choose(measured, sizes, spec.bits, spec.mixed.high_bits, spec.mixed.bits_per_weight)

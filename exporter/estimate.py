@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cpm_mobile.exporter.calibration import CalibrationText, calibrate_for_recipe, calibrated_model, calibrated_spec
+from cpm_mobile.exporter.calibration import (
+    CalibrationText, calibrate_for_recipe, calibrated_model, calibrated_spec, with_planned_grid,
+)
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.preflight import recipe_refusals
@@ -163,7 +165,8 @@ def _twin_target_size(recipe: Recipe, config: Any, tied: bool) -> int:
     spec = recipe.targets.get(TWIN_TARGET)
     if spec is None:
         return 0
-    model = apply_passes(shape_model(config, tied, recipe.max_seq_len), [*recipe.passes, *spec.passes], TWIN_TARGET)
+    model = apply_passes(with_planned_grid(shape_model(config, tied, recipe.max_seq_len), recipe),
+                         [*recipe.passes, *spec.passes], TWIN_TARGET)
     return predict_bytes(model, calibrated_spec(spec, recipe.calibration))
 
 

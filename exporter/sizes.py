@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from cpm_mobile.exporter.calibration import calibrated_spec
+from cpm_mobile.exporter.calibration import calibrated_spec, with_planned_grid
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.config import ModelConfig
 from cpm_mobile.exporter.models.transformer import CausalLM
@@ -59,7 +59,7 @@ def recipe_sizes(config: ModelConfig, tied: bool, recipes: Iterable[str] | None 
             continue
         if recipe.calibration is not None and config.weight_grid is not None:
             continue  # a calibration recipe refuses a checkpoint that already carries a grid
-        model = shape_model(config, tied, recipe.max_seq_len)
+        model = with_planned_grid(shape_model(config, tied, recipe.max_seq_len), recipe)
         try:
             # A calibration recipe's artifacts carry its grid: the grid's group size and symmetry in each spec.
             sizes = {target: predict_bytes(apply_passes(model, [*recipe.passes, *spec.passes], target),

@@ -39,6 +39,19 @@ class CheckSpec(Strict):
     heldout_tokens: int = Field(256, ge=2, description="tokens per held-out window (capped by max_seq_len)")
 
 
+class MixedPrecisionSpec(Strict):
+    """Which body linears keep 8-bit codes, chosen by measured sensitivity under a size budget
+    (exporter/sensitivity.py): each linear alone rounded to the calibration's bits (to nearest) on the first
+    `windows` calibration windows, its KL against the float model's logits per weight it would save; the
+    most costly per weight stay at `high_bits` while the body's mean code width stays within the budget."""
+
+    high_bits: Literal[8] = 8
+    bits_per_weight: float = Field(5.0, gt=4, le=8, description="the body linears' mean code width (scales "
+                                                                "not counted): 5.0 keeps a quarter of the "
+                                                                "weights at 8 bits")
+    windows: int = Field(8, ge=1, description="calibration windows the sensitivities are measured on")
+
+
 class CalibrationSpec(Strict):
     """A calibrated rounding of the body's linears, done once before the targets (exporter/calibration.py).
 
@@ -59,11 +72,15 @@ class CalibrationSpec(Strict):
     tokens: int = Field(256, ge=16, description="tokens per calibration window (BOS + text; capped by max_seq_len)")
     damp: float = Field(0.01, gt=0, lt=1, description="dampening of the Hessian: this fraction of its mean diagonal")
     block_size: int = Field(128, ge=1, description="GPTQ's lazy-batch width (columns updated together)")
+    mixed: MixedPrecisionSpec | None = Field(None, description="keep the most sensitive linears at 8 bits "
+                                                               "(GPTQ at 8 bits for those) under a size budget")
 
     @model_validator(mode="after")
     def _blocks_hold_groups(self) -> "CalibrationSpec":
         if self.block_size % self.group_size:
             raise ValueError(f"block_size {self.block_size} must be a multiple of group_size {self.group_size}")
+        if self.mixed is not None and self.mixed.windows > self.windows:
+            raise ValueError(f"mixed.windows {self.mixed.windows} exceeds the calibration's {self.windows} windows")
         return self
 
 

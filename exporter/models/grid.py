@@ -85,10 +85,15 @@ class WeightGrid:
         if self.ternary:
             kind = "ternary grid {-s, 0, +s}"
         else:
-            kind = f"{self.bits}-bit grid, " + ("symmetric" if all(g.symmetric for g in self.linears.values())
-                                                else "affine (zero points)")
+            widths = sorted({g.bits for g in self.linears.values()})
+            wide = sum(g.bits == widths[-1] for g in self.linears.values())
+            width = f"{widths[0]}-bit grid ({wide} linears at {widths[-1]} bits)" if len(widths) > 1 \
+                else f"{self.bits}-bit grid"
+            kind = width + ", " + ("symmetric" if all(g.symmetric for g in self.linears.values())
+                                   else "affine (zero points)")
         order = ", act-order (g_idx permuted)" if any(g.act_order for g in self.linears.values()) else ""
-        scales = f", {str(grid.scale_dtype).removeprefix('torch.')} scales"
+        scales = ", " + "/".join(sorted({str(g.scale_dtype).removeprefix("torch.") for g in self.linears.values()})) \
+            + " scales"
         if self.source == "gptq":
             where = "GPTQ checkpoint: "
         elif self.source == "float weights on a grid":

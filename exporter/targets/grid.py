@@ -53,7 +53,7 @@ def grid_refusals(model: Any, scheme: Any, carrier: GridCarrier | None, target: 
         ("quantization", lambda g: g.act_order,
          lambda n, g: f"{n} is act-order GPTQ (g_idx permutes the inputs); {kernel} blocks are consecutive "
                       f"inputs, so it cannot carry it losslessly"),
-        ("quantization.scheme", lambda g: g.bits > bits,
+        ("quantization.scheme", lambda g: g.bits > bits and g.bits not in carrier.wide_bits,
          lambda n, g: f"the checkpoint's grid is {grid.describe()}; {bits}-bit codes cannot hold it (use int4)"),
         ("quantization.scheme", lambda g: scheme.scheme == "ternary" and not g.ternary,
          lambda n, g: f"the checkpoint's grid is not ternary ({grid.describe()}); use int4"),

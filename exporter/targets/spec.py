@@ -86,6 +86,7 @@ class GridCarrier:
     symmetric_field: bool = True  # the scheme has a `symmetric` switch that must not contradict the grid
     fp16_scales_exact: bool = False  # scales must be exact in fp16 for an fp16 artifact
     covers_all_linears: bool = True  # refuse a grid missing one of the body linears
+    wide_bits: tuple[int, ...] = ()  # code widths carried for single linears beyond the scheme's (a mixed grid)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,13 @@ def matrices(model: CausalLM) -> Iterable[tuple[str, nn.Module]]:
             yield name, module
 
 
+def grid_width(model: CausalLM, name: str) -> int | None:
+    """The code width the model's grid gives module `name` (a mixed grid's 8-bit linears), None off the grid."""
+    grid = model.config.weight_grid
+    entry = grid.linears.get(f"{name}.weight") if grid is not None else None
+    return None if entry is None else entry.bits
+
+
 # The sparse pass's expert tables (exporter/passes/blockffn_sparse.py, exporter/kernels/fused_ffn.py):
 # raw rows, quantised by the sparse quantisers (exporter/quant/sparse_*.py) when the recipe quantises.
 EXPERT_TABLES = ("up_weight", "down_rows", "up_experts", "down_experts")

@@ -313,8 +313,7 @@ def _compress_grid(mlmodel: Any, grid: Any, scheme: Any) -> Any:
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.models.utils import _apply_graph_pass
 
-    bits = SCHEME_BITS[scheme.scheme]
-    storage = types.np_int4_dtype if bits == 4 else np.int8
+    scheme_bits = SCHEME_BITS[scheme.scheme]
     by_flat = {flat_name(name): entry for name, entry in grid.linears.items()}
     targets = {w.name: by_flat[w.parameter] for w in program_weights(mlmodel)
                if w.roles == frozenset({LINEAR}) and w.parameter in by_flat}
@@ -333,6 +332,7 @@ def _compress_grid(mlmodel: Any, grid: Any, scheme: Any) -> Any:
                     raise InputError("precision", f"coreml target: {op.name}'s grid scales are not exact in "
                                                   f"{dtype} (the program's precision); export fp32")
                 middle = 1 << (entry.bits - 1)
+                storage = types.np_int4_dtype if max(scheme_bits, entry.bits) == 4 else np.int8  # 8: a mixed grid's
                 data = (entry.codes.numpy().astype(np.int16) - middle).astype(storage)
                 offset = None
                 if not entry.symmetric:
@@ -479,9 +479,10 @@ def expected_weight_bytes(model: CausalLM, scheme: Any, precision: str) -> int:
     element = 4 if precision == "fp32" else 2
     embedding = model.embed_tokens.weight
     lm_head = getattr(getattr(model, "lm_head", None), "weight", None)
+    grid = model.config.weight_grid
     total = 0
     seen: set[int] = set()
-    for parameter in model.parameters():  # unique tensors: a tied embedding is stored once
+    for name, parameter in model.named_parameters():  # unique tensors: a tied embedding is stored once
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
@@ -494,7 +495,8 @@ def expected_weight_bytes(model: CausalLM, scheme: Any, precision: str) -> int:
         rows, columns = parameter.shape
         axis, size = _block_axis_and_size(scheme, choice)
         if choice == "int8" or scheme.scheme in LINEAR_SCHEMES:
-            bits = 8 if choice == "int8" else SCHEME_BITS[scheme.scheme]
+            entry = grid.linears.get(name) if grid is not None else None
+            bits = 8 if choice == "int8" or (entry is not None and entry.bits == 8) else SCHEME_BITS[scheme.scheme]
             scales = rows * (columns // size if size else 1)
             asymmetric = choice != "int8" and not scheme.symmetric  # offsets: one code per scale
             total += count * bits // 8 + scales * element + (scales * bits // 8 if asymmetric else 0)

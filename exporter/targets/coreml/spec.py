@@ -114,5 +114,6 @@ CAPABILITIES = Capabilities(
                             "again: use int4 (it carries 4-bit and ternary grids exactly)"
                          for s in ("palette4", "palette2", "ternary")},
         covers_all_linears=False,
+        wide_bits=(8,),  # a mixed grid's 8-bit linears (recipe int4-mixed)
     ),
 )

@@ -81,7 +81,11 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":
             if grid is not None:
-                plan[name] = lambda m, e=grid.linears[f"{name}.weight"]: as_module(m, _grid_intx(e))
+                entry = grid.linears[f"{name}.weight"]
+                if entry.bits == 8:  # a mixed grid's 8-bit linear: our weight-only kernel (XNNPACK has no 8-bit blocks)
+                    plan[name] = lambda m, e=entry: _weight_only(m, _grid_intx(e))
+                else:
+                    plan[name] = lambda m, e=entry: as_module(m, _grid_intx(e))
             elif scheme.scheme == "ternary":
                 plan[name] = lambda m, g=scheme.group_size: _linear(m, _ternary(m.weight, g))
             else:
@@ -112,6 +116,12 @@ def check_fits(model: CausalLM, scheme: Scheme) -> None:
     from cpm_mobile.exporter.targets.grid import check_grid
 
     check_grid(model, scheme, CAPABILITIES.grid, "executorch")
+    grid = model.config.weight_grid
+    for name, entry in (grid.linears.items() if grid is not None else ()):
+        if entry.bits == 8 and (entry.group_size != 32 or not entry.symmetric or not torch.equal(
+                entry.scales.to(torch.float16).to(torch.float32), entry.scales)):
+            raise InputError("quantization", f"{name} is an 8-bit linear of the grid; our weight-only kernel "
+                                             f"linear_q8x4 carries symmetric blocks of 32 with fp16 scales only")
     if weight_only(scheme):
         from cpm_mobile.exporter.kernels.fused_ffn import FusedSparseBlockFFN
 
@@ -182,13 +192,16 @@ def _with_scales_in(quantised, weight: torch.Tensor, dtype: torch.dtype = torch.
 
 def _grid_intx(entry):
     """A checkpoint grid's codes as torchao int4 codes (code - zero: the zero is 2**(bits-1), the grid
-    being symmetric); its scales rounded to bf16, what XNNPACK stores (exact for bf16 scales)."""
+    being symmetric); its scales rounded to bf16, what XNNPACK stores (exact for bf16 scales). A mixed grid's
+    8-bit entry: int8 codes with its fp16 scales (our weight-only kernel's tiles)."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     codes = entry.codes.to(torch.int16) - entry.zeros.to(torch.int16).repeat_interleave(entry.group_size, dim=1)
-    scale = entry.scales.to(torch.bfloat16).to(torch.float32)
+    wide = entry.bits == 8
+    scale = entry.scales.to(torch.float16 if wide else torch.bfloat16).to(torch.float32)
     return IntxUnpackedToInt8Tensor(codes.to(torch.int8), scale, torch.zeros_like(scale, dtype=torch.int8),
-                                    torch.int4, (1, entry.group_size), torch.float32, "int8_asym_per_token")
+                                    torch.int8 if wide else torch.int4, (1, entry.group_size), torch.float32,
+                                    "int8_asym_per_token")
 
 
 def _ternary(weight: torch.Tensor, group_size: Optional[int]):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec, weight_only
 from cpm_mobile.exporter.targets.stored import (
-    BF16, EMBEDDING, FP32, LM_HEAD, Stored, expert_tables, float_tensor, matrices, rest,
+    BF16, EMBEDDING, FP32, LM_HEAD, Stored, expert_tables, float_tensor, grid_width, matrices, rest,
 )
 
 
@@ -37,6 +37,9 @@ def pte_tensors(model: CausalLM, spec: ExecuTorchSpec) -> list[Stored]:
             stored.append(float_tensor(name, module, 32))
             continue
         rows, columns = module.weight.shape
+        if grid_width(model, name) == 8:  # a mixed grid's 8-bit linear: our weight-only kernel's tiles
+            stored.append(_pte_codes(name, rows, columns, "int8", 32, False, weight_only=True))
+            continue
         # The embedding runs in weight-only kernels (its own group size); every linear in XNNPACK.
         group = getattr(scheme, "embedding_group_size", None) if name == EMBEDDING else scheme.group_size
         stored.append(_pte_codes(name, rows, columns, choice, group, dynamic_activations=name != EMBEDDING,

@@ -167,5 +167,6 @@ CAPABILITIES = Capabilities(
         rerounding_fields={"rounding": "rtn"},
         checks_zero_range=False,
         symmetric_field=False,
+        wide_bits=(8,),  # a mixed grid's 8-bit linears: our weight-only kernel linear_q8x4 (blocks of 32, fp16 scales)
     ),
 )

@@ -326,11 +326,11 @@ def check_grid(model: CausalLM, scheme: Any, precision: str = "fp32") -> None:
 def _grid_linears(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], linears: list[WeightMatMul],
                   grid: Any, scheme: Any) -> None:
     """Every body linear -> MatMulNBits holding the checkpoint grid's own codes (shifted to the
-    scheme's bit width when wider: the differences code - zero are kept), scales and zero points."""
-    bits = SCHEME_BITS[scheme.scheme]
-
+    scheme's bit width when wider: the differences code - zero are kept), scales and zero points. A mixed
+    grid's 8-bit linears become 8-bit MatMulNBits."""
     def stored_form(linear: WeightMatMul):
         entry = grid.linears[linear.param]
+        bits = max(SCHEME_BITS[scheme.scheme], entry.bits)
         shift = (1 << (bits - 1)) - (1 << (entry.bits - 1))
         blocks = linear.k // entry.group_size
         codes = (entry.codes.numpy().astype(np.int32) + shift).reshape(linear.n, blocks, entry.group_size)  # [N, K]

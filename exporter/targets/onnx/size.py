@@ -13,7 +13,7 @@ import math
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.targets.onnx.spec import SCHEME_BITS, OnnxSpec
 from cpm_mobile.exporter.targets.stored import (
-    EMBEDDING, FLOAT_BYTES, FP32, LM_HEAD, Stored, expert_tables, float_tensor, matrices, rest,
+    EMBEDDING, FLOAT_BYTES, FP32, LM_HEAD, Stored, expert_tables, float_tensor, grid_width, matrices, rest,
 )
 
 GRAPH_BYTES, GRAPH_BYTES_PER_LAYER = 29_000, 90_000
@@ -70,7 +70,7 @@ def onnx_tensors(model: CausalLM, spec: OnnxSpec) -> list[Stored]:
             else:
                 stored.append(_matmul_nbits(name, rows, columns, bits, scheme.block_size, table_zero_points))
         else:
-            bits = SCHEME_BITS[scheme.scheme]
+            bits = max(SCHEME_BITS[scheme.scheme], grid_width(model, name) or 0)  # a mixed grid's 8-bit linears
             if scheme.scheme == "ternary":
                 zero_points = None  # codes {1, 2, 3} around the default zero point 2
             elif getattr(scheme, "algorithm", "rtn") == "hqq":

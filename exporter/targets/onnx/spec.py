@@ -94,6 +94,7 @@ CAPABILITIES = Capabilities(
         min_ternary_block=32,
         rerounding_fields={"algorithm": "rtn"},
         fp16_scales_exact=True,
+        wide_bits=(8,),  # a mixed grid's 8-bit linears (recipe int4-mixed)
     ),
 )
 
