@@ -79,7 +79,10 @@ def export_bundle(
     plan = build_plan(recipe, tokenizer, heldout_text, recipe.max_seq_len, config.eos_token_ids,
                       heldout or HELDOUT_TEXT)
     if calibration is not None and recipe.calibration is None:
-        raise InputError(calibration, f"recipe {recipe.name} has no calibration step (recipes with one: int4-gptq)")
+        from cpm_mobile.recipes.schema import load_recipe, recipe_names
+
+        calibrated = ", ".join(n for n in recipe_names() if load_recipe(n).calibration is not None)
+        raise InputError(calibration, f"recipe {recipe.name} has no calibration step (recipes with one: {calibrated})")
     # Read before any work when the recipe calibrates (a failed fidelity gate's suggestions may calibrate too).
     calibration_input = (calibration_text(calibration, heldout_text, plan.heldout_windows)
                          if recipe.calibration is not None else None)

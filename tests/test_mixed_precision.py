@@ -171,3 +171,34 @@ def test_int4_mixed_passes_both_gates_below_gptq_and_stores_the_chosen_linears_a
     as_mixed = expected_weight_bytes(calibrated_model(reference, grid), scheme, "fp32")
     as_int4 = expected_weight_bytes(calibrated_model(reference, narrow), scheme, "fp32")
     assert abs(size / as_mixed - 1) < 0.05 < abs(size / as_int4 - 1), (size, as_mixed, as_int4)
+    # and every file is the size inspect predicted from the budget alone, within 5 %
+    from cpm_mobile.exporter.models.loader import load_checkpoint
+    from cpm_mobile.exporter.sizes import recipe_sizes
+
+    checkpoint = load_checkpoint(DEFAULT_MODEL)
+    predicted = {r.target: r.bytes for r in recipe_sizes(checkpoint.config, checkpoint.tied, ["int4-mixed"])}
+    for artifact in mixed.manifest["artifacts"]:
+        actual = artifact["metadata"]["size_bytes"]
+        assert abs(actual / predicted[artifact["target"]] - 1) < 0.05, (artifact["target"], actual, predicted)
+
+
+def test_sizes_are_predicted_from_the_budget_before_calibration():
+    """`inspect` / `--dry-run` size int4-mixed before any measurement: as many weights at 8 bits as the budget allows
+    (which ones is measured at export; the sizes depend only on how many)."""
+    from cpm_mobile.exporter.calibration import planned_grid
+    from cpm_mobile.exporter.models.loader import load_checkpoint
+    from cpm_mobile.exporter.sizes import recipe_sizes, shape_model
+
+    checkpoint = load_checkpoint(DEFAULT_MODEL)
+    recipe = load_recipe("int4-mixed")
+    planned = planned_grid(shape_model(checkpoint.config, checkpoint.tied, 256), recipe.calibration)
+    weights = {name: 0 for name in planned.linears}
+    model = shape_model(checkpoint.config, checkpoint.tied, 256)
+    for name in weights:
+        weights[name] = model.get_parameter(name).numel()
+    wide = sum(weights[n] for n, g in planned.linears.items() if g.bits == 8) / sum(weights.values())
+    assert 0.2 < wide <= 0.25  # budget 5.0 bits: at most a quarter at 8
+    sizes = {(r.recipe, r.target): r.bytes for r in recipe_sizes(checkpoint.config, checkpoint.tied,
+                                                                 ["int4-gptq", "int4-mixed", "int8"])}
+    for target in ("executorch", "onnx", "coreml"):
+        assert sizes["int4-gptq", target] < sizes["int4-mixed", target] < sizes["int8", target], target
