@@ -158,6 +158,10 @@ def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: 
 
     weight = weight.detach().to(torch.float32)
     block = (1, group_size or weight.shape[1])
+    if rounding == "mse" and bits == 4 and group_size is not None and scale_dtype in (None, torch.bfloat16):
+        codes, scale = _mse_int4(weight, group_size)  # bf16 scales: XNNPACK's and linear_q4x4's tiles'
+        return IntxUnpackedToInt8Tensor(codes, scale, torch.zeros_like(scale, dtype=torch.int8), torch.int4, block,
+                                        torch.float32, "int8_asym_per_token" if dynamic_activations else None)
     quantised = IntxUnpackedToInt8Tensor.from_hp(
         weight, block, getattr(torch, f"int{bits}"),
         mapping_type=MappingType.SYMMETRIC,
@@ -169,6 +173,32 @@ def _intx(weight: torch.Tensor, bits: int, group_size: Optional[int], rounding: 
     if scale_dtype is not None:
         quantised = _with_scales_in(quantised, weight, scale_dtype)
     return quantised
+
+
+# Block scales tried by rounding "mse": max|W| of the block / each divisor (7 puts the extreme on code 7, 8 on -8).
+MSE_DIVISORS = tuple(6.0 + 0.0625 * i for i in range(41))  # 6 .. 8.5
+
+
+def _mse_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit codes (-8..7) and positive bf16 block scales with the least squared rounding error among
+    MSE_DIVISORS. Ours: torchao's choosers are absmax (rtn) or HQQ's iterative scale, and llama.cpp's Q4_0 rule
+    (the block's extreme on code -8 through a negative scale) cannot be carried: XNNPACK refuses a negative block
+    scale when it loads the program."""
+    rows, columns = weight.shape
+    blocks = weight.reshape(rows, columns // group_size, group_size)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    best_err = best_scale = None
+    for divisor in MSE_DIVISORS:
+        scale = (amax / divisor).to(torch.bfloat16).to(torch.float32)
+        err = ((torch.clamp(torch.round(blocks / scale), -8, 7) * scale - blocks) ** 2).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    codes = torch.clamp(torch.round(blocks / best_scale), -8, 7).to(torch.int8).reshape(rows, columns)
+    return codes, best_scale.reshape(rows, -1)
 
 
 def bf16_scales(bits: int, dynamic_activations: bool) -> bool:
