@@ -49,9 +49,6 @@ SCALE_DTYPE = torch.bfloat16  # XNNPACK stores 4-bit block scales as bf16: the g
 WIDE_SCALE_DTYPE = torch.float16  # a mixed grid's 8-bit linears: our weight-only kernel's tiles store fp16 scales
 # Scale search: the group's absmax scale shrunk by these factors; the least squared rounding error wins.
 SHRINK = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 .. 0.6
-# Symmetric grids also try full-range scales between max|W| / 6 and / 8.5 (in units of the amax / 7 base at 4 bits): the
-# extreme on code 7 or -8 and everything between (the .pte's int4 rounding measured them: exporter/targets/executorch/quant.py).
-GROW = tuple(7.0 / (6.0 + 0.0625 * i) for i in range(41))
 
 
 # -- the calibration text --------------------------------------------------------------------------
@@ -105,7 +102,7 @@ class GroupRounding:
             high = group.amax(1).clamp(min=0)
             span = torch.where(high > low, high - low, torch.ones_like(high))
             base, zero_of = span / top, low
-        for shrink in (SHRINK + GROW if self.symmetric and self.bits == 4 else SHRINK):
+        for shrink in SHRINK:
             scale = (base * shrink).to(self.scale_dtype).to(group.dtype)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             if zero_of is None:
