@@ -41,12 +41,12 @@ from cpm_mobile.exporter.models.grid import LinearGrid, WeightGrid
 from cpm_mobile.exporter.models.kv_cache import causal_mask
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import empty_like, with_weights
+from cpm_mobile.exporter.sensitivity import body_linears, choose, sensitivities
 from cpm_mobile.exporter.targets.base import Progress, no_progress
 
 GRID_FILE = "calibration.safetensors"
 GRID_FORMAT = "cpm-mobile-grid/1"
 SCALE_DTYPE = torch.bfloat16  # XNNPACK stores 4-bit block scales as bf16: the grid's scales are exact in it
-WIDE_SCALE_DTYPE = torch.float16  # a mixed grid's 8-bit linears: our weight-only kernel's tiles store fp16 scales
 # Scale search: the group's absmax scale shrunk by these factors; the least squared rounding error wins.
 SHRINK = tuple(1.0 - 0.04 * i for i in range(11))  # 1.0 .. 0.6
 # Not wider: also trying max|W| / 6 .. / 8.5 (what the .pte's round-to-nearest int4 searches) lowered int4-gptq's
@@ -86,6 +86,7 @@ class GroupRounding:
     group_size: int = 32
     symmetric: bool = True
     scale_dtype: torch.dtype = SCALE_DTYPE
+    divisors: tuple[float, ...] | None = None  # symmetric only: try max|W| / each instead of the SHRINK search
 
     @property
     def levels(self) -> int:
@@ -93,7 +94,7 @@ class GroupRounding:
 
     def params(self, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of `group` [rows, g]: (scale, zero), the scale in scale_dtype, by the least squared
-        rounding error over SHRINK x the full-range scale."""
+        rounding error over SHRINK x the full-range scale (or max|W| / each of `divisors`)."""
         top = self.levels - 1
         best_err = best_scale = best_zero = None
         if self.symmetric:
@@ -105,8 +106,10 @@ class GroupRounding:
             high = group.amax(1).clamp(min=0)
             span = torch.where(high > low, high - low, torch.ones_like(high))
             base, zero_of = span / top, low
-        for shrink in SHRINK:
-            scale = (base * shrink).to(self.scale_dtype).to(group.dtype)
+        searched = ([(amax / divisor, 1.0) for divisor in self.divisors] if self.symmetric and self.divisors
+                    else [(base * shrink, shrink) for shrink in SHRINK])
+        for candidate, shrink in searched:
+            scale = candidate.to(self.scale_dtype).to(group.dtype)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             if zero_of is None:
                 zero = torch.full_like(scale, self.levels // 2)
@@ -208,9 +211,13 @@ class _Hessian:
 
 
 def rounding_for(bits: int, spec: Any) -> GroupRounding:
-    """The group rounding of a linear with `bits`-bit codes: bf16 scales at 4 bits (XNNPACK's), fp16 at 8 (our
-    weight-only kernel's tiles, as llama.cpp's Q8_0)."""
-    return GroupRounding(bits, spec.group_size, spec.symmetric, SCALE_DTYPE if bits == spec.bits else WIDE_SCALE_DTYPE)
+    """The group rounding of a linear with `bits`-bit codes: bf16 scales at the calibration's width (XNNPACK's), a
+    mixed grid's wider linears in the scale dtype of our weight-only kernel's tiles (fp16 at 8 bits, as Q8_0)."""
+    if bits == spec.bits:
+        return GroupRounding(bits, spec.group_size, spec.symmetric, SCALE_DTYPE)
+    from cpm_mobile.exporter.kernels.ops import SCALE_DTYPES
+
+    return GroupRounding(bits, spec.group_size, spec.symmetric, SCALE_DTYPES[bits])
 
 
 def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Progress = no_progress,
@@ -383,16 +390,14 @@ def planned_grid(model: CausalLM, spec: Any) -> WeightGrid:
     """A stand-in for the grid calibration will give `model` (every body linear, the spec's group size and
     symmetry, tiny tensors): the targets' grid checks judge it before any work, as they judge a checkpoint's."""
     g = spec.group_size
-    body = {f"{name}.weight": module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name != "lm_head"}
-    widths = dict.fromkeys(body, spec.bits)
-    if spec.mixed is not None:  # which linears calibration keeps wide is measured then; as many weights as the budget
-        allowed = (spec.mixed.bits_per_weight - spec.bits) / (spec.mixed.high_bits - spec.bits) \
-            * sum(m.weight.numel() for m in body.values())
-        for name, module in body.items():
-            if module.weight.numel() <= allowed:
-                widths[name] = spec.mixed.high_bits
-                allowed -= module.weight.numel()
+    sizes = {name: module.weight.numel() for name, module in body_linears(model).items()}
+    widths = dict.fromkeys(sizes, spec.bits)
+    if spec.mixed is not None:
+        # Which linears stay wide is measured at calibration; the sizes depend only on how many weights the budget
+        # allows: the same choice with every linear equally costly per weight (module order).
+        planned = choose({name: float(size) for name, size in sizes.items()}, sizes, spec.bits,
+                         spec.mixed.high_bits, spec.mixed.bits_per_weight)
+        widths.update(dict.fromkeys(planned.high, spec.mixed.high_bits))
     linears = {}
     for name, bits in widths.items():
         zero = (1 << (bits - 1)) if spec.symmetric else 0
@@ -410,9 +415,9 @@ def calibration_refusals(recipe: Any, model: CausalLM) -> list[str]:
     if model.config.weight_grid is not None:
         return [f"recipe {recipe.name} calibrates float weights; this checkpoint's linears already carry a grid "
                 f"({model.config.weight_grid.describe()}): use --recipe checkpoint-grid to export it as it is"]
-    return [f"calibration.group_size: {spec.group_size} does not divide the input width {module.in_features} of {name}"
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name != "lm_head" and module.in_features % spec.group_size][:1]
+    return [f"calibration.group_size: {spec.group_size} does not divide the input width {module.in_features} of "
+            f"{name.removesuffix('.weight')}"
+            for name, module in body_linears(model).items() if module.in_features % spec.group_size][:1]
 
 
 def with_planned_grid(model: CausalLM, recipe: Any) -> CausalLM:
@@ -480,10 +485,7 @@ def calibrate_for_recipe(reference: CausalLM, recipe: Any, tokenizer: Any, calib
 
 def mixed_choice(reference: CausalLM, windows: list[list[int]], spec: Any, progress: Progress = no_progress):
     """The linears a mixed-precision calibration keeps at 8 bits (exporter/sensitivity.py)."""
-    from cpm_mobile.exporter import sensitivity
-
     low = rounding_for(spec.bits, spec)
-    measured = sensitivity.sensitivities(reference, windows, lambda w: gptq_linear(w, None, low).dequantize(),
-                                         progress)
-    sizes = {name: module.weight.numel() for name, module in sensitivity.body_linears(reference).items()}
-    return sensitivity.choose(measured, sizes, spec.bits, spec.mixed.high_bits, spec.mixed.bits_per_weight)
+    measured = sensitivities(reference, windows, lambda w: gptq_linear(w, None, low).dequantize(), progress)
+    sizes = {name: module.weight.numel() for name, module in body_linears(reference).items()}
+    return choose(measured, sizes, spec.bits, spec.mixed.high_bits, spec.mixed.bits_per_weight)

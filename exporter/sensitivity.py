@@ -12,7 +12,7 @@ half of ffn_down at 6 bits); measuring lets the choice follow the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,6 @@ class Choice:
     high: frozenset[str]  # weight names ("layers.0.mlp.down_proj.weight") kept at the high width
     sensitivity: Mapping[str, float]  # name -> KL with that linear alone at the low width
     bits_per_weight: float  # the body's mean code width with this choice
-
-    def bits(self, name: str, low: int, high: int) -> int:
-        return high if name in self.high else low
 
 
 def body_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -47,7 +44,7 @@ def _log_probs(model: nn.Module, windows: list[list[int]]) -> list[torch.Tensor]
     return out
 
 
-def sensitivities(model: nn.Module, windows: list[list[int]], rounded: "callable",
+def sensitivities(model: nn.Module, windows: list[list[int]], rounded: Callable[[torch.Tensor], torch.Tensor],
                   progress: Progress = no_progress) -> dict[str, float]:
     """name -> mean token KL(float || float with that linear's weight replaced by rounded(weight)).
     The model's weights are restored after each measurement (and on error)."""

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.targets.stored import grid_width
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.targets.coreml.spec import SCHEME_BITS
 
@@ -479,7 +480,6 @@ def expected_weight_bytes(model: CausalLM, scheme: Any, precision: str) -> int:
     element = 4 if precision == "fp32" else 2
     embedding = model.embed_tokens.weight
     lm_head = getattr(getattr(model, "lm_head", None), "weight", None)
-    grid = model.config.weight_grid
     total = 0
     seen: set[int] = set()
     for name, parameter in model.named_parameters():  # unique tensors: a tied embedding is stored once
@@ -495,8 +495,8 @@ def expected_weight_bytes(model: CausalLM, scheme: Any, precision: str) -> int:
         rows, columns = parameter.shape
         axis, size = _block_axis_and_size(scheme, choice)
         if choice == "int8" or scheme.scheme in LINEAR_SCHEMES:
-            entry = grid.linears.get(name) if grid is not None else None
-            bits = 8 if choice == "int8" or (entry is not None and entry.bits == 8) else SCHEME_BITS[scheme.scheme]
+            wide = grid_width(model, name.removesuffix(".weight")) == 8  # a mixed grid's 8-bit linear
+            bits = 8 if choice == "int8" or wide else SCHEME_BITS[scheme.scheme]
             scales = rows * (columns // size if size else 1)
             asymmetric = choice != "int8" and not scheme.symmetric  # offsets: one code per scale
             total += count * bits // 8 + scales * element + (scales * bits // 8 if asymmetric else 0)

@@ -82,10 +82,9 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
         if isinstance(module, nn.Linear) and name != "lm_head":
             if grid is not None:
                 entry = grid.linears[f"{name}.weight"]
-                if entry.bits == 8:  # a mixed grid's 8-bit linear: our weight-only kernel (XNNPACK has no 8-bit blocks)
-                    plan[name] = lambda m, e=entry: _weight_only(m, _grid_intx(e))
-                else:
-                    plan[name] = lambda m, e=entry: as_module(m, _grid_intx(e))
+                # a mixed grid's 8-bit linear: our weight-only kernel (XNNPACK has no 8-bit blocks)
+                wrap = _weight_only if entry.bits == 8 else as_module
+                plan[name] = lambda m, e=entry, w=wrap: w(m, _grid_intx(e))
             elif scheme.scheme == "ternary":
                 plan[name] = lambda m, g=scheme.group_size: _linear(m, _ternary(m.weight, g))
             else:
@@ -181,24 +180,18 @@ MSE_DIVISORS = tuple(6.0 + 0.0625 * i for i in range(41))  # 6 .. 8.5
 
 def _mse_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 4-bit codes (-8..7) and positive bf16 block scales with the least squared rounding error among
-    MSE_DIVISORS. Ours: torchao's choosers are absmax (rtn) or HQQ's iterative scale, and llama.cpp's Q4_0 rule
-    (the block's extreme on code -8 through a negative scale) cannot be carried: XNNPACK refuses a negative block
-    scale when it loads the program."""
+    max|W| / MSE_DIVISORS: the calibration's group rounding (exporter/calibration.py GroupRounding) over every
+    block at once. Not torchao's choosers (absmax, or HQQ's iterative scale), and not llama.cpp's Q4_0 rule (the
+    block's extreme on code -8 through a negative scale): XNNPACK refuses a negative block scale when it loads
+    the program."""
+    from cpm_mobile.exporter.calibration import GroupRounding
+
     rows, columns = weight.shape
-    blocks = weight.reshape(rows, columns // group_size, group_size)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    best_err = best_scale = None
-    for divisor in MSE_DIVISORS:
-        scale = (amax / divisor).to(torch.bfloat16).to(torch.float32)
-        err = ((torch.clamp(torch.round(blocks / scale), -8, 7) * scale - blocks) ** 2).sum(-1, keepdim=True)
-        if best_err is None:
-            best_err, best_scale = err, scale
-        else:
-            better = err < best_err
-            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
-    codes = torch.clamp(torch.round(blocks / best_scale), -8, 7).to(torch.int8).reshape(rows, columns)
-    return codes, best_scale.reshape(rows, -1)
+    rounding = GroupRounding(4, group_size, True, torch.bfloat16, MSE_DIVISORS)
+    blocks = weight.reshape(-1, group_size)  # one row per block: params() chooses a scale per row
+    scale, zero = rounding.params(blocks)
+    codes = rounding.codes(blocks, scale, zero) - zero[:, None]
+    return codes.to(torch.int8).reshape(rows, columns), scale.reshape(rows, -1)
 
 
 def bf16_scales(bits: int, dynamic_activations: bool) -> bool:
