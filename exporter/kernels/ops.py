@@ -263,3 +263,68 @@ for _bits, _name in LINEAR_OPS.items():
 
 def linear_tiles(bits: int, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return getattr(torch.ops.cpm_mobile, LINEAR_OPS[bits]).default(x, packed, out_features)
+
+
+# -- Gated DeltaNet recurrence -------------------------------------------------------------------
+#
+# gated_delta_rule(q [1, T, H, Dk], k [1, T, H, Dk], v [1, T, H, Dv], g [1, T, H], beta [1, T, H],
+#                  state [1, H, Dk, Dv], scale) -> (out [1, T, H, Dv], new_state [1, H, Dk, Dv])
+#     for each token t, per head:  S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;  out_t = scale S^T q_t
+#
+# Qwen3.5's linear attention (transformers' torch_recurrent_gated_delta_rule), q and k already L2-normalised
+# and repeated to the value heads. One op for any T: a prefill and a decode step run the same recurrence,
+# so the graph has no loop over a dynamic length (the C++ kernel, gated_delta_rule.cpp, and onnxruntime's
+# com.microsoft LinearAttention run it). State and arithmetic are fp32 whatever the activations' dtype.
+
+GATED_DELTA_OP = "gated_delta_rule"
+KERNEL_GATED_DELTA = f"{NAMESPACE}::{GATED_DELTA_OP}.out"
+
+_library.define(f"{GATED_DELTA_OP}(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state, float scale)"
+                " -> (Tensor, Tensor)")
+_library.define(f"{GATED_DELTA_OP}.out(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state, "
+                "float scale, *, Tensor(a!) out, Tensor(b!) state_out) -> (Tensor(a!) out, Tensor(b!) state_out)")
+
+
+def gated_delta_recurrence(q, k, v, g, beta, state, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence token by token in fp32 (the definition; the kernels compute the same sums)."""
+    dtype = v.dtype
+    q, k, v, g, beta = (x[0].float() for x in (q, k, v, g, beta))
+    s = state[0].float()
+    outs = []
+    for t in range(q.shape[0]):
+        s = s * g[t].exp()[:, None, None]
+        memory = torch.einsum("hkv,hk->hv", s, k[t])
+        delta = (v[t] - memory) * beta[t][:, None]
+        s = s + k[t][:, :, None] * delta[:, None, :]
+        outs.append(torch.einsum("hkv,hk->hv", s, q[t]) * scale)
+    out = torch.stack(outs) if outs else v.new_zeros(v.shape)
+    return out[None].to(dtype), s[None].to(state.dtype)
+
+
+@torch.library.impl(_library, GATED_DELTA_OP, "CompositeExplicitAutograd")
+def _gated_delta(q, k, v, g, beta, state, scale):
+    return gated_delta_recurrence(q, k, v, g, beta, state, scale)
+
+
+@torch.library.impl(_library, GATED_DELTA_OP, "Meta")
+def _gated_delta_meta(q, k, v, g, beta, state, scale):
+    return torch.empty_like(v), torch.empty_like(state)
+
+
+@torch.library.impl(_library, f"{GATED_DELTA_OP}.out", "CompositeExplicitAutograd")
+def _gated_delta_out(q, k, v, g, beta, state, scale, *, out, state_out):
+    result, new_state = gated_delta_recurrence(q, k, v, g, beta, state, scale)
+    out.resize_(result.shape)
+    state_out.resize_(new_state.shape)
+    return out.copy_(result), state_out.copy_(new_state)
+
+
+@torch.library.impl(_library, f"{GATED_DELTA_OP}.out", "Meta")
+def _gated_delta_out_meta(q, k, v, g, beta, state, scale, *, out, state_out):
+    out.resize_(v.shape)
+    state_out.resize_(state.shape)
+    return out, state_out
+
+
+def gated_delta_rule(q, k, v, g, beta, state, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.cpm_mobile.gated_delta_rule.default(q, k, v, g, beta, state, scale)

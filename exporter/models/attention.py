@@ -26,18 +26,31 @@ class GroupedQueryAttention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias  # MiniCPM: none; Llama: attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        # Qwen3.5: q_proj also yields a sigmoid gate per head for the attention output.
+        self.gated = config.attention_output_gate
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim * (2 if self.gated else 1), bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if config.qk_norm:  # per-head norms of q and k before rotary (Qwen3.5)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        q = self.q_proj(x)
+        if self.gated:
+            q, gate = q.view(batch, seq, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = q.reshape(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        y = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        return self.o_proj(y.reshape(batch, seq, -1))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v).reshape(batch, seq, -1)
+        if self.gated:
+            y = y * torch.sigmoid(gate.reshape(batch, seq, -1))
+        return self.o_proj(y)
 
 
 class MultiHeadLatentAttention(nn.Module):

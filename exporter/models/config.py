@@ -17,7 +17,12 @@ from cpm_mobile.exporter.errors import InputError
 AttentionKind = Literal["gqa", "mla"]
 FfnKind = Literal["gated", "blockffn"]
 
-SUPPORTED_MODEL_TYPES = ("minicpm", "minicpm3", "minicpm4", "blockffn", "llama")
+SUPPORTED_MODEL_TYPES = ("minicpm", "minicpm3", "minicpm4", "blockffn", "llama", "qwen3_5_text")
+# Folders whose text model is a qwen3_5_text config under "text_config", its tensors under
+# "model.language_model." (Qwen3.5 and MiniCPM-V 4.6 / 4.7 as transformers saves them).
+TEXT_CONFIG_WRAPPERS = ("qwen3_5", "minicpmv4_6", "minicpmv4_7")
+QWEN3_5_TEXT = "qwen3_5_text"
+LayerKind = Literal["full_attention", "linear_attention"]
 # rope_scaling types as transformers defines them (modeling_rope_utils.ROPE_INIT_FUNCTIONS).
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 RopeKind = Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"]
@@ -60,6 +65,30 @@ class SparseAttentionConfig:
 
 
 @dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet (Qwen3.5's linear_attention layers): a causal depthwise conv over q, k, v and a
+    recurrent state of [value heads, key_head_dim, value_head_dim] per layer."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     attention: AttentionKind
@@ -94,6 +123,17 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
     sparse_attention: SparseAttentionConfig | None = None
     torch_dtype: str = "float32"
+    # Qwen3.5 hybrid backbones: one mixer kind per layer (empty: every layer full attention),
+    # softmax attention with a sigmoid output gate and per-head q/k norms, rotary on a fraction of
+    # the head, norms that scale by (1 + weight) (folded into the weight at load).
+    layer_types: tuple[LayerKind, ...] = ()
+    linear_attention: LinearAttentionConfig | None = None
+    attention_output_gate: bool = False
+    qk_norm: bool = False
+    partial_rotary_factor: float = 1.0
+    zero_centered_norms: bool = False
+    # Where the text model's tensors live in the folder ("model.language_model." in a VL folder).
+    weight_prefix: str = "model."
     # config.json's quantization_config as written (GPTQ and others), kept for the loaders that read it.
     quantization_config: dict | None = None
     # The integer grid the checkpoint's linears carry (exporter/models/grid.py WeightGrid: GPTQ codes,
@@ -103,6 +143,8 @@ class ModelConfig:
     # -- derived -----------------------------------------------------------------------------
     @property
     def family(self) -> str:
+        if self.model_type == QWEN3_5_TEXT:
+            return "qwen3_5"
         if self.model_type == "llama":
             return "llama"
         return "blockffn" if self.ffn == "blockffn" else ("minicpm3" if self.attention == "mla" else "minicpm")
@@ -136,7 +178,15 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        return self.qk_rope_head_dim if self.attention == "mla" else int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_kind(self, index: int) -> LayerKind:
+        return self.layer_types[index] if self.layer_types else "full_attention"
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Some layers hold a recurrent state instead of a KV cache."""
+        return "linear_attention" in self.layer_types
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(replace(self, weight_grid=None)).items() if k != "weight_grid"}
@@ -186,6 +236,10 @@ class _ConfigParser:
 
     def parse(self) -> ModelConfig:
         model_type = self.raw.get("model_type", "minicpm")
+        if model_type in TEXT_CONFIG_WRAPPERS:
+            return self._wrapped_text_config(model_type)
+        if model_type == QWEN3_5_TEXT:
+            return _Qwen35Parser(self.raw, self.source).parse_qwen35()
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise self.fail(
                 f"model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -253,6 +307,24 @@ class _ConfigParser:
         rotary_dim = fields["qk_rope_head_dim"] if attention == "mla" else head_dim
         fields["rope"] = self._rope(rotary_dim, fields["max_position_embeddings"], transformers_rules=llama)
         return ModelConfig(**fields)
+
+    def _wrapped_text_config(self, model_type: str) -> ModelConfig:
+        """The text model of a Qwen3.5 / MiniCPM-V 4.6 / 4.7 folder (its vision tower is not read here)."""
+        text = self.raw.get("text_config")
+        if not isinstance(text, dict):
+            raise self.fail(f"model_type '{model_type}' needs a 'text_config' object")
+        inner = text.get("model_type", QWEN3_5_TEXT)
+        if inner != QWEN3_5_TEXT:
+            raise self.fail(f"text_config.model_type '{inner}' is not supported (supported: {QWEN3_5_TEXT})")
+        merged = dict(text)
+        # A composite config states the head's tying and the token ids once, at the top.
+        for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id"):
+            if key in self.raw and key not in merged:
+                merged[key] = self.raw[key]
+        if "tie_word_embeddings" in self.raw:
+            merged["tie_word_embeddings"] = self.raw["tie_word_embeddings"]
+        config = _Qwen35Parser(merged, self.source).parse_qwen35()
+        return replace(config, weight_prefix="model.language_model.")
 
     def _attention_kind(self, model_type: str) -> AttentionKind:
         declared = self.raw.get("attention_type")
@@ -390,3 +462,101 @@ class _RopeNumbers:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise self.parser.fail(f"rope_scaling.{key} must be a positive number, got {value!r}")
         return float(value)
+
+
+# transformers' Qwen3_5TextConfig defaults: a config.json may leave any of them out.
+QWEN3_5_DEFAULTS = {
+    "vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 32768, "head_dim": 256,
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "rms_norm_eps": 1e-6,
+}
+QWEN3_5_FULL_ATTENTION_INTERVAL = 4
+
+
+class _Qwen35Parser(_ConfigParser):
+    """qwen3_5_text: Gated DeltaNet and gated softmax attention layers (transformers' Qwen3_5TextModel)."""
+
+    def parse_qwen35(self) -> ModelConfig:
+        raw = {**QWEN3_5_DEFAULTS, **{k: v for k, v in self.raw.items() if v is not None}}
+        self.raw = raw
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise self.fail(f"hidden_act '{act}' is not supported (supported: silu)")
+        layers = self.get("num_hidden_layers", int)
+        heads = self.get("num_attention_heads", int)
+        kv_heads = self.get("num_key_value_heads", int)
+        if heads % kv_heads:
+            raise self.fail(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
+        linear = LinearAttentionConfig(
+            num_key_heads=self.get("linear_num_key_heads", int),
+            num_value_heads=self.get("linear_num_value_heads", int),
+            key_head_dim=self.get("linear_key_head_dim", int),
+            value_head_dim=self.get("linear_value_head_dim", int),
+            conv_kernel=self.get("linear_conv_kernel_dim", int),
+        )
+        if linear.num_value_heads % linear.num_key_heads:
+            raise self.fail(f"linear_num_value_heads {linear.num_value_heads} is not a multiple of "
+                            f"linear_num_key_heads {linear.num_key_heads}")
+        if linear.conv_kernel < 2:
+            raise self.fail(f"linear_conv_kernel_dim {linear.conv_kernel} must be at least 2")
+        layer_types = self._layer_types(layers)
+        head_dim = self.get("head_dim", int)
+        params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise self.fail("'rope_parameters' must be an object")
+        partial = raw.get("partial_rotary_factor", params.get("partial_rotary_factor", 0.25))
+        if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+            raise self.fail(f"partial_rotary_factor must be in (0, 1], got {partial!r}")
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim % 2:
+            raise self.fail(f"rotary dim {rotary_dim} (head_dim x partial_rotary_factor) must be even")
+        for key in ("attention_bias", "mlp_bias"):
+            if raw.get(key):
+                raise self.fail(f"{key}=true is not supported for {QWEN3_5_TEXT}")
+        # Text positions are one per token: MRoPE's sections (and their interleaving) then give every
+        # rotary pair the plain frequency, so only the image positions of the VL model need them.
+        plain = {k: v for k, v in params.items() if k not in ("partial_rotary_factor", "mrope_section",
+                                                                "mrope_interleaved")}
+        text_raw = {k: v for k, v in raw.items() if k != "partial_rotary_factor"}
+        rope = _ConfigParser({**text_raw, "rope_parameters": plain}, self.source)._rope(
+            rotary_dim, self.get("max_position_embeddings", int), transformers_rules=True)
+        return ModelConfig(
+            model_type=QWEN3_5_TEXT,
+            attention="gqa",
+            ffn="gated",
+            vocab_size=self.get("vocab_size", int),
+            hidden_size=self.get("hidden_size", int),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=self.get("intermediate_size", int),
+            rms_norm_eps=self.get("rms_norm_eps", float),
+            max_position_embeddings=self.get("max_position_embeddings", int),
+            rope=rope,
+            tie_word_embeddings=self.get("tie_word_embeddings", bool, False),
+            bos_token_id=self.get("bos_token_id", int, None, positive=False),
+            eos_token_ids=self._eos_ids() if "eos_token_id" in self.raw else (),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            quantization_config=self._quantization_config(),
+            layer_types=layer_types,
+            linear_attention=linear,
+            attention_output_gate=True,
+            qk_norm=True,
+            partial_rotary_factor=float(partial),
+            zero_centered_norms=True,
+        )
+
+    def _layer_types(self, layers: int) -> tuple[LayerKind, ...]:
+        declared = self.raw.get("layer_types")
+        if declared is None:
+            interval = self.get("full_attention_interval", int, QWEN3_5_FULL_ATTENTION_INTERVAL)
+            return tuple("linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers))
+        if not isinstance(declared, list) or len(declared) != layers:
+            raise self.fail(f"'layer_types' must list {layers} layer kinds (num_hidden_layers)")
+        unknown = sorted({kind for kind in declared if kind not in ("full_attention", "linear_attention")})
+        if unknown:
+            raise self.fail(f"layer_types holds {', '.join(map(repr, unknown))}: supported full_attention, "
+                            "linear_attention")
+        return tuple(declared)

@@ -50,27 +50,56 @@ def canonical_state(
     """
     state: dict[str, torch.Tensor] = {}
     state_origin: dict[str, Path] = {}
-    for name, tensor in raw.items():
+    for disk, tensor in raw.items():
         before = set(state)
-        if name.endswith(IGNORED_SUFFIXES):
+        name = _text_model_name(disk, config)
+        if name is None or name.endswith(IGNORED_SUFFIXES):
             continue
+        path = origin[disk]
+        if _zero_centered(name, config):
+            tensor = tensor.float() + 1.0  # (1 + w) as transformers computes it, in fp32, folded once
         kind = name.rsplit(".", 1)[-1]  # weight or bias: fused biases split like their weights
         if name.endswith(f"self_attn.qkv_proj.{kind}"):
             prefix = name.removesuffix(f"qkv_proj.{kind}")
             sizes = [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
-            parts = _split_rows(tensor, sizes, name, origin[name])
+            parts = _split_rows(tensor, sizes, name, path)
             state.update({f"{prefix}{p}_proj.{kind}": t for p, t in zip("qkv", parts)})
         elif name.endswith(f"mlp.gate_up_proj.{kind}"):
             prefix = name.removesuffix(f"gate_up_proj.{kind}")
             sizes = [config.intermediate_size] * 2
-            gate, up = _split_rows(tensor, sizes, name, origin[name])
+            gate, up = _split_rows(tensor, sizes, name, path)
             state[f"{prefix}gate_proj.{kind}"], state[f"{prefix}up_proj.{kind}"] = gate, up
         elif name not in expected and f"{name}.weight" in expected:
             state[f"{name}.weight"] = tensor  # BlockFFN writes mlp.up_proj / mlp.down_proj without ".weight"
         else:
             state[name] = tensor
-        state_origin.update({new: origin[name] for new in set(state) - before})
+        state_origin.update({new: path for new in set(state) - before})
     return state, state_origin
+
+
+# Norms that scale by (1 + weight) in Qwen3.5 (Qwen3_5RMSNorm); the gated norm inside linear_attn does not.
+ZERO_CENTERED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+                       "self_attn.k_norm.weight")
+FINAL_NORM = "model.norm.weight"
+# Tensors of a Qwen3.5 folder that the text model does not use (transformers ignores them too):
+# the multi-token-prediction head.
+TEXT_IGNORED_PREFIXES = ("mtp.",)
+
+
+def _zero_centered(name: str, config: ModelConfig) -> bool:
+    return config.zero_centered_norms and (name == FINAL_NORM or name.endswith(ZERO_CENTERED_NORMS))
+
+
+def _text_model_name(name: str, config: ModelConfig) -> str | None:
+    """The canonical name of a text-model tensor, or None for one the text model does not use
+    (a VL folder's vision tower and merger, Qwen3.5's MTP head)."""
+    if name.startswith(LM_HEAD.removesuffix("weight")):
+        return name
+    if config.family == "qwen3_5" and name.startswith(TEXT_IGNORED_PREFIXES):
+        return None
+    if config.weight_prefix == "model.":
+        return name
+    return "model." + name.removeprefix(config.weight_prefix) if name.startswith(config.weight_prefix) else None
 
 
 def _split_rows(tensor: torch.Tensor, sizes: list[int], name: str, path: Path) -> tuple[torch.Tensor, ...]:
@@ -190,11 +219,16 @@ def checkpoint_state(model: CausalLM) -> dict[str, torch.Tensor]:
         hf_name = _hf_name(name)
         if hf_name == LM_HEAD and model.tied:
             continue
-        state[disk_name(hf_name, model.config)] = tensor.detach().clone()
+        tensor = tensor.detach().clone()
+        if _zero_centered(hf_name, model.config):
+            tensor = tensor - 1.0
+        state[disk_name(hf_name, model.config)] = tensor
     return state
 
 def disk_name(name: str, config: ModelConfig) -> str:
     """The name a real checkpoint of this family uses for a canonical tensor name."""
+    if config.weight_prefix != "model." and name.startswith("model."):
+        return config.weight_prefix + name.removeprefix("model.")
     if config.ffn != "blockffn":
         return name
     # Released BlockFFN checkpoints store the expert matrices without the ".weight" suffix.

@@ -131,7 +131,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [T, D] for the tokens' positions."""
+    """x: [B, T, H, D]; cos/sin: [T, R] for the tokens' positions. R < D (partial rotary): the first R
+    dims rotate and the rest pass through."""
     cos = cos[None, :, None, :].to(x.dtype)
     sin = sin[None, :, None, :].to(x.dtype)
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
     return x * cos + rotate_half(x) * sin

@@ -16,21 +16,31 @@ from cpm_mobile.exporter.models.attention import Attend, build_attention
 from cpm_mobile.exporter.models.config import ModelConfig
 from cpm_mobile.exporter.models.ffn import build_ffn
 from cpm_mobile.exporter.models.kv_cache import StaticKVCache, causal_mask
+from cpm_mobile.exporter.models.linear_attention import GatedDeltaNet, LinearAttentionState
 from cpm_mobile.exporter.models.norm import RMSNorm
 from cpm_mobile.exporter.models.rope import exact_rope_limit, rope_tables
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Token mixer + FFN. The mixer is softmax attention (`self_attn`, given an Attend over its KV
+    cache) or, in hybrid backbones, Gated DeltaNet (`linear_attn`, given its Recurrence)."""
+
+    def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = build_attention(config)
+        self.linear = config.layer_kind(index) == "linear_attention"
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = build_attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = build_ffn(config)
         self.residual_scale = config.residual_scale
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attend) * self.residual_scale
+        x = self.input_layernorm(h)
+        mixed = self.linear_attn(x, attend) if self.linear else self.self_attn(x, cos, sin, attend)
+        h = h + mixed * self.residual_scale
         return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
 
 
@@ -61,7 +71,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.max_seq_len = max_seq_len
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tied = False
@@ -69,9 +79,11 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         scale = config.qk_head_dim**-0.5
+        # One state per layer: a KV cache for attention layers, conv + recurrent state for linear ones.
         self.kv_caches = nn.ModuleList(
-            StaticKVCache(config.cache_heads, config.k_head_dim, config.value_head_dim, max_seq_len, scale, dtype)
-            for _ in range(config.num_layers)
+            LinearAttentionState(config.linear_attention, dtype) if config.layer_kind(i) == "linear_attention"
+            else StaticKVCache(config.cache_heads, config.k_head_dim, config.value_head_dim, max_seq_len, scale, dtype)
+            for i in range(config.num_layers)
         )
         self.to(dtype)
 
@@ -83,8 +95,8 @@ class CausalLM(nn.Module):
         """Real rope tables and empty caches, for a module whose weights were assigned from a checkpoint."""
         self.rope_cos, self.rope_sin = self._rope_tables()
         for cache in self.kv_caches:
-            cache.k_cache = torch.zeros(cache.k_cache.shape, dtype=cache.k_cache.dtype)
-            cache.v_cache = torch.zeros(cache.v_cache.shape, dtype=cache.v_cache.dtype)
+            for name, buffer in cache.named_buffers():
+                setattr(cache, name, torch.zeros(buffer.shape, dtype=buffer.dtype))
 
     def tie_embeddings(self) -> None:
         self.lm_head.weight = self.embed_tokens.weight
@@ -110,7 +122,10 @@ class CausalLM(nn.Module):
             cache.reset()
 
 
-def _bind(cache: StaticKVCache, positions: torch.Tensor, mask: torch.Tensor) -> Attend:
+def _bind(cache: nn.Module, positions: torch.Tensor, mask: torch.Tensor) -> Attend:
+    if isinstance(cache, LinearAttentionState):
+        return cache.bind(positions)
+
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return cache(q, k, v, positions, mask)
 
