@@ -1,7 +1,10 @@
 """The ONNX artifact in onnxruntime (CPU EP), behind the Session interface.
 
 The graph takes the past keys/values as inputs and returns present = past + new ones; the session
-holds the present arrays between calls and feeds them back as the next call's past.
+holds the present arrays between calls and feeds them back as the next call's past. Linear-attention
+layers (hybrid backbones) take fixed-size conv and recurrent states the same way. Those cannot be cut
+back to an earlier position, so going back re-runs the kept tokens from position 0 (exact: the same
+recurrence over the same tokens).
 """
 from __future__ import annotations
 
@@ -27,24 +30,37 @@ class OnnxSession:
         self.layers = int(cache["layers"])
         self.max_seq_len = int(io["max_seq_len"])
         dtype = NUMPY_DTYPES[cache["dtype"]]
+        recurrent = io.get("recurrent") or {}
+        linear = set(recurrent.get("layers", ()))
         self._empty_past = {}
+        self._outputs = [self.names["logits"]]
+        self._attention_past: list[str] = []
         for i in range(self.layers):
-            self._empty_past[self.names["past_key"] % i] = np.zeros((1, cache["heads"], 0, cache["key_dim"]), dtype)
+            if i in linear:
+                state_names = recurrent["names"]
+                self._empty_past[state_names["past_conv"] % i] = np.zeros(recurrent["conv_shape"], dtype)
+                self._empty_past[state_names["past_recurrent"] % i] = np.zeros(recurrent["recurrent_shape"], dtype)
+                self._outputs += [state_names["present_conv"] % i, state_names["present_recurrent"] % i]
+                continue
+            key, value = self.names["past_key"] % i, self.names["past_value"] % i
+            self._empty_past[key] = np.zeros((1, cache["heads"], 0, cache["key_dim"]), dtype)
             value_width = cache.get("stored_value_dim") or cache["value_dim"]  # zero-padded MLA values as stored
-            self._empty_past[self.names["past_value"] % i] = np.zeros((1, cache["heads"], 0, value_width), dtype)
+            self._empty_past[value] = np.zeros((1, cache["heads"], 0, value_width), dtype)
+            self._attention_past += [key, value]
+            self._outputs += [self.names["present_key"] % i, self.names["present_value"] % i]
+        self.recurrent = bool(linear)
         self.session = _inference_session(model_path, session_options)
         _check_inputs(model_path, self.session, [io["names"]["input_ids"], *self._empty_past])
         self._past: dict[str, np.ndarray] = dict(self._empty_past)
-        self._outputs = [self.names["logits"]]
-        for i in range(self.layers):
-            self._outputs += [self.names["present_key"] % i, self.names["present_value"] % i]
+        self._tokens = np.zeros(0, dtype=np.int64)  # the tokens the states hold, for a recurrent rewind
 
     @property
     def cached_len(self) -> int:
-        return next(iter(self._past.values())).shape[2] if self._past else 0
+        return self._past[self._attention_past[0]].shape[2] if self._attention_past else len(self._tokens)
 
     def reset(self) -> None:
         self._past = dict(self._empty_past)
+        self._tokens = self._tokens[:0]
 
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -53,8 +69,14 @@ class OnnxSession:
         end = start_pos + len(tokens)
         if end > self.max_seq_len:
             raise ValueError(f"positions up to {end} exceed max_seq_len {self.max_seq_len}")
+        if self.recurrent and start_pos < self.cached_len:
+            kept = self._tokens[:start_pos]
+            self.reset()
+            if kept.size:
+                self.forward(kept, 0)
         # Going back (start_pos < cached length) rewinds: the cache keeps only positions < start_pos.
-        past = {name: array[:, :, :start_pos] for name, array in self._past.items()}
+        past = {name: array[:, :, :start_pos] if name in self._attention_past else array
+                for name, array in self._past.items()}
         feed = {
             self.names["input_ids"]: tokens[None],
             self.names["attention_mask"]: np.ones((1, end), dtype=np.int64),
@@ -63,6 +85,7 @@ class OnnxSession:
         }
         logits, *presents = self.session.run(self._outputs, feed)
         self._past = dict(zip(self._empty_past, presents))
+        self._tokens = np.concatenate((self._tokens[:start_pos], tokens))
         return logits[0].astype(np.float32, copy=False)
 
 

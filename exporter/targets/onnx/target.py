@@ -36,6 +36,9 @@ from cpm_mobile.exporter.targets.base import (
 )
 from cpm_mobile.exporter.targets.onnx.spec import OnnxSpec
 from cpm_mobile.exporter.targets.onnx.genai_config import GENAI_CONFIG_FILE, genai_config
+from cpm_mobile.exporter.targets.onnx.linear_attention import (
+    PAST_CONV, PAST_RECURRENT, PRESENT_CONV, PRESENT_RECURRENT, TRANSLATIONS, PastPresentRecurrence,
+)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -65,13 +68,29 @@ class CacheLayout:
     value_dim: int
     model_value_dim: int
     dtype: torch.dtype
+    # Hybrid backbones: which layers hold a linear-attention state instead of a KV cache, and its shapes.
+    linear_layers: tuple[int, ...] = ()
+    conv_shape: tuple[int, ...] = ()
+    recurrent_shape: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, model: CausalLM, dtype: torch.dtype, pad_values: bool) -> "CacheLayout":
         config = model.config
         key_dim, value_dim = config.k_head_dim, config.value_head_dim
         stored = max(key_dim, value_dim) if pad_values else value_dim
-        return cls(config.num_layers, config.cache_heads, key_dim, stored, value_dim, dtype)
+        linear = tuple(i for i in range(config.num_layers) if config.layer_kind(i) == "linear_attention")
+        shapes: dict[str, tuple[int, ...]] = {}
+        if linear:
+            state = model.kv_caches[linear[0]]
+            shapes = dict(conv_shape=tuple(state.conv_state.shape), recurrent_shape=tuple(state.recurrent_state.shape))
+        return cls(config.num_layers, config.cache_heads, key_dim, stored, value_dim, dtype, linear, **shapes)
+
+    def is_linear(self, layer: int) -> bool:
+        return layer in self.linear_layers
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.layers) if i not in self.linear_layers)
 
 
 class PastPresentLM(nn.Module):
@@ -85,7 +104,7 @@ class PastPresentLM(nn.Module):
         super().__init__()
         self.model = model
         self.layout = layout
-        self.scales = [cache.scale for cache in model.kv_caches]
+        self.scales = [getattr(cache, "scale", None) for cache in model.kv_caches]
         # Inference graph; set on the wrapper alone, since .eval() would recurse into the caller's model.
         self.training = False
 
@@ -97,19 +116,20 @@ class PastPresentLM(nn.Module):
         past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
     ) -> tuple[torch.Tensor, ...]:
         new_len = input_ids.shape[1]
-        past_len = past_key_values[0][0].shape[2]
+        past_len = past_key_values[self.layout.attention_layers[0]][0].shape[2]
         # Row t is the token in cache slot past_len + t; it sees slots 0..past_len + t that the
         # attention mask keeps (all of them for genai's batch-1 generation).
         query_slots = torch.arange(new_len, dtype=torch.int64) + past_len
         key_slots = torch.arange(past_len + new_len, dtype=torch.int64)
         mask = (key_slots[None, :] <= query_slots[:, None]) & attention_mask[0].bool()[None, :]
-        presents: list[torch.Tensor] = []
+        presents: list[list[torch.Tensor]] = [[None, None] for _ in past_key_values]
         attends = [
-            self._attend(past_k, past_v, mask, scale, presents)
-            for (past_k, past_v), scale in zip(past_key_values, self.scales)
+            PastPresentRecurrence(past_a, past_b, layer_presents) if self.layout.is_linear(i)
+            else self._attend(past_a, past_b, mask, scale, layer_presents)
+            for i, ((past_a, past_b), scale, layer_presents) in enumerate(zip(past_key_values, self.scales, presents))
         ]
         logits = self.model.decode(input_ids, position_ids[0], attends)
-        return (logits, *presents)
+        return (logits, *(tensor for layer in presents for tensor in layer))
 
     def _attend(
         self, past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, scale: float, presents: list[torch.Tensor]
@@ -122,7 +142,7 @@ class PastPresentLM(nn.Module):
                 v = F.pad(v, (0, pad))
             key = torch.cat((past_k, k.transpose(1, 2).to(past_k.dtype)), dim=2)
             value = torch.cat((past_v, v.transpose(1, 2).to(past_v.dtype)), dim=2)
-            presents.extend((key, value))
+            presents[:] = [key, value]
             out = grouped_sdpa(q.transpose(1, 2), key.to(q.dtype), value.to(q.dtype), mask, scale)
             return out[..., : layout.model_value_dim] if pad else out
 
@@ -133,10 +153,13 @@ def example_inputs(layout: CacheLayout, new_len: int = 5, past_len: int = 7) -> 
     """Tracing inputs. T and P differ (and exceed 1) so torch.export neither merges nor specialises them."""
     past = tuple(
         (
+            torch.zeros(layout.conv_shape, dtype=layout.dtype),
+            torch.zeros(layout.recurrent_shape, dtype=layout.dtype),
+        ) if layout.is_linear(i) else (
             torch.zeros(1, layout.heads, past_len, layout.key_dim, dtype=layout.dtype),
             torch.zeros(1, layout.heads, past_len, layout.value_dim, dtype=layout.dtype),
         )
-        for _ in range(layout.layers)
+        for i in range(layout.layers)
     )
     input_ids = torch.zeros(1, new_len, dtype=torch.int64)
     attention_mask = torch.ones(1, past_len + new_len, dtype=torch.int64)
@@ -144,13 +167,16 @@ def example_inputs(layout: CacheLayout, new_len: int = 5, past_len: int = 7) -> 
     return input_ids, attention_mask, position_ids, past
 
 
-def input_names(layers: int) -> list[str]:
-    caches = [name % i for i in range(layers) for name in (PAST_KEY, PAST_VALUE)]
+def input_names(layout: CacheLayout) -> list[str]:
+    caches = [name % i for i in range(layout.layers)
+              for name in ((PAST_CONV, PAST_RECURRENT) if layout.is_linear(i) else (PAST_KEY, PAST_VALUE))]
     return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *caches]
 
 
-def output_names(layers: int) -> list[str]:
-    return [LOGITS, *(name % i for i in range(layers) for name in (PRESENT_KEY, PRESENT_VALUE))]
+def output_names(layout: CacheLayout) -> list[str]:
+    return [LOGITS, *(name % i for i in range(layout.layers)
+                      for name in ((PRESENT_CONV, PRESENT_RECURRENT) if layout.is_linear(i)
+                                   else (PRESENT_KEY, PRESENT_VALUE)))]
 
 
 def build_onnx(model: CausalLM, layout: CacheLayout, opset: int = DEFAULT_OPSET) -> ir.Model:
@@ -162,7 +188,8 @@ def build_onnx(model: CausalLM, layout: CacheLayout, opset: int = DEFAULT_OPSET)
         INPUT_IDS: {1: seq},
         ATTENTION_MASK: {1: torch.export.Dim.AUTO},
         POSITION_IDS: {1: seq},
-        "past_key_values": tuple(({2: past}, {2: past}) for _ in range(layout.layers)),
+        "past_key_values": tuple(({}, {}) if layout.is_linear(i) else ({2: past}, {2: past})
+                                 for i in range(layout.layers)),
     }
     with torch.no_grad(), warnings.catch_warnings():
         # input_ids and position_ids share the sequence dim by design; the exporter warns about it.
@@ -173,8 +200,9 @@ def build_onnx(model: CausalLM, layout: CacheLayout, opset: int = DEFAULT_OPSET)
             dynamo=True,
             opset_version=opset,
             dynamic_shapes=dynamic_shapes,
-            input_names=input_names(layout.layers),
-            output_names=output_names(layout.layers),
+            input_names=input_names(layout),
+            output_names=output_names(layout),
+            custom_translation_table=TRANSLATIONS if layout.linear_layers else None,
             verbose=False,
         )
     onnx_model = program.model
@@ -230,9 +258,28 @@ def io_contract(layout: CacheLayout, vocab_size: int, max_seq_len: int) -> dict[
         {"name": POSITION_IDS, "dtype": "int64", "shape": [1, SEQ]},
     ]
     outputs = [{"name": LOGITS, "dtype": cache_dtype, "shape": [1, SEQ, vocab_size]}]
+    def state(name: str, index: int, shape: tuple[int, ...]) -> dict[str, Any]:
+        return {"name": name % index, "dtype": cache_dtype, "shape": list(shape)}
+
     for i in range(layout.layers):
+        if layout.is_linear(i):
+            inputs += [state(PAST_CONV, i, layout.conv_shape), state(PAST_RECURRENT, i, layout.recurrent_shape)]
+            outputs += [state(PRESENT_CONV, i, layout.conv_shape),
+                        state(PRESENT_RECURRENT, i, layout.recurrent_shape)]
+            continue
         inputs += [cache(PAST_KEY, i, PAST, layout.key_dim), cache(PAST_VALUE, i, PAST, layout.value_dim)]
         outputs += [cache(PRESENT_KEY, i, TOTAL, layout.key_dim), cache(PRESENT_VALUE, i, TOTAL, layout.value_dim)]
+    recurrent = {}
+    if layout.linear_layers:
+        # Linear-attention layers carry fixed-size states instead of a KV cache; a client starts them
+        # at zero and feeds each call's present back as the next call's past.
+        recurrent = {"recurrent": {
+            "layers": list(layout.linear_layers),
+            "conv_shape": list(layout.conv_shape),
+            "recurrent_shape": list(layout.recurrent_shape),
+            "names": {"past_conv": PAST_CONV, "past_recurrent": PAST_RECURRENT,
+                      "present_conv": PRESENT_CONV, "present_recurrent": PRESENT_RECURRENT},
+        }}
     return {
         "inputs": inputs,
         "outputs": outputs,
@@ -258,6 +305,7 @@ def io_contract(layout: CacheLayout, vocab_size: int, max_seq_len: int) -> dict[
         },
         "vocab_size": vocab_size,
         "max_seq_len": max_seq_len,
+        **recurrent,
     }
 
 
@@ -366,6 +414,8 @@ class OnnxTarget:
 
 def _genai_config(model: CausalLM, context: ExportContext, io: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     cache = io["cache"]
+    if "recurrent" in io:
+        return None, "not supported: the hybrid (linear-attention) layers' states need genai's qwen3_5_text model type"
     if cache["key_dim"] != cache["stored_value_dim"]:
         return None, (
             f"not supported: onnxruntime-genai sizes key and value caches with one head_size, but keys are "
