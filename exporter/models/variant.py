@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cpm_mobile.exporter.models.kv_cache import StaticKVCache
+from cpm_mobile.exporter.models.linear_attention import LinearAttentionState
 from cpm_mobile.exporter.models.transformer import CausalLM
 
 # Called with (name, module) for every module of the source, parents before children; returns the
@@ -40,7 +41,10 @@ def derive(model: CausalLM, replace: Replacer | Mapping[str, nn.Module] | None =
     if table:
         raise KeyError(f"no module named {', '.join(sorted(table))} in the model")
     make_cache = caches or empty_like
-    variant.kv_caches = nn.ModuleList(make_cache(cache) for cache in model.kv_caches)
+    # A target's cache form replaces KV caches; linear-attention states are the same in every form
+    # that keeps state in buffers, so each variant gets fresh ones.
+    variant.kv_caches = nn.ModuleList(cache.empty_like() if isinstance(cache, LinearAttentionState)
+                                      else make_cache(cache) for cache in model.kv_caches)
     variant.training = False
     return variant
 
@@ -65,8 +69,11 @@ def _rebuild(module: nn.Module, name: str, replace: Replacer) -> nn.Module:
     return clone
 
 
-def empty_like(cache: StaticKVCache) -> StaticKVCache:
-    """An empty reference cache with the same heads, widths, length, scale and dtype."""
+def empty_like(cache: StaticKVCache | LinearAttentionState) -> StaticKVCache | LinearAttentionState:
+    """An empty reference cache with the same heads, widths, length, scale and dtype (or an empty
+    linear-attention state of the same shapes)."""
+    if isinstance(cache, LinearAttentionState):
+        return cache.empty_like()
     _, heads, max_seq_len, k_dim = cache.k_cache.shape
     return StaticKVCache(heads, k_dim, cache.v_cache.shape[-1], max_seq_len, cache.scale, cache.k_cache.dtype)
 

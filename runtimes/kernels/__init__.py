@@ -6,6 +6,8 @@
 - linear_weight_only.cpp: cpm_mobile::linear_q8x4.out / linear_q4x4.out, linears over 8- or 4-bit weights
   (tiles of 4 rows x 32 columns) with fp32 activations: XNNPACK rounds a quantised linear's activations
   to int8;
+- gated_delta_rule.cpp: cpm_mobile::gated_delta_rule.out, the recurrence of Qwen3.5's linear-attention
+  layers over T tokens from a state (prefill and decode through one graph);
 - build.py: compiles libcpm_mobile_kernels against the executorch wheel (run by pip install);
 - loader.py: registers the library with ExecuTorch's runtime once per process.
 """
@@ -15,4 +17,4 @@
 LIBRARY = "libcpm_mobile_kernels"
 KERNEL_LIBRARIES = {f"cpm_mobile::{op}.out": LIBRARY
                     for op in ("sparse_expert_ffn", "sparse_expert_ffn_int8", "sparse_expert_ffn_int4",
-                               "linear_q8x4", "linear_q4x4")}
+                               "linear_q8x4", "linear_q4x4", "gated_delta_rule")}

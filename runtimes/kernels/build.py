@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "sparse_expert_ffn.cpp", HERE / "linear_weight_only.cpp")
+SOURCES = (HERE / "sparse_expert_ffn.cpp", HERE / "linear_weight_only.cpp", HERE / "gated_delta_rule.cpp")
 LIBRARY_NAME = "libcpm_mobile_kernels"  # = runtimes.kernels.LIBRARY (not imported: setup.py loads this file alone)
 # Extra compiler flags, e.g. CPM_MOBILE_KERNEL_FLAGS="-march=armv8.2-a" (default: tune for this machine).
 FLAGS_VARIABLE = "CPM_MOBILE_KERNEL_FLAGS"

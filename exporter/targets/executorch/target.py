@@ -229,7 +229,7 @@ def cache_description(model: CausalLM, attention: str) -> dict[str, Any]:
         "value_dim": v_dim,
         "stored_value_dim": stored_v_dim,
         "max_seq_len": model.max_seq_len,
-        "dtype": str(model.kv_caches[0].k_cache.dtype).removeprefix("torch."),
+        "dtype": str(next(c.k_cache.dtype for c in model.kv_caches if hasattr(c, "k_cache"))).removeprefix("torch."),
     }
 
 
