@@ -267,8 +267,9 @@ def _print_tokenizer_notes(report: dict) -> None:
 @app.command()
 def export(
     model: Optional[Path] = ModelOption,
-    target: TargetOrAll = typer.Option(TargetOrAll.all, "--target", "-t", case_sensitive=False,
-                                       help="Which artifact to build; all: every target of the recipe."),
+    target: list[TargetOrAll] = typer.Option([TargetOrAll.all], "--target", "-t", case_sensitive=False,
+                                             help="Which artifact to build (repeat for several); all: every "
+                                                  "target of the recipe."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Folder the bundle folder is written into."),
     recipe: str = typer.Option("fp32", "--recipe", "-r",
                                help=f"Built-in recipe ({', '.join(_builtin_recipes())}; see `cpm-mobile recipes`) "
@@ -300,7 +301,8 @@ def export(
         if dry_run:
             _dry_run(model or DEFAULT_MODEL, recipe, loaded.name, heldout, calibration, verbose)
             return
-        selected = loaded.select(list(loaded.targets) if target is TargetOrAll.all else [target.value])
+        selected = loaded.select(list(loaded.targets) if TargetOrAll.all in target
+                                 else list(dict.fromkeys(t.value for t in target)))
         if junit:
             writable_file(junit)
         with _progress_bar() as progress:

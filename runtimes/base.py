@@ -24,6 +24,40 @@ class Session(Protocol):
         """tokens: int64 [T] placed at positions start_pos..start_pos+T-1. Returns float32 logits [T, V]."""
 
 
+class RecurrentReplay:
+    """A session over a model with recurrent state (linear-attention layers). Such a state cannot be
+    cut back to an earlier position as a KV cache can, so going back (a rejected speculative draft, a
+    chat turn that rewinds) re-runs the kept tokens from position 0: exact, since it is the same
+    recurrence over the same tokens, at the cost of one prefill."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.max_seq_len = session.max_seq_len
+        self.verified = session.verified
+        self._tokens = np.zeros(0, dtype=np.int64)  # what the state holds, positions 0..len-1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def reset(self) -> None:
+        self.session.reset()
+        self._tokens = self._tokens[:0]
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if not 0 <= start_pos <= len(self._tokens):
+            raise ValueError(f"start_pos {start_pos} leaves a gap: the state holds {len(self._tokens)} positions")
+        if start_pos < len(self._tokens):
+            kept = self._tokens[:start_pos]
+            self.reset()
+            if kept.size:
+                self.session.forward(kept, 0)
+                self._tokens = kept
+        logits = self.session.forward(tokens, start_pos)
+        self._tokens = np.concatenate((self._tokens, tokens))
+        return logits
+
+
 SessionOpener = Callable[[Path, dict[str, Any]], Session]
 _OPENERS: dict[str, SessionOpener] = {}
 
@@ -37,7 +71,8 @@ def open_session(bundle_dir: Path, artifact: dict[str, Any]) -> Session:
     target = artifact["target"]
     if target not in _OPENERS:
         _import_runtime(target)
-    return _OPENERS[target](Path(bundle_dir), artifact)
+    session = _OPENERS[target](Path(bundle_dir), artifact)
+    return RecurrentReplay(session) if artifact.get("io", {}).get("recurrent") else session
 
 
 def _import_runtime(target: str) -> None:

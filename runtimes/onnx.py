@@ -2,9 +2,8 @@
 
 The graph takes the past keys/values as inputs and returns present = past + new ones; the session
 holds the present arrays between calls and feeds them back as the next call's past. Linear-attention
-layers (hybrid backbones) take fixed-size conv and recurrent states the same way. Those cannot be cut
-back to an earlier position, so going back re-runs the kept tokens from position 0 (exact: the same
-recurrence over the same tokens).
+layers (hybrid backbones) take fixed-size conv and recurrent states the same way; those cannot be cut
+back to an earlier position (open_session wraps such a session in base.RecurrentReplay).
 """
 from __future__ import annotations
 
@@ -52,15 +51,15 @@ class OnnxSession:
         self.session = _inference_session(model_path, session_options)
         _check_inputs(model_path, self.session, [io["names"]["input_ids"], *self._empty_past])
         self._past: dict[str, np.ndarray] = dict(self._empty_past)
-        self._tokens = np.zeros(0, dtype=np.int64)  # the tokens the states hold, for a recurrent rewind
+        self._length = 0
 
     @property
     def cached_len(self) -> int:
-        return self._past[self._attention_past[0]].shape[2] if self._attention_past else len(self._tokens)
+        return self._length
 
     def reset(self) -> None:
         self._past = dict(self._empty_past)
-        self._tokens = self._tokens[:0]
+        self._length = 0
 
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -69,11 +68,10 @@ class OnnxSession:
         end = start_pos + len(tokens)
         if end > self.max_seq_len:
             raise ValueError(f"positions up to {end} exceed max_seq_len {self.max_seq_len}")
-        if self.recurrent and start_pos < self.cached_len:
-            kept = self._tokens[:start_pos]
+        if self.recurrent and start_pos not in (0, self.cached_len):
+            raise ValueError(f"start_pos {start_pos}: a recurrent state continues at {self.cached_len} or restarts at 0")
+        if self.recurrent and start_pos == 0:
             self.reset()
-            if kept.size:
-                self.forward(kept, 0)
         # Going back (start_pos < cached length) rewinds: the cache keeps only positions < start_pos.
         past = {name: array[:, :, :start_pos] if name in self._attention_past else array
                 for name, array in self._past.items()}
@@ -85,7 +83,7 @@ class OnnxSession:
         }
         logits, *presents = self.session.run(self._outputs, feed)
         self._past = dict(zip(self._empty_past, presents))
-        self._tokens = np.concatenate((self._tokens[:start_pos], tokens))
+        self._length = end
         return logits[0].astype(np.float32, copy=False)
 
 

@@ -95,6 +95,11 @@ class CoreMLTarget:
         return exported_with_twin(self, model, spec, out_dir, info)
 
     def validate(self, model: CausalLM, spec: CoreMLSpec) -> list[str]:
+        if model.config.is_hybrid:
+            # The recurrence over a flexible T needs a MIL while_loop (and our Linux MIL interpreter to run
+            # one); until then such models go to the .pte and the .onnx only.
+            return ["linear-attention layers (Gated DeltaNet) are not supported on Core ML yet; "
+                    "export --target executorch or --target onnx"]
         if spec.quantization is None:
             return []
         from cpm_mobile.exporter.targets.coreml import quant

@@ -245,7 +245,20 @@ def io_contract(model: CausalLM, attention: str) -> dict[str, Any]:
         "max_seq_len": model.max_seq_len,
         "constraint": "input_pos + T <= max_seq_len",
         "cache": cache_description(model, attention),
+        **recurrent_description(model),
     }
+
+
+def recurrent_description(model: CausalLM) -> dict[str, Any]:
+    """Hybrid backbones: the linear-attention layers keep a conv and a recurrent state (mutable buffers,
+    reset by a call at input_pos 0) instead of a KV cache; they continue only from their last position."""
+    linear = [i for i in range(model.config.num_layers) if model.config.layer_kind(i) == "linear_attention"]
+    if not linear:
+        return {}
+    state = model.kv_caches[linear[0]]
+    return {"recurrent": {"layers": linear, "conv_shape": list(state.conv_state.shape),
+                          "recurrent_shape": list(state.recurrent_state.shape), "kind": "mutable_buffers",
+                          "reset": "input_pos == 0"}}
 
 
 def program_contents(executorch_program) -> dict[str, Any]:
