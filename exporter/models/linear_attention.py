@@ -131,7 +131,9 @@ class _BoundState:
         self.continuing = continuing  # bool [1]: false at position 0, where a new sequence starts
 
     def _past(self, buffer: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.continuing, buffer, torch.zeros_like(buffer))
+        # A product, not where(..., zeros_like(buffer)): exporters fold the zeros into a stored constant
+        # as large as the state.
+        return buffer * self.continuing.to(buffer.dtype)
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out, past = causal_conv(self._past(self.owner.conv_state), x, weight)
