@@ -39,7 +39,7 @@ from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_text
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.grid import LinearGrid, WeightGrid
 from cpm_mobile.exporter.models.kv_cache import causal_mask
-from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.transformer import CausalLM, bind_state
 from cpm_mobile.exporter.models.variant import empty_like, with_weights
 from cpm_mobile.exporter.sensitivity import body_linears, choose, sensitivities
 from cpm_mobile.exporter.targets.base import Progress, no_progress
@@ -287,7 +287,7 @@ def _run_layer(model: CausalLM, layer: nn.Module, cache: nn.Module, h: torch.Ten
     cache.reset()
     cos = model.rope_cos.index_select(0, positions)
     sin = model.rope_sin.index_select(0, positions)
-    return layer(h, cos, sin, lambda q, k, v: cache(q, k, v, positions, mask))
+    return layer(h, cos, sin, bind_state(cache, positions, mask))
 
 
 def _stages(layer: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],

@@ -131,9 +131,10 @@ class _BoundState:
         self.continuing = continuing  # bool [1]: false at position 0, where a new sequence starts
 
     def _past(self, buffer: torch.Tensor) -> torch.Tensor:
-        # A product, not where(..., zeros_like(buffer)): exporters fold the zeros into a stored constant
+        # where, not a product with 0/1: a .pte's mutable buffers start as whatever its memory held, and
+        # NaN x 0 is NaN. A scalar zero, not zeros_like(buffer): exporters fold that into a stored constant
         # as large as the state.
-        return buffer * self.continuing.to(buffer.dtype)
+        return torch.where(self.continuing, buffer, 0.0)
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out, past = causal_conv(self._past(self.owner.conv_state), x, weight)

@@ -105,7 +105,7 @@ class CausalLM(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         positions = input_pos + torch.arange(tokens.shape[1], dtype=input_pos.dtype, device=input_pos.device)
         mask = causal_mask(positions, self.max_seq_len)
-        attends = [_bind(cache, positions, mask) for cache in self.kv_caches]
+        attends = [bind_state(cache, positions, mask) for cache in self.kv_caches]
         return self.decode(tokens, positions, attends)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, attends: Sequence[Attend]) -> torch.Tensor:
@@ -122,7 +122,8 @@ class CausalLM(nn.Module):
             cache.reset()
 
 
-def _bind(cache: nn.Module, positions: torch.Tensor, mask: torch.Tensor) -> Attend:
+def bind_state(cache: nn.Module, positions: torch.Tensor, mask: torch.Tensor) -> Attend:
+    """What a layer's mixer gets for this call: an Attend over its KV cache, or its linear-attention state."""
     if isinstance(cache, LinearAttentionState):
         return cache.bind(positions)
 
