@@ -218,11 +218,13 @@ def _convert_main(source: Path, folder: Path, out: Path) -> None:
     import convert_hf_to_gguf
     from conversion import ModelBase, ModelType
     from conversion.minicpm import MiniCPM3Model, MiniCPMModel
+    from conversion.qwen import Qwen3_5TextModel
 
     if not (folder / "tokenizer.model").is_file():
         _require_gpt2_pretokenizer(folder / "tokenizer.json")
         _tokenizer_without_model_config()
-        for architecture, base in (("MiniCPMForCausalLM", MiniCPMModel), ("MiniCPM3ForCausalLM", MiniCPM3Model)):
+        for architecture, base in (("MiniCPMForCausalLM", MiniCPMModel), ("MiniCPM3ForCausalLM", MiniCPM3Model),
+                                   ("Qwen3_5ForCausalLM", Qwen3_5TextModel)):
             ModelBase._model_classes[ModelType.TEXT][architecture] = type(base.__name__, (base,), {
                 "model_arch": base.model_arch,
                 "set_vocab": lambda self: self._set_vocab_gpt2(),
