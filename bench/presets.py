@@ -113,6 +113,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "blockffn-medium": _blockffn(1280, 27, 10, 40, 128),
     "blockffn-large": _blockffn(1536, 32, 12, 48, 128),
     "blockffn-xlarge": _blockffn(1792, 35, 14, 56, 128),
+    # MiniCPM-V 4.6's LLM. Published: 24 layers (6 full attention, 3 linear to 1), hidden 1024, 8 query / 2 KV
+    # heads, 262,144 positions, vocab 248,320, tied. Stand-ins where the research did not pin them: head_dim 256,
+    # intermediate 3584, linear attention 16 key / 16 value heads of 128 (Qwen3.5's family values).
+    "qwen3.5-0.8b": {
+        "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "hidden_act": "silu",
+        "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "head_dim": 256, "intermediate_size": 3584, "vocab_size": 248320, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144, "tie_word_embeddings": True, "bos_token_id": None,
+        "eos_token_id": 248044, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+        "full_attention_interval": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                            "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    },
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from cpm_mobile.exporter.models.config import ModelConfig
-from cpm_mobile.exporter.models.loader import LM_HEAD, disk_name, expected_shapes
+from cpm_mobile.exporter.models.loader import LM_HEAD, disk_name, expected_shapes, zero_centered
 from bench.presets import preset_config
 
 # MiniCPM5-1B as released: a plain LlamaForCausalLM (model_type llama, 24 layers, GQA 16/2, 131,072
@@ -66,7 +66,9 @@ def random_state(config_dict: dict[str, Any], seed: int = 0, fused: bool = False
         if name == LM_HEAD and tied:
             continue
         if name.endswith("norm.weight"):
-            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            # Zero-centred norms (Qwen3.5) store w and scale by 1 + w.
+            offset = 0.0 if zero_centered(name, config) else 1.0
+            tensor = offset + 0.1 * torch.randn(shape, generator=generator)
         elif name == "model.embed_tokens.weight":
             tensor = torch.randn(shape, generator=generator) / config.scale_emb
         else:

@@ -39,7 +39,7 @@ class CheckpointSummary:
         rows = [
             ("path", self.path),
             ("family", self.family),
-            ("attention", self.attention.upper()),
+            ("attention", self.attention if " " in self.attention else self.attention.upper()),
             ("ffn", self.ffn),
             ("layers", str(self.layers)),
             ("hidden", str(self.hidden)),
@@ -86,7 +86,7 @@ def summarize(path: str | Path) -> CheckpointSummary:
     return CheckpointSummary(
         path=str(checkpoint.folder),
         family=config.family,
-        attention=config.attention,
+        attention=_attention(config),
         ffn="BlockFFN (ReLU router + RMSNorm)" if config.ffn == "blockffn" else "gated SiLU MLP",
         layers=config.num_layers,
         hidden=config.hidden_size,
@@ -115,9 +115,20 @@ def _weight_grid(config) -> str:
     return f"{config.weight_grid.describe()}; {how}"
 
 
+def _attention(config) -> str:
+    if not config.is_hybrid:
+        return config.attention
+    linear = config.layer_types.count("linear_attention")
+    spec = config.linear_attention
+    return (f"hybrid: {linear} Gated DeltaNet layers (state {spec.num_value_heads} x {spec.key_head_dim} x "
+            f"{spec.value_head_dim}, conv {spec.conv_kernel}) + {config.num_layers - linear} gated GQA layers")
+
+
 def _rope(config) -> str:
     rope = config.rope
     text = f"{rope.kind}, theta {rope.theta:g}"
+    if config.rotary_dim < config.head_dim and config.attention == "gqa":
+        text += f", on {config.rotary_dim} of {config.head_dim} head dims"
     if rope.factor is not None:
         text += f", factor {rope.factor:g}"
     if rope.original_max_position_embeddings:

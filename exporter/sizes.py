@@ -62,9 +62,12 @@ def recipe_sizes(config: ModelConfig, tied: bool, recipes: Iterable[str] | None 
         model = with_planned_grid(shape_model(config, tied, recipe.max_seq_len), recipe)
         try:
             # A calibration recipe's artifacts carry its grid: the grid's group size and symmetry in each spec.
-            sizes = {target: predict_bytes(apply_passes(model, [*recipe.passes, *spec.passes], target),
-                                           calibrated_spec(spec, recipe.calibration))
-                     for target, spec in recipe.targets.items()}
+            sizes = {}
+            for target, spec in recipe.targets.items():
+                applied = apply_passes(model, [*recipe.passes, *spec.passes], target)
+                spec = calibrated_spec(spec, recipe.calibration)
+                if not registry.get_target(target).validate(applied, spec):  # a target refusing the model: no row
+                    sizes[target] = predict_bytes(applied, spec)
         except InputError:
             continue
         rows += [ArtifactSize(recipe.name, target, size, size / baseline[target] if target in baseline else None)

@@ -56,7 +56,7 @@ def canonical_state(
         if name is None or name.endswith(IGNORED_SUFFIXES):
             continue
         path = origin[disk]
-        if _zero_centered(name, config):
+        if zero_centered(name, config):
             tensor = tensor.float() + 1.0  # (1 + w) as transformers computes it, in fp32, folded once
         kind = name.rsplit(".", 1)[-1]  # weight or bias: fused biases split like their weights
         if name.endswith(f"self_attn.qkv_proj.{kind}"):
@@ -86,7 +86,7 @@ FINAL_NORM = "model.norm.weight"
 TEXT_IGNORED_PREFIXES = ("mtp.",)
 
 
-def _zero_centered(name: str, config: ModelConfig) -> bool:
+def zero_centered(name: str, config: ModelConfig) -> bool:
     return config.zero_centered_norms and (name == FINAL_NORM or name.endswith(ZERO_CENTERED_NORMS))
 
 
@@ -220,7 +220,7 @@ def checkpoint_state(model: CausalLM) -> dict[str, torch.Tensor]:
         if hf_name == LM_HEAD and model.tied:
             continue
         tensor = tensor.detach().clone()
-        if _zero_centered(hf_name, model.config):
+        if zero_centered(hf_name, model.config):
             tensor = tensor - 1.0
         state[disk_name(hf_name, model.config)] = tensor
     return state
