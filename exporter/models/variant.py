@@ -23,13 +23,15 @@ Replacer = Callable[[str, nn.Module], "nn.Module | None"]
 
 
 def derive(model: CausalLM, replace: Replacer | Mapping[str, nn.Module] | None = None,
-           caches: Callable[[StaticKVCache], nn.Module] | None = None) -> CausalLM:
+           caches: Callable[[StaticKVCache], nn.Module] | None = None,
+           linear_states: Callable[[LinearAttentionState], nn.Module] | None = None) -> CausalLM:
     """A variant of `model` with submodules replaced and fresh KV caches.
 
     replace: a mapping of qualified module names ("layers.3.mlp") to replacements, or a function
         called on every module (see Replacer). Replaced subtrees are not descended into.
     caches: builds each layer's cache for the variant from the model's own (default: an empty
         StaticKVCache of the same shape, so the variant never shares cache state with the source).
+    linear_states: the same for linear-attention layers' states (default: empty reference states).
     """
     if isinstance(replace, Mapping):
         table = dict(replace)
@@ -41,10 +43,9 @@ def derive(model: CausalLM, replace: Replacer | Mapping[str, nn.Module] | None =
     if table:
         raise KeyError(f"no module named {', '.join(sorted(table))} in the model")
     make_cache = caches or empty_like
-    # A target's cache form replaces KV caches; linear-attention states are the same in every form
-    # that keeps state in buffers, so each variant gets fresh ones.
-    variant.kv_caches = nn.ModuleList(cache.empty_like() if isinstance(cache, LinearAttentionState)
-                                      else make_cache(cache) for cache in model.kv_caches)
+    make_state = linear_states or (lambda state: state.empty_like())
+    variant.kv_caches = nn.ModuleList(make_state(cache) if hasattr(cache, "recurrent_state") else make_cache(cache)
+                                      for cache in model.kv_caches)
     variant.training = False
     return variant
 
@@ -72,7 +73,7 @@ def _rebuild(module: nn.Module, name: str, replace: Replacer) -> nn.Module:
 def empty_like(cache: StaticKVCache | LinearAttentionState) -> StaticKVCache | LinearAttentionState:
     """An empty reference cache with the same heads, widths, length, scale and dtype (or an empty
     linear-attention state of the same shapes)."""
-    if isinstance(cache, LinearAttentionState):
+    if hasattr(cache, "recurrent_state"):  # any form of a linear-attention state
         return cache.empty_like()
     _, heads, max_seq_len, k_dim = cache.k_cache.shape
     return StaticKVCache(heads, k_dim, cache.v_cache.shape[-1], max_seq_len, cache.scale, cache.k_cache.dtype)

@@ -17,6 +17,7 @@ Numerics model:
 """
 from __future__ import annotations
 
+from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,57 @@ class _Step:
     def describe(self) -> str:
         return f"{self.op.op_type} '{self.op.name}'"
 
+    def execute(self, env: Any, states: dict[str, np.ndarray]) -> None:
+        _run_step(self, env, states)
 
-def _make_step(op: Any) -> _Step:
+
+@dataclass(frozen=True)
+class _Block:
+    inputs: tuple[str, ...]
+    steps: tuple[Any, ...]  # _Step or _Loop
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, block: Any) -> "_Block":
+        return cls(tuple(v.name for v in block.inputs), tuple(_make_step(op) for op in block.operations),
+                   tuple(v.name for v in block.outputs))
+
+    def run(self, env: Any, states: dict[str, np.ndarray], values: list[Any]) -> list[Any]:
+        """The block's outputs for these input values; names it defines stay local to this run."""
+        local = ChainMap(dict(zip(self.inputs, values)), env)
+        for step in self.steps:
+            step.execute(local, states)
+        return [local[name] for name in self.outputs]
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """MIL while_loop: run the body block while the cond block says so, on the loop variables."""
+
+    op: Any
+    loop_vars: tuple[str, ...]
+    condition: _Block
+    body: _Block
+    outputs: tuple[_TensorSpec, ...]
+
+    def describe(self) -> str:
+        return f"while_loop '{self.op.name}'"
+
+    def execute(self, env: Any, states: dict[str, np.ndarray]) -> None:
+        values = [env[name] for name in self.loop_vars]
+        while bool(np.asarray(self.condition.run(env, states, values)[0])):
+            values = self.body.run(env, states, values)
+        for value, out in zip(values, self.outputs):
+            env[out.name] = _finalize(value, out, f"{self.describe()} output '{out.name}'")
+
+
+def _make_step(op: Any) -> "_Step | _Loop":
+    if op.op_type == "while_loop":
+        condition, body = op.blocks
+        return _Loop(op, tuple(v.name for v in op.inputs["loop_vars"]), _Block.of(condition), _Block.of(body),
+                     tuple(_spec_of(v) for v in op.outputs))
     if op.blocks:
-        raise UnsupportedOpError(op.op_type, op.name, "ops with nested blocks (control flow)")
+        raise UnsupportedOpError(op.op_type, op.name, "ops with nested blocks other than while_loop")
     fn = OPS.get(op.op_type)
     if fn is None:
         raise UnsupportedOpError(op.op_type, op.name)
@@ -201,7 +249,7 @@ class MILInterpreter:
     # -- public API -------------------------------------------------------------------------
 
     def op_types(self) -> set[str]:
-        return {op.op_type for op in self.function.operations}
+        return {op.op_type for op in self.function.operations}  # top level (a while_loop's body not listed)
 
     def constant(self, name: str) -> np.ndarray:
         """The value of a const or constexpr op's output, as the interpreter computed it at load."""
@@ -222,7 +270,7 @@ class MILInterpreter:
         env.update({name: StateRef(name) for name in self._states})
         with np.errstate(all="ignore"):  # inf/nan are legitimate values (masks, overflow)
             for step in self._steps:
-                _run_step(step, env, states)
+                step.execute(env, states)
         return {s.name: np.asarray(env[s.name]).astype(s.dtype) for s in self._outputs}
 
     # -- construction -----------------------------------------------------------------------
@@ -244,10 +292,14 @@ class MILInterpreter:
         """Check every op up front, evaluate const/constexpr ops, keep the rest as steps."""
         self._consts: dict[str, Any] = {}
         self._steps: list[_Step] = []
+        outputs = {var.name for var in self.function.outputs}
         for op in self.function.operations:
             step = _make_step(op)
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
-                _run_step(step, self._consts, {})
+                # A program with a while_loop can hold dead consts (left by coremltools' loop building) named
+                # like live ones; evaluating only consts something reads keeps names unique.
+                if any(var.child_ops or var.name in outputs for var in op.outputs):
+                    _run_step(step, self._consts, {})
             else:
                 self._steps.append(step)
 

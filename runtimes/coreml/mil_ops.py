@@ -928,4 +928,6 @@ def topk(call: OpCall) -> ArrayOut:
     return values, order.astype(np.int32)
 
 
-SUPPORTED_OPS: frozenset[str] = frozenset(OPS)
+# Control flow, run by the interpreter itself (mil_interpreter._Loop) rather than by an op function.
+CONTROL_FLOW: frozenset[str] = frozenset({"while_loop"})
+SUPPORTED_OPS: frozenset[str] = frozenset(OPS) | CONTROL_FLOW

@@ -95,11 +95,6 @@ class CoreMLTarget:
         return exported_with_twin(self, model, spec, out_dir, info)
 
     def validate(self, model: CausalLM, spec: CoreMLSpec) -> list[str]:
-        if model.config.is_hybrid:
-            # The recurrence over a flexible T needs a MIL while_loop (and our Linux MIL interpreter to run
-            # one); until then such models go to the .pte and the .onnx only.
-            return ["linear-attention layers (Gated DeltaNet) are not supported on Core ML yet; "
-                    "export --target executorch or --target onnx"]
         if spec.quantization is None:
             return []
         from cpm_mobile.exporter.targets.coreml import quant
@@ -134,8 +129,11 @@ class CoreMLTarget:
 
 
 def coreml_ready(model: CausalLM) -> CausalLM:
-    """A variant with Core ML caches (fp16 states written by slice update), weights shared."""
-    return derive(model, caches=CoreMLKVCache.like)
+    """A variant with Core ML caches (fp16 states written by slice update) and linear-attention states
+    (fp16 states written whole), weights shared."""
+    from cpm_mobile.exporter.targets.coreml.linear_state import CoreMLLinearState
+
+    return derive(model, caches=CoreMLKVCache.like, linear_states=CoreMLLinearState.like)
 
 
 def capture(module: CausalLM, max_seq_len: int) -> ExportedProgram:
@@ -151,6 +149,9 @@ def capture(module: CausalLM, max_seq_len: int) -> ExportedProgram:
 def convert(program: ExportedProgram, max_seq_len: int, spec: CoreMLSpec):
     import coremltools as ct
 
+    from cpm_mobile.exporter.targets.coreml.linear_state import register_converter
+
+    register_converter()
     inputs = [
         ct.TensorType(name=TOKENS, shape=(1, ct.RangeDim(1, max_seq_len, default=1, symbol=SEQ)), dtype=np.int32),
         ct.TensorType(name=INPUT_POS, shape=(1,), dtype=np.int32),
@@ -188,9 +189,13 @@ def save_package(mlmodel, path: Path) -> int:
     """Write through a temporary name in the same folder so a failed save never leaves a package."""
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
-        mlmodel.save(str(temporary))
-        # coremltools' debug map for ExecuTorch's Core ML delegate: a build by-product, not in the package manifest.
-        (temporary / "executorch_debug_handle_mapping.json").unlink(missing_ok=True)
+        # Without its MIL program the model saves no debug map for ExecuTorch's Core ML delegate: a build
+        # by-product we do not ship, which coremltools cannot build for a program with loops anyway.
+        program, mlmodel._mil_program = mlmodel._mil_program, None
+        try:
+            mlmodel.save(str(temporary))
+        finally:
+            mlmodel._mil_program = program
         if path.exists():
             shutil.rmtree(path)
         os.replace(temporary, path)
@@ -250,7 +255,18 @@ def io_contract(mlmodel, model: CausalLM) -> dict[str, Any]:
             "dtype": "float16",
             "names": {"key": "kv_caches_%d_k_cache", "value": "kv_caches_%d_v_cache"},
         },
+        **_recurrent(config),
     }
+
+
+def _recurrent(config) -> dict[str, Any]:
+    """Hybrid backbones: which layers keep a linear-attention state (fp16 states written whole each call,
+    zeroed by a call at input_pos 0) instead of a KV cache; such a state continues only from its last position."""
+    linear = [i for i in range(config.num_layers) if config.layer_kind(i) == "linear_attention"]
+    if not linear:
+        return {}
+    return {"recurrent": {"layers": linear, "kind": "coreml_states", "dtype": "float16", "reset": "input_pos == 0",
+                          "names": {"conv": "kv_caches_%d_conv_state", "recurrent": "kv_caches_%d_recurrent_state"}}}
 
 
 def artifact_metadata(mlmodel, spec: CoreMLSpec, size: int) -> dict[str, Any]:
