@@ -86,7 +86,7 @@ def short_recipe(name: str, targets=None, max_seq_len: int | None = None, **chec
 # workers first. xdist orders groups by their number of tests, which put the 24-layer fixtures (3 and 4 tests,
 # 400 and 200 s) last, on one worker, while the other idled.
 LONGEST_GROUPS = ("blockffn_bundles_embedded_bundles", "test_twin_spread", "embedded_bundles", "test_two_gates",
-                  "test_quant_executorch", "test_estimate")
+                  "test_quant_executorch", "test_estimate", "test_qwen35")
 
 
 @pytest.hookimpl(tryfirst=True)

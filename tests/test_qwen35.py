@@ -27,6 +27,8 @@ TINY_TEXT = dict(
     linear_key_head_dim=32, linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=1024,
     layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention", "linear_attention"],
 )
+# The bundles' check plan: shorter than the shipped one (the tolerances stay the shipped ones).
+CHECK_PLAN = dict(max_new_tokens=24, heldout_windows=4, heldout_tokens=64)
 PROMPT = [1, 17, 42, 300, 5, 99, 123, 2, 60, 311, 42, 7, 250, 8, 9, 10, 11, 12, 13, 14, 101, 102, 103, 7, 7]
 
 
@@ -183,7 +185,7 @@ def test_onnx_schema_of_linear_attention_is_onnxruntimes():
 def bundle(checkpoint, tmp_path_factory):
     from cpm_mobile.exporter.pipeline import export_bundle
 
-    result = export_bundle(checkpoint, short_recipe("fp32", max_seq_len=64), tmp_path_factory.mktemp("bundles"))
+    result = export_bundle(checkpoint, short_recipe("fp32", max_seq_len=64, **CHECK_PLAN), tmp_path_factory.mktemp("bundles"))
     assert result.passed, result.report
     return result.bundle
 
@@ -263,7 +265,7 @@ def test_a_wrong_recurrence_fails_the_check(checkpoint, tmp_path, monkeypatch):
         return linear_attention.op.Reshape(out, linear_attention.op.Shape(v)), new_state
 
     monkeypatch.setitem(linear_attention.TRANSLATIONS, torch.ops.cpm_mobile.gated_delta_rule.default, without_decay)
-    result = export_bundle(checkpoint, short_recipe("fp32", targets=["onnx"], max_seq_len=64), tmp_path)
+    result = export_bundle(checkpoint, short_recipe("fp32", targets=["onnx"], max_seq_len=64, **CHECK_PLAN), tmp_path)
     assert not result.passed
     faithfulness = result.report["artifacts"]["onnx"]["faithfulness"]
     assert faithfulness["passed"] is False and faithfulness["metrics"]["sqnr_db"] < 30
