@@ -118,7 +118,7 @@ def _weight_grid(config) -> str:
 def _attention(config) -> str:
     if not config.is_hybrid:
         return config.attention
-    linear = config.layer_types.count("linear_attention")
+    linear = len(config.linear_layers)
     spec = config.linear_attention
     return (f"hybrid: {linear} Gated DeltaNet layers (state {spec.num_value_heads} x {spec.key_head_dim} x "
             f"{spec.value_head_dim}, conv {spec.conv_kernel}) + {config.num_layers - linear} gated GQA layers")

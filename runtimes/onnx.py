@@ -33,7 +33,7 @@ class OnnxSession:
         linear = set(recurrent.get("layers", ()))
         self._empty_past = {}
         self._outputs = [self.names["logits"]]
-        self._attention_past: list[str] = []
+        self._attention_past: set[str] = set()
         for i in range(self.layers):
             if i in linear:
                 state_names = recurrent["names"]
@@ -45,7 +45,7 @@ class OnnxSession:
             self._empty_past[key] = np.zeros((1, cache["heads"], 0, cache["key_dim"]), dtype)
             value_width = cache.get("stored_value_dim") or cache["value_dim"]  # zero-padded MLA values as stored
             self._empty_past[value] = np.zeros((1, cache["heads"], 0, value_width), dtype)
-            self._attention_past += [key, value]
+            self._attention_past |= {key, value}
             self._outputs += [self.names["present_key"] % i, self.names["present_value"] % i]
         self.recurrent = bool(linear)
         self.session = _inference_session(model_path, session_options)

@@ -184,9 +184,13 @@ class ModelConfig:
         return self.layer_types[index] if self.layer_types else "full_attention"
 
     @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """The layers that hold a linear-attention state instead of a KV cache."""
+        return tuple(i for i, kind in enumerate(self.layer_types) if kind == "linear_attention")
+
+    @property
     def is_hybrid(self) -> bool:
-        """Some layers hold a recurrent state instead of a KV cache."""
-        return "linear_attention" in self.layer_types
+        return bool(self.linear_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(replace(self, weight_grid=None)).items() if k != "weight_grid"}
@@ -316,11 +320,8 @@ class _ConfigParser:
         inner = text.get("model_type", QWEN3_5_TEXT)
         if inner != QWEN3_5_TEXT:
             raise self.fail(f"text_config.model_type '{inner}' is not supported (supported: {QWEN3_5_TEXT})")
-        merged = dict(text)
-        # A composite config states the head's tying and the token ids once, at the top.
-        for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id"):
-            if key in self.raw and key not in merged:
-                merged[key] = self.raw[key]
+        # A composite config states the head's tying at the top (it wins), and may state the token ids there.
+        merged = {**{k: self.raw[k] for k in ("bos_token_id", "eos_token_id") if k in self.raw}, **text}
         if "tie_word_embeddings" in self.raw:
             merged["tie_word_embeddings"] = self.raw["tie_word_embeddings"]
         config = _Qwen35Parser(merged, self.source).parse_qwen35()
@@ -518,7 +519,7 @@ class _Qwen35Parser(_ConfigParser):
         # rotary pair the plain frequency, so only the image positions of the VL model need them.
         plain = {k: v for k, v in params.items() if k not in ("partial_rotary_factor", "mrope_section",
                                                                 "mrope_interleaved")}
-        text_raw = {k: v for k, v in raw.items() if k != "partial_rotary_factor"}
+        text_raw = {k: v for k, v in raw.items() if k not in ("partial_rotary_factor", "rope_scaling")}
         rope = _ConfigParser({**text_raw, "rope_parameters": plain}, self.source)._rope(
             rotary_dim, self.get("max_position_embeddings", int), transformers_rules=True)
         return ModelConfig(

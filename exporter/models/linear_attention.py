@@ -100,49 +100,55 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(self.norm(y, z).reshape(batch, seq, -1))
 
 
+class BoundState:
+    """One call's view of a LinearAttentionState: reads the buffers (zero at position 0), writes them back."""
+
+    def __init__(self, owner: LinearAttentionState, continuing: torch.Tensor):
+        self.owner = owner
+        self.continuing = continuing  # bool [1]: false at position 0, where a new sequence starts
+
+    def _past(self, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # where, not a product with 0/1: a .pte's mutable buffers start as whatever its memory held, and
+        # NaN x 0 is NaN. A scalar zero, not zeros_like(buffer): exporters fold that into a stored constant
+        # as large as the state.
+        return torch.where(self.continuing, buffer.to(dtype), 0.0)
+
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out, past = causal_conv(self._past(self.owner.conv_state, x.dtype), x, weight)
+        self.owner.conv_state.copy_(past.to(self.owner.conv_state.dtype))
+        return out
+
+    def recur(self, q, k, v, g, beta, scale: float) -> torch.Tensor:
+        state = self.owner.recurrent_state
+        out, new_state = ops.gated_delta_rule(q, k, v, g, beta, self._past(state, torch.float32), scale)
+        state.copy_(new_state.to(state.dtype))
+        return out
+
+
 class LinearAttentionState(nn.Module):
     """The reference state of one linear-attention layer: buffers updated in place (mutable buffers
-    in a .pte). conv_state holds the last K-1 conv inputs, recurrent_state the delta rule's matrix."""
+    in a .pte). conv_state holds the last K-1 conv inputs, recurrent_state the delta rule's matrix.
+    A target that keeps the state otherwise subclasses it with its own dtypes and `Bound` (Core ML)."""
 
-    def __init__(self, spec: LinearAttentionConfig, dtype: torch.dtype = torch.float32):
+    Bound = BoundState
+
+    def __init__(self, spec: LinearAttentionConfig, dtype: torch.dtype = torch.float32,
+                 recurrent_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
         self.register_buffer("conv_state", torch.zeros(1, spec.conv_dim, spec.conv_kernel - 1, dtype=dtype),
                              persistent=False)
         # The recurrence's state stays fp32 whatever the activations are: it integrates over the whole sequence.
         self.register_buffer("recurrent_state", torch.zeros(1, spec.num_value_heads, spec.key_head_dim,
-                                                            spec.value_head_dim, dtype=torch.float32),
+                                                            spec.value_head_dim, dtype=recurrent_dtype),
                              persistent=False)
 
     def empty_like(self) -> "LinearAttentionState":
-        return LinearAttentionState(self.spec, self.conv_state.dtype)
+        return type(self)(self.spec, self.conv_state.dtype, self.recurrent_state.dtype)
 
     def bind(self, positions: torch.Tensor) -> Recurrence:
-        return _BoundState(self, positions[:1] > 0)
+        return self.Bound(self, positions[:1] > 0)
 
     def reset(self) -> None:
         self.conv_state.zero_()
         self.recurrent_state.zero_()
-
-
-class _BoundState:
-    def __init__(self, owner: LinearAttentionState, continuing: torch.Tensor):
-        self.owner = owner
-        self.continuing = continuing  # bool [1]: false at position 0, where a new sequence starts
-
-    def _past(self, buffer: torch.Tensor) -> torch.Tensor:
-        # where, not a product with 0/1: a .pte's mutable buffers start as whatever its memory held, and
-        # NaN x 0 is NaN. A scalar zero, not zeros_like(buffer): exporters fold that into a stored constant
-        # as large as the state.
-        return torch.where(self.continuing, buffer, 0.0)
-
-    def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        out, past = causal_conv(self._past(self.owner.conv_state), x, weight)
-        self.owner.conv_state.copy_(past.to(self.owner.conv_state.dtype))
-        return out
-
-    def recur(self, q, k, v, g, beta, scale: float) -> torch.Tensor:
-        state = self.owner.recurrent_state
-        out, new_state = ops.gated_delta_rule(q, k, v, g, beta, self._past(state), scale)
-        state.copy_(new_state)
-        return out

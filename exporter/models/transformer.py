@@ -124,7 +124,7 @@ class CausalLM(nn.Module):
 
 def bind_state(cache: nn.Module, positions: torch.Tensor, mask: torch.Tensor) -> Attend:
     """What a layer's mixer gets for this call: an Attend over its KV cache, or its linear-attention state."""
-    if hasattr(cache, "recurrent_state"):  # a linear-attention state, in whichever form a target holds it
+    if isinstance(cache, LinearAttentionState):  # in whichever form a target holds it
         return cache.bind(positions)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

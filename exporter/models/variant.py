@@ -43,9 +43,9 @@ def derive(model: CausalLM, replace: Replacer | Mapping[str, nn.Module] | None =
     if table:
         raise KeyError(f"no module named {', '.join(sorted(table))} in the model")
     make_cache = caches or empty_like
-    make_state = linear_states or (lambda state: state.empty_like())
-    variant.kv_caches = nn.ModuleList(make_state(cache) if hasattr(cache, "recurrent_state") else make_cache(cache)
-                                      for cache in model.kv_caches)
+    make_state = linear_states or empty_like
+    variant.kv_caches = nn.ModuleList(make_state(cache) if isinstance(cache, LinearAttentionState)
+                                      else make_cache(cache) for cache in model.kv_caches)
     variant.training = False
     return variant
 
@@ -73,7 +73,7 @@ def _rebuild(module: nn.Module, name: str, replace: Replacer) -> nn.Module:
 def empty_like(cache: StaticKVCache | LinearAttentionState) -> StaticKVCache | LinearAttentionState:
     """An empty reference cache with the same heads, widths, length, scale and dtype (or an empty
     linear-attention state of the same shapes)."""
-    if hasattr(cache, "recurrent_state"):  # any form of a linear-attention state
+    if isinstance(cache, LinearAttentionState):
         return cache.empty_like()
     _, heads, max_seq_len, k_dim = cache.k_cache.shape
     return StaticKVCache(heads, k_dim, cache.v_cache.shape[-1], max_seq_len, cache.scale, cache.k_cache.dtype)

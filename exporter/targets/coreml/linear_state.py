@@ -12,43 +12,14 @@ allows; the loop body is the recurrence's own per-token update.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from cpm_mobile.exporter.kernels import ops
-from cpm_mobile.exporter.models.linear_attention import LinearAttentionState
+from cpm_mobile.exporter.models.linear_attention import BoundState, LinearAttentionState
 
 STATE_DTYPE = torch.float16
 
 
-class CoreMLLinearState(nn.Module):
-    def __init__(self, spec):
-        super().__init__()
-        self.spec = spec
-        self.register_buffer("conv_state", torch.zeros(1, spec.conv_dim, spec.conv_kernel - 1, dtype=STATE_DTYPE),
-                             persistent=False)
-        self.register_buffer("recurrent_state", torch.zeros(1, spec.num_value_heads, spec.key_head_dim,
-                                                            spec.value_head_dim, dtype=STATE_DTYPE), persistent=False)
-
-    @classmethod
-    def like(cls, state: LinearAttentionState) -> "CoreMLLinearState":
-        return cls(state.spec)
-
-    def empty_like(self) -> "CoreMLLinearState":
-        return CoreMLLinearState(self.spec)
-
-    def bind(self, positions: torch.Tensor) -> "_Bound":
-        return _Bound(self, positions[:1] > 0)
-
-    def reset(self) -> None:
-        self.conv_state.zero_()
-        self.recurrent_state.zero_()
-
-
-class _Bound:
-    def __init__(self, owner: CoreMLLinearState, continuing: torch.Tensor):
-        self.owner = owner
-        self.continuing = continuing
-
+class _CoreMLBound(BoundState):
     def _past(self, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # A product with 0/1 (coremltools converts no where with a scalar): Core ML states start zeroed.
         return buffer.to(dtype) * self.continuing.to(dtype)
@@ -66,11 +37,18 @@ class _Bound:
         self.owner.conv_state.copy_(window[:, :, -(kernel - 1):].reshape(self.owner.conv_state.shape).to(STATE_DTYPE))
         return out.transpose(1, 2)
 
-    def recur(self, q, k, v, g, beta, scale: float) -> torch.Tensor:
-        state = self._past(self.owner.recurrent_state, torch.float32)
-        out, new_state = ops.gated_delta_rule(q, k, v, g.float(), beta, state, scale)
-        self.owner.recurrent_state.copy_(new_state.to(STATE_DTYPE))
-        return out
+
+class CoreMLLinearState(LinearAttentionState):
+    """Both states fp16 (Core ML states must be), read through _CoreMLBound."""
+
+    Bound = _CoreMLBound
+
+    def __init__(self, spec, dtype: torch.dtype = STATE_DTYPE, recurrent_dtype: torch.dtype = STATE_DTYPE):
+        super().__init__(spec, dtype, recurrent_dtype)
+
+    @classmethod
+    def like(cls, state: LinearAttentionState) -> "CoreMLLinearState":
+        return cls(state.spec)
 
 
 def register_converter() -> None:

@@ -262,10 +262,9 @@ def io_contract(mlmodel, model: CausalLM) -> dict[str, Any]:
 def _recurrent(config) -> dict[str, Any]:
     """Hybrid backbones: which layers keep a linear-attention state (fp16 states written whole each call,
     zeroed by a call at input_pos 0) instead of a KV cache; such a state continues only from its last position."""
-    linear = [i for i in range(config.num_layers) if config.layer_kind(i) == "linear_attention"]
-    if not linear:
+    if not config.is_hybrid:
         return {}
-    return {"recurrent": {"layers": linear, "kind": "coreml_states", "dtype": "float16", "reset": "input_pos == 0",
+    return {"recurrent": {"layers": list(config.linear_layers), "kind": "coreml_states", "dtype": "float16", "reset": "input_pos == 0",
                           "names": {"conv": "kv_caches_%d_conv_state", "recurrent": "kv_caches_%d_recurrent_state"}}}
 
 

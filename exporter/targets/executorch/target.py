@@ -24,6 +24,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from cpm_mobile.exporter.kernels import app_kernels
+from cpm_mobile.exporter.models.linear_attention import LinearAttentionState
 from cpm_mobile.exporter.models.transformer import CausalLM
 from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.targets.base import (
@@ -234,7 +235,8 @@ def cache_description(model: CausalLM, attention: str) -> dict[str, Any]:
         "value_dim": v_dim,
         "stored_value_dim": stored_v_dim,
         "max_seq_len": model.max_seq_len,
-        "dtype": str(next(c.k_cache.dtype for c in model.kv_caches if hasattr(c, "k_cache"))).removeprefix("torch."),
+        "dtype": str(next(c.k_cache.dtype for c in model.kv_caches
+                          if not isinstance(c, LinearAttentionState))).removeprefix("torch."),
     }
 
 
@@ -257,11 +259,11 @@ def io_contract(model: CausalLM, attention: str) -> dict[str, Any]:
 def recurrent_description(model: CausalLM) -> dict[str, Any]:
     """Hybrid backbones: the linear-attention layers keep a conv and a recurrent state (mutable buffers,
     reset by a call at input_pos 0) instead of a KV cache; they continue only from their last position."""
-    linear = [i for i in range(model.config.num_layers) if model.config.layer_kind(i) == "linear_attention"]
+    linear = model.config.linear_layers
     if not linear:
         return {}
     state = model.kv_caches[linear[0]]
-    return {"recurrent": {"layers": linear, "conv_shape": list(state.conv_state.shape),
+    return {"recurrent": {"layers": list(linear), "conv_shape": list(state.conv_state.shape),
                           "recurrent_shape": list(state.recurrent_state.shape), "kind": "mutable_buffers",
                           "reset": "input_pos == 0"}}
 

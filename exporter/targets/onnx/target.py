@@ -78,7 +78,7 @@ class CacheLayout:
         config = model.config
         key_dim, value_dim = config.k_head_dim, config.value_head_dim
         stored = max(key_dim, value_dim) if pad_values else value_dim
-        linear = tuple(i for i in range(config.num_layers) if config.layer_kind(i) == "linear_attention")
+        linear = config.linear_layers
         shapes: dict[str, tuple[int, ...]] = {}
         if linear:
             state = model.kv_caches[linear[0]]
