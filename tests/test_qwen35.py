@@ -16,6 +16,7 @@ from transformers.models.qwen3_5 import modeling_qwen3_5
 from conftest import short_recipe, train_test_tokenizer
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.kernels import ops
+from cpm_mobile.exporter.kernels.gated_delta_chunked import gated_delta_chunked
 from cpm_mobile.exporter.models import ModelConfig, load_model
 from cpm_mobile.runtimes.base import open_session
 
@@ -117,20 +118,22 @@ def test_module_matches_transformers_in_prefill_decode_and_restart(checkpoint, e
         assert (logits - expected).abs().max() / scale < 1e-5
 
 
-def test_recurrence_matches_transformers_chunked_form():
-    """The op (one recurrence for any T) against transformers' chunked prefill over several 64-token chunks,
-    from a non-zero state."""
-    torch.manual_seed(0)
-    heads, dk, dv, length = 3, 16, 8, 150
+@pytest.mark.parametrize("length", [1, 7, 8, 64, 150])
+def test_recurrence_and_chunked_form_match_transformers(length):
+    """The op's definition (token by token) and its eager chunked form against transformers' chunked prefill
+    (several 64-token chunks, from a non-zero state), on both sides of the length where the op switches form."""
+    torch.manual_seed(length)
+    heads, dk, dv = 3, 16, 8
     q, k = (torch.nn.functional.normalize(torch.randn(1, length, heads, dk), dim=-1) for _ in range(2))
     v = torch.randn(1, length, heads, dv)
     g = -torch.rand(1, length, heads) * 0.5
     beta = torch.rand(1, length, heads)
     state = torch.randn(1, heads, dk, dv)
-    ours, ours_state = ops.gated_delta_rule(q, k, v, g, beta, state, dk**-0.5)
     theirs, theirs_state = modeling_qwen3_5.torch_chunk_gated_delta_rule(
         q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=False)
-    assert (ours - theirs).abs().max() < 1e-4 and (ours_state - theirs_state).abs().max() < 1e-4
+    for form in (ops.gated_delta_rule, ops.gated_delta_recurrence, gated_delta_chunked):
+        ours, ours_state = form(q, k, v, g, beta, state, dk**-0.5)
+        assert (ours - theirs).abs().max() < 1e-4 and (ours_state - theirs_state).abs().max() < 1e-4, form
 
 
 def _wrapped_folder(folder: Path, kind: str) -> tuple[Path, torch.nn.Module]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cpm_mobile.exporter.kernels.gated_delta_chunked import gated_delta_chunked
+
 NAMESPACE = "cpm_mobile"
 OP_NAME = "sparse_expert_ffn"
 KERNEL = f"{NAMESPACE}::{OP_NAME}.out"  # the name the .pte's plan holds and the C++ library registers
@@ -301,9 +303,18 @@ def gated_delta_recurrence(q, k, v, g, beta, state, scale: float) -> tuple[torch
     return out[None].to(dtype), s[None].to(state.dtype)
 
 
+CHUNKED_FROM = 8  # tokens per call from which the eager op runs the chunked form (the same sums, ~9x faster at 256)
+
+
+def _gated_delta_eager(q, k, v, g, beta, state, scale):
+    if q.shape[1] >= CHUNKED_FROM:
+        return gated_delta_chunked(q, k, v, g, beta, state, scale)
+    return gated_delta_recurrence(q, k, v, g, beta, state, scale)
+
+
 @torch.library.impl(_library, GATED_DELTA_OP, "CompositeExplicitAutograd")
 def _gated_delta(q, k, v, g, beta, state, scale):
-    return gated_delta_recurrence(q, k, v, g, beta, state, scale)
+    return _gated_delta_eager(q, k, v, g, beta, state, scale)
 
 
 @torch.library.impl(_library, GATED_DELTA_OP, "Meta")
@@ -313,7 +324,7 @@ def _gated_delta_meta(q, k, v, g, beta, state, scale):
 
 @torch.library.impl(_library, f"{GATED_DELTA_OP}.out", "CompositeExplicitAutograd")
 def _gated_delta_out(q, k, v, g, beta, state, scale, *, out, state_out):
-    result, new_state = gated_delta_recurrence(q, k, v, g, beta, state, scale)
+    result, new_state = _gated_delta_eager(q, k, v, g, beta, state, scale)
     out.resize_(result.shape)
     state_out.resize_(new_state.shape)
     return out.copy_(result), state_out.copy_(new_state)
