@@ -30,7 +30,10 @@ from rich.segment import Segments
 from rich.table import Table
 
 from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.calibration import calibrated_model, gptq_linear, rounding_for
 from cpm_mobile.exporter.models import load_checkpoint
+from cpm_mobile.exporter.models.grid import WeightGrid
+from cpm_mobile.exporter.sensitivity import body_linears
 from bench.synthetic import write_synthetic_checkpoint
 from cpm_mobile.exporter.models.loader import build_model
 from cpm_mobile.exporter.passes import apply_passes
@@ -45,7 +48,7 @@ COLUMNS = ("model", "runtime", "recipe", "decode tok/s", "x eager", "prefill tok
 
 def export_artifacts(model_path: Path, recipe: Recipe, targets: list[str], folder: Path, max_seq_len: int) -> dict[str, int]:
     checkpoint = load_checkpoint(model_path)
-    reference = build_model(checkpoint, max_seq_len=max_seq_len)
+    reference = on_recipe_grid(build_model(checkpoint, max_seq_len=max_seq_len), recipe)
     # The context exactly as exporter.pipeline.export_bundle builds it.
     context = ExportContext(checkpoint.config.bos_token_id, checkpoint.config.eos_token_ids)
     infos, sizes = [], {}
@@ -58,6 +61,17 @@ def export_artifacts(model_path: Path, recipe: Recipe, targets: list[str], folde
         sizes[target] = info.metadata["size_bytes"]  # what the target wrote, as it records it
     (folder / "artifacts.json").write_text(json.dumps(infos))
     return sizes
+
+
+def on_recipe_grid(reference, recipe: Recipe):
+    """A calibrated recipe's artifacts carry its grid. Speed depends on the grid's layout (bits, groups, scales),
+    not on which codes calibration picks, so the bench rounds each body linear to nearest on that grid instead of
+    calibrating (minutes saved on a large shape); the quality bench (bench.quality) calibrates."""
+    if recipe.calibration is None:
+        return reference
+    rounding = rounding_for(recipe.calibration.bits, recipe.calibration)
+    linears = {name: gptq_linear(module.weight, None, rounding) for name, module in body_linears(reference).items()}
+    return calibrated_model(reference, WeightGrid("round to nearest on the recipe's grid (bench)", linears))
 
 
 def run_one(runtime: str, folder: Path, model_path: Path, args, vocab: int) -> dict:

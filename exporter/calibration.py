@@ -237,7 +237,11 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
             layer = _working_copy(source_layer)
             cache = empty_like(model.kv_caches[index])
             run = lambda h: _run_layer(model, layer, cache, h)  # noqa: E731
-            for stage in _stages(layer, run, hidden[0]):
+            stages = _stages(layer, run, hidden[0])
+            if not spec.sequential:  # every Hessian from the float layer, in the pass that gives the next input
+                hidden = _one_pass(stages, hidden, run, linears, index, roundings, bits, spec)
+                continue
+            for stage in stages:
                 hessians = {name: _Hessian(module.in_features) for name, module in stage}
                 handles = [module.register_forward_hook(
                     lambda m, inputs, output, h=hessians[name]: h.add(inputs[0])) for name, module in stage]
@@ -252,15 +256,38 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
                 finally:
                     for handle in handles:
                         handle.remove()
-                for name, module in stage:
-                    key = f"layers.{index}.{name}.weight"
-                    rounding = roundings[(bits or {}).get(key, spec.bits)]
-                    grid = gptq_linear(module.weight, hessians[name].value(), rounding, spec.damp, spec.block_size)
-                    module.weight.copy_(grid.dequantize().to(module.weight.dtype))
-                    linears[key] = grid
+                _round_stage(stage, hessians, linears, index, roundings, bits, spec)
             hidden = [run(h) for h in hidden]
     progress("calibrate: done", 1.0)
-    return WeightGrid(source or f"gptq calibrated on {n_tokens} tokens", linears)
+    how = "gptq" if spec.sequential else "gptq (float inputs, one pass)"
+    return WeightGrid(source or f"{how} calibrated on {n_tokens} tokens", linears)
+
+
+def _round_stage(stage, hessians, linears, index, roundings, bits, spec) -> None:
+    """GPTQ of each linear of `stage` on its Hessian; the working layer's weights become the rounded ones."""
+    for name, module in stage:
+        key = f"layers.{index}.{name}.weight"
+        rounding = roundings[(bits or {}).get(key, spec.bits)]
+        grid = gptq_linear(module.weight, hessians[name].value(), rounding, spec.damp, spec.block_size)
+        module.weight.copy_(grid.dequantize().to(module.weight.dtype))
+        linears[key] = grid
+
+
+def _one_pass(stages, hidden, run, linears, index, roundings, bits, spec) -> list[torch.Tensor]:
+    """One pass of the float layer over every window: the next layer's inputs, and one Hessian per stage (its
+    linears share their input) from the float inputs; then every linear of the layer rounded. GPTQ without the
+    sequential re-runs: one forward of the model in all."""
+    hessians = [_Hessian(stage[0][1].in_features) for stage in stages]
+    handles = [stage[0][1].register_forward_hook(lambda m, inputs, output, h=h: h.add(inputs[0]))
+               for stage, h in zip(stages, hessians)]
+    try:
+        outputs = [run(h) for h in hidden]
+    finally:
+        for handle in handles:
+            handle.remove()
+    for stage, h in zip(stages, hessians):
+        _round_stage(stage, {name: h for name, _ in stage}, linears, index, roundings, bits, spec)
+    return outputs
 
 
 class _StageDone(Exception):

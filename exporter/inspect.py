@@ -111,7 +111,7 @@ def summarize(path: str | Path) -> CheckpointSummary:
 def _weight_grid(config) -> str:
     if config.weight_grid is None:
         return "none (float weights on no integer grid)"
-    how = "int4 / ternary recipes export it as it is (recipes/checkpoint-grid.yaml); fp32 exports it dequantised"
+    how = "recipes checkpoint-grid / ternary-grid export it as it is; fp32 exports it dequantised"
     return f"{config.weight_grid.describe()}; {how}"
 
 

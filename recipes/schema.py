@@ -70,6 +70,9 @@ class CalibrationSpec(Strict):
                                               "false only for recipes without an executorch target")
     windows: int = Field(32, ge=1, description="calibration windows")
     tokens: int = Field(256, ge=16, description="tokens per calibration window (BOS + text; capped by max_seq_len)")
+    sequential: bool = Field(True, description="true: layer by layer, each linear's Hessian from the inputs the "
+                                               "linears already rounded give it (GPTQ's own order, a re-run per "
+                                               "stage); false: every Hessian from the float model in one forward")
     damp: float = Field(0.01, gt=0, lt=1, description="dampening of the Hessian: this fraction of its mean diagonal")
     block_size: int = Field(128, ge=1, description="GPTQ's lazy-batch width (columns updated together)")
     mixed: MixedPrecisionSpec | None = Field(None, description="keep the most sensitive linears at 8 bits "

@@ -183,7 +183,7 @@ def test_a_bad_calibration_file_is_one_line_exit_2(tmp_path: Path):
     result = CliRunner().invoke(app, ["export", "--recipe", "int4-gptq", "-t", "onnx", "--out", str(tmp_path / "o"),
                                       "--calibration", str(short)])
     assert result.exit_code == 2 and "calibration needs" in result.stderr, result.output
-    result = CliRunner().invoke(app, ["export", "--recipe", "int4", "-t", "onnx", "--out", str(tmp_path / "o"),
+    result = CliRunner().invoke(app, ["export", "--recipe", "int8", "-t", "onnx", "--out", str(tmp_path / "o"),
                                       "--calibration", str(short)])
     assert result.exit_code == 2 and "has no calibration step" in result.stderr, result.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
