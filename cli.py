@@ -279,7 +279,7 @@ def export(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the check as JUnit XML to this file."),
     heldout: Optional[Path] = HeldoutOption,
     calibration: Optional[Path] = typer.Option(
-        None, "--calibration", help="Text file a calibrated recipe (int4-gptq, int4-mixed) calibrates on (default: the embedded held-out "
+        None, "--calibration", help="Text file a calibrated recipe (int4, int4-gptq, int4-mixed) calibrates on (default: the embedded held-out "
                                     "text, leaving out the windows the check measures)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build nothing: estimate each shipped recipe's quality cost on "
                                                           "the checkpoint from its eager ExecuTorch twin (and size)."),

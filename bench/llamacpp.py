@@ -215,6 +215,10 @@ def _convert_main(source: Path, folder: Path, out: Path) -> None:
     """Runs in its own process: the converter puts its own gguf-py first on sys.path and configures logging."""
     sys.path.insert(0, str(source))
     sys.argv = ["convert_hf_to_gguf.py", str(folder), "--outtype", "f32", "--outfile", str(out)]
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    if "Qwen3_5ForCausalLM" in architectures:
+        # our export leaves the MTP head out, and the converter asserts on a Qwen3.5 config that names none
+        sys.argv.append("--no-mtp")
     import convert_hf_to_gguf
     from conversion import ModelBase, ModelType
     from conversion.minicpm import MiniCPM3Model, MiniCPMModel
