@@ -71,7 +71,8 @@ def test_a_fidelity_failure_names_the_recipe_that_would_pass(tmp_path):
     whose eager twin passes its own bounds, and report.json says what was measured."""
     data = load_recipe("int4").model_dump(mode="json", exclude_unset=True)
     data["name"] = "int4-strict"
-    data["targets"] = {"executorch": {**data["targets"]["executorch"], "fidelity": {"max_kl": 5.0e-3}}}
+    # under any 4-bit rounding of minicpm-tiny (calibrated int4 ~2.5e-3, int4-mixed ~1.3e-3), over int8's ~1e-4
+    data["targets"] = {"executorch": {**data["targets"]["executorch"], "fidelity": {"max_kl": 5.0e-4}}}
     data["check"] = {**data["check"], "prompts": data["check"]["prompts"][:1], "max_new_tokens": 8,
                      "heldout_windows": 2, "heldout_tokens": 128}
     path = tmp_path / "int4-strict.yaml"
@@ -79,13 +80,16 @@ def test_a_fidelity_failure_names_the_recipe_that_would_pass(tmp_path):
     result = runner.invoke(app, ["export", "--recipe", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error: check failed")]
-    assert len(lines) == 1 and "; recipe int4-gptq would pass (eager twin: KL " in lines[0], result.output
     report = json.loads((tmp_path / "out" / "minicpm-tiny-int4-strict.rejected" / "report.json").read_text())
     suggestion = report["suggestion"]
-    # Smallest first: the shipped int4 (the same twin) meets its own bounds but not the one asked for, then GPTQ.
-    assert suggestion["recipe"] == "int4-gptq" and suggestion["tried"][-1].startswith("int4-gptq: KL ")
+    named = suggestion["recipe"]
+    assert len(lines) == 1 and f"; recipe {named} would pass (eager twin: KL " in lines[0], result.output
+    # Smallest first: the shipped int4 (the same twin) meets its own bounds but not the one asked for; the named
+    # recipe is the last tried, and the first that meets both.
+    assert named != "int4" and suggestion["tried"][-1].startswith(f"{named}: KL ")
     assert suggestion["tried"][0].startswith("int4: KL ") and "(asked by int4-strict)" in suggestion["tried"][0]
     assert judge(suggestion["metrics"], suggestion["bounds"]) == [] and suggestion["bounds"]["max_kl"] is not None
+    assert suggestion["metrics"]["kl"] <= 5.0e-4  # the bound asked for, met too
     assert suggestion["metrics"]["kl"] < report["artifacts"]["executorch"]["fidelity"]["metrics"]["kl"]
 
 
