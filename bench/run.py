@@ -29,8 +29,8 @@ from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
 
-from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.calibration import calibrated_model, gptq_linear, rounding_for
+from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models import load_checkpoint
 from cpm_mobile.exporter.models.grid import WeightGrid
 from cpm_mobile.exporter.sensitivity import body_linears

@@ -242,9 +242,9 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
                 hidden = _one_pass(stages, hidden, run, linears, index, roundings, bits, spec)
                 continue
             for stage in stages:
-                hessians = {name: _Hessian(module.in_features) for name, module in stage}
-                handles = [module.register_forward_hook(
-                    lambda m, inputs, output, h=hessians[name]: h.add(inputs[0])) for name, module in stage]
+                # one Hessian per stage: its linears read the same input
+                hessian = _Hessian(stage[0][1].in_features)
+                handles = [stage[0][1].register_forward_hook(lambda m, inputs, output: hessian.add(inputs[0]))]
                 # The rest of the layer's forward is not needed once the stage's linears have seen their inputs.
                 handles.append(stage[-1][1].register_forward_hook(_stop))
                 try:
@@ -256,19 +256,20 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
                 finally:
                     for handle in handles:
                         handle.remove()
-                _round_stage(stage, hessians, linears, index, roundings, bits, spec)
+                _round_stage(stage, hessian, linears, index, roundings, bits, spec)
             hidden = [run(h) for h in hidden]
     progress("calibrate: done", 1.0)
     how = "gptq" if spec.sequential else "gptq (float inputs, one pass)"
     return WeightGrid(source or f"{how} calibrated on {n_tokens} tokens", linears)
 
 
-def _round_stage(stage, hessians, linears, index, roundings, bits, spec) -> None:
-    """GPTQ of each linear of `stage` on its Hessian; the working layer's weights become the rounded ones."""
+def _round_stage(stage, hessian: _Hessian, linears, index, roundings, bits, spec) -> None:
+    """GPTQ of each linear of `stage` on the stage's Hessian; the working layer's weights become the rounded ones."""
+    value = hessian.value()
     for name, module in stage:
         key = f"layers.{index}.{name}.weight"
         rounding = roundings[(bits or {}).get(key, spec.bits)]
-        grid = gptq_linear(module.weight, hessians[name].value(), rounding, spec.damp, spec.block_size)
+        grid = gptq_linear(module.weight, value, rounding, spec.damp, spec.block_size)
         module.weight.copy_(grid.dequantize().to(module.weight.dtype))
         linears[key] = grid
 
@@ -285,8 +286,8 @@ def _one_pass(stages, hidden, run, linears, index, roundings, bits, spec) -> lis
     finally:
         for handle in handles:
             handle.remove()
-    for stage, h in zip(stages, hessians):
-        _round_stage(stage, {name: h for name, _ in stage}, linears, index, roundings, bits, spec)
+    for stage, hessian in zip(stages, hessians):
+        _round_stage(stage, hessian, linears, index, roundings, bits, spec)
     return outputs
 
 
