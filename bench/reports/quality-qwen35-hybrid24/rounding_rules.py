@@ -44,9 +44,10 @@ ours = copy.deepcopy(q4_0)  # Q4_0's embedding (Q6_K), the body rounded our way
 ours_error = q4_0_error = 0.0
 with torch.no_grad():
     q4_0_modules = dict(q4_0.named_modules())
+    reference_modules = dict(reference.named_modules())
     for name, module in ours.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            weight = dict(reference.named_modules())[name].weight
+            weight = reference_modules[name].weight
             codes, scales = _mse_int4(weight, 32)
             rounded = (codes.float().reshape(-1, 32) * scales.float().reshape(-1, 1)).reshape(weight.shape)
             ours_error += ((rounded - weight) ** 2).sum().item()
