@@ -318,13 +318,18 @@ class _ConfigParser:
         if not isinstance(text, dict):
             raise self.fail(f"model_type '{model_type}' needs a 'text_config' object")
         inner = text.get("model_type", QWEN3_5_TEXT)
-        if inner != QWEN3_5_TEXT:
-            raise self.fail(f"text_config.model_type '{inner}' is not supported (supported: {QWEN3_5_TEXT})")
+        # MiniCPM-V builds its LLM from text_config with AutoModel: any text model we read may sit there.
+        allowed = (QWEN3_5_TEXT,) if model_type == "qwen3_5" else (QWEN3_5_TEXT, *SUPPORTED_MODEL_TYPES)
+        if inner not in allowed:
+            raise self.fail(f"text_config.model_type '{inner}' is not supported (supported: {', '.join(allowed)})")
         # A composite config states the head's tying at the top (it wins), and may state the token ids there.
         merged = {**{k: self.raw[k] for k in ("bos_token_id", "eos_token_id") if k in self.raw}, **text}
         if "tie_word_embeddings" in self.raw:
             merged["tie_word_embeddings"] = self.raw["tie_word_embeddings"]
-        config = _Qwen35Parser(merged, self.source).parse_qwen35()
+        if inner == QWEN3_5_TEXT:
+            config = _Qwen35Parser(merged, self.source).parse_qwen35()
+        else:
+            config = _ConfigParser(merged, self.source).parse()
         return replace(config, weight_prefix="model.language_model.")
 
     def _attention_kind(self, model_type: str) -> AttentionKind:

@@ -1,0 +1,182 @@
+"""MiniCPM-V 4.6: the vision half and the image preprocessing against transformers' own classes.
+
+The folder is what transformers 5.x saves: MiniCPMV4_6ForConditionalGeneration's weights and
+config, the tokenizer with the image special tokens in tokenizer_config.json, processor_config.json
+and chat_template.jinja (no preprocessor_config.json). The processor is transformers' own class;
+it is built without its video processor, which needs torchvision (not installed), and everything
+it does for images is its own code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from conftest import train_test_tokenizer
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models import load_model
+from cpm_mobile.exporter.models.vision import VisionConfig, load_vision_encoder
+from cpm_mobile.runtimes.image_slicing import TOKEN_NAMES, SliceSettings, expand_prompt, slice_image
+
+IMAGE_TOKENS = {
+    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
+    "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>",
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image_pad|>{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+# Patch 14 as the real checkpoints; a 5x5 position table, so buckets are uneven at every slice size.
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=70,
+              patch_size=14)
+LLAMA_TEXT = dict(model_type="llama", vocab_size=336, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+                  eos_token_id=2)
+# Sizes and aspect ratios that take each slicing branch: one overview (small, upscaled; long and thin),
+# 1x2, 2x2, 2x3 grids, and a ratio no grid matches well.
+IMAGE_SIZES = [(448, 448), (30, 40), (100, 1500), (600, 900), (1000, 1000), (896, 1344), (333, 777)]
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Norms away from identity and weights scaled up, so every parameter shows in the output."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+            elif parameter.dim() >= 2:
+                parameter.mul_(3.0)
+    return model.eval()
+
+
+def image_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerBase:
+    train_test_tokenizer(folder)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<unk>", extra_special_tokens=IMAGE_TOKENS)
+
+
+def reference_processor(tokenizer, **image_settings) -> transformers.MiniCPMV4_6Processor:
+    """transformers' processor over its PIL image processor, without the torchvision-only video processor."""
+    image_processor = transformers.MiniCPMV4_6ImageProcessorPil(**image_settings)
+    cls = transformers.MiniCPMV4_6Processor
+    processor = cls.__new__(cls)
+    processor.image_processor, processor.tokenizer, processor.chat_template = image_processor, tokenizer, CHAT_TEMPLATE
+    processor.slice_mode = image_processor.slice_mode
+    processor.default_use_image_id = image_processor.use_image_id
+    processor.image_token_divisor = 4 if image_processor.downsample_mode == "4x" else 16
+    for name in (*IMAGE_TOKENS, "image_token_id", "video_token_id"):
+        setattr(processor, name, getattr(tokenizer, name))
+    processor.get_attributes = lambda: ["image_processor", "tokenizer"]
+    return processor
+
+
+def minicpmv_folder(folder: Path, text: dict, **top) -> tuple[Path, torch.nn.Module, transformers.ProcessorMixin]:
+    """A MiniCPM-V 4.6 folder as transformers saves it, random weights; its model and processor."""
+    tokenizer = image_tokenizer(folder)
+    processor = reference_processor(tokenizer)
+    config = transformers.MiniCPMV4_6Config(text_config=text, vision_config=VISION, insert_layer_id=1,
+                                            image_token_id=tokenizer.image_token_id, **top)
+    torch.manual_seed(0)
+    model = _perturbed(transformers.MiniCPMV4_6ForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="module")
+def llama_v(tmp_path_factory):
+    return minicpmv_folder(tmp_path_factory.mktemp("minicpmv46-llama"), LLAMA_TEXT)
+
+
+def test_the_folder_is_the_layout_transformers_writes(llama_v):
+    folder, _, _ = llama_v
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
+            "chat_template.jinja"} <= names
+    assert "preprocessor_config.json" not in names
+    assert json.loads((folder / "tokenizer_config.json").read_text())["image_token"] == "<|image_pad|>"
+
+
+def _packed(slices: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, 3, H, W] -> transformers' NaViT packing [1, 3, patch, B*H*W/patch]."""
+    _, channels, height, width = slices.shape
+    return torch.cat([s.reshape(channels, height // patch, patch, width // patch, patch).permute(0, 2, 1, 3, 4)
+                      .reshape(channels, patch, -1) for s in slices], dim=-1)[None]
+
+
+@pytest.mark.parametrize("mode", ["16x", "4x"])
+def test_vision_encoder_equals_transformers_on_every_slice_shape(llama_v, mode):
+    folder, model, _ = llama_v
+    ours = load_vision_encoder(folder, mode)
+    generator = torch.Generator().manual_seed(1)
+    for height, width in [(56, 56), (112, 168), (224, 112), (392, 280)]:
+        slices = torch.randn(2, 3, height, width, generator=generator)
+        sizes = torch.tensor([[height // 14, width // 14]] * 2, dtype=torch.int32)
+        with torch.no_grad():
+            theirs = torch.cat(model.model.get_image_features(_packed(slices, 14), sizes, downsample_mode=mode)
+                               .pooler_output)
+            mine = ours(slices)
+        divisor = 16 if mode == "16x" else 4
+        assert mine.shape == (2, height * width // (14 * 14 * divisor), LLAMA_TEXT["hidden_size"])
+        assert theirs.abs().max() > 1.0
+        assert (mine.reshape(theirs.shape) - theirs).abs().max() / theirs.abs().max() < 1e-5, (height, width)
+
+
+def test_text_model_of_a_minicpmv_folder_with_a_llama_llm(llama_v):
+    folder, model, _ = llama_v
+    ours, checkpoint = load_model(folder, max_seq_len=64)
+    assert checkpoint.config.model_type == "llama" and checkpoint.config.weight_prefix == "model.language_model."
+    prompt = torch.tensor([[1, 17, 42, 300, 5, 99, 123, 60]])
+    with torch.no_grad():
+        theirs = model(input_ids=prompt).logits[0]
+        logits = ours(prompt, torch.tensor([0]))[0]
+    assert (logits - theirs).abs().max() / theirs.abs().max() < 1e-5
+
+
+def _images() -> list[Image.Image]:
+    generator = np.random.default_rng(0)
+    images = [Image.fromarray(generator.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+    rgba = generator.integers(0, 256, (120, 90, 4), dtype=np.uint8)
+    return [*images, Image.fromarray(rgba, "RGBA"), images[3].convert("L")]
+
+
+@pytest.mark.parametrize("image_settings", [{}, {"downsample_mode": "4x", "max_slice_nums": 4},
+                                            {"use_image_id": False, "scale_resolution": 224}],
+                         ids=["default", "4x-four-slices", "no-image-id-224"])
+def test_pixels_and_token_ids_equal_the_processors(llama_v, image_settings):
+    _, _, saved = llama_v
+    processor = reference_processor(saved.tokenizer, **image_settings)
+    settings = SliceSettings.from_processor_config(processor.image_processor.to_dict())
+    tokens = {name: IMAGE_TOKENS[name] for name in TOKEN_NAMES}
+    text = "<|im_start|>user\n<|image_pad|>What is this? And this: <|image_pad|><|im_end|>\n"
+    images = _images()
+    for first, second in zip(images, images[1:] + images[:1]):
+        theirs = processor(text=[text], images=[first, second], return_tensors="np")
+        sliced = [slice_image(first, settings), slice_image(second, settings)]
+        pixels = np.concatenate([_packed(torch.from_numpy(a[None]), 14)[0].numpy() for image in sliced
+                                 for a in [image.overview, *image.slices]], axis=-1)[None]
+        assert np.array_equal(pixels, theirs["pixel_values"]), first.size
+        ids = saved.tokenizer(expand_prompt(text, sliced, settings, tokens))["input_ids"]
+        assert ids == theirs["input_ids"][0].tolist(), first.size
+    assert any(slice_image(image, settings).grid for image in images)  # slicing ran, not only overviews
+
+
+def test_vision_config_refuses_what_it_cannot_build(llama_v, tmp_path):
+    folder, _, _ = llama_v
+    raw = json.loads((folder / "config.json").read_text())
+    config = VisionConfig.from_hf_dict(raw)
+    assert (config.insert_layer_id, config.downsample_mode, config.llm_hidden_size) == (1, "16x", 64)
+    assert config.side_multiple() == 56 and config.side_multiple("4x") == 28
+    for change, message in [({"downsample_mode": "8x"}, "downsample_mode"), ({"insert_layer_id": 7}, "insert_layer_id"),
+                            ({"merge_kernel_size": [2, 3]}, "merge_kernel_size")]:
+        with pytest.raises(InputError, match=message):
+            VisionConfig.from_hf_dict({**raw, **change}, tmp_path / "config.json")
