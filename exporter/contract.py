@@ -39,6 +39,13 @@ MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 MANIFEST_SCHEMA_FILE = "manifest.schema.json"
 MANIFEST_SCHEMA_ID = f"urn:cpm-mobile:bundle-manifest:{FORMAT_VERSION}"
+# A vision-language .pte: the methods ExecuTorch's MultimodalRunner calls, and the constant methods
+# stating the slice shapes vision_encoder takes (sides multiples of one, at most the other).
+VISION_METHOD = "vision_encoder"
+EMBEDDING_METHOD = "token_embedding"
+DECODER_METHOD = "text_decoder"
+VISION_SIDE_MULTIPLE = "get_vision_side_multiple"
+VISION_MAX_SIDE = "get_vision_max_side"
 
 CacheKind = Literal["mutable_buffers", "past_present", "coreml_states"]
 CACHE_KINDS: tuple[str, ...] = ("mutable_buffers", "past_present", "coreml_states")

@@ -142,7 +142,7 @@ def _normalised(image: Image.Image, settings: SliceSettings) -> np.ndarray:
         mean = np.array(settings.image_mean, dtype=pixels.dtype)[:, None, None]
         std = np.array(settings.image_std, dtype=pixels.dtype)[:, None, None]
         pixels = (pixels - mean) / std
-    return pixels.astype(np.float32, copy=False)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 def slice_image(image: Image.Image, settings: SliceSettings) -> SlicedImage:

@@ -316,13 +316,14 @@ def test_fp32_program_within_1e4_of_pytorch_with_the_same_fp16_state_rounding(la
     too, the fp32 program's logits agree to ~1e-4 (measured 1.0e-4 on the BlockFFN/MLA layout, 7e-5
     on GQA). What remains is the same rounding seen from the other side: numpy and torch sum in
     different orders, and a k or v that lands a last-bit apart in fp32 can round to the adjacent
-    fp16 value (2**-11 relative). Bound: 2e-4, against ~1e-2 when the states are compared with an
-    fp32 cache and O(1) for any real fault."""
+    fp16 value (2**-11 relative); how many land so depends on the CPU's kernels (4.5e-4 on an AVX-512 /
+    AMX machine). Bound: 1e-3, against ~1e-2 when the states are compared with an fp32 cache and O(1)
+    for any real fault."""
     from cpm_mobile.exporter.targets.coreml.target import coreml_ready
 
     case = layouts[layout]
     _, session = case.exported("fp32")
     rounded_reference = greedy_runs(TorchSession(coreml_ready(case.model)), case.plan)
     measured = compare(rounded_reference, teacher_forced_runs(session, case.plan, rounded_reference), case.plan)
-    assert measured["max_abs_logits"] <= 2e-4, measured
+    assert measured["max_abs_logits"] <= 1e-3, measured
     assert measured["greedy_prefix_tokens"] == measured["greedy_tokens"]

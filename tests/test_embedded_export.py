@@ -38,9 +38,10 @@ def test_fp32_bundle_passes_on_every_target(fp32_bundle):
     coreml = artifacts["coreml"]["fidelity"]["metrics"]
     assert coreml["greedy_prefix_tokens"] == coreml["greedy_tokens"] and coreml["kl"] <= 1e-4
     # Against its fp16-cache twin the program agrees several times closer than against fp32 (measured
-    # 3.4e-4 vs 2.2e-3 on minicpm-tiny, 6.7e-4 vs 2.6e-3 on blockffn-tiny, logit scale ~15).
+    # 3.4e-4 vs 2.2e-3 on minicpm-tiny, 6.7e-4 vs 2.6e-3 on blockffn-tiny, logit scale ~15; 2.8x closer
+    # on an AVX-512 / AMX machine, whose kernels sum in another order).
     faithful = artifacts["coreml"]["faithfulness"]["metrics"]
-    assert faithful["max_abs_logits"] <= 1e-3 and faithful["max_rel_logits"] * 3 < coreml["max_rel_logits"]
+    assert faithful["max_abs_logits"] <= 1e-3 and faithful["max_rel_logits"] * 2 < coreml["max_rel_logits"]
     _assert_sizes_predicted(FIXTURES[name], result)
 
 

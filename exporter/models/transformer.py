@@ -103,16 +103,26 @@ class CausalLM(nn.Module):
         self.tied = True
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        positions = input_pos + torch.arange(tokens.shape[1], dtype=input_pos.dtype, device=input_pos.device)
+        return self.forward_embeddings(self.embed(tokens), input_pos)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the first layer's input (a vision-language model puts image embeddings beside these)."""
+        return self.embed_tokens(tokens) * self.config.scale_emb
+
+    def forward_embeddings(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The stack from embeddings [1, T, hidden] at positions input_pos.. through this model's own state."""
+        positions = input_pos + torch.arange(h.shape[1], dtype=input_pos.dtype, device=input_pos.device)
         mask = causal_mask(positions, self.max_seq_len)
         attends = [bind_state(cache, positions, mask) for cache in self.kv_caches]
-        return self.decode(tokens, positions, attends)
+        return self.decode_embeddings(h, positions, attends)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, attends: Sequence[Attend]) -> torch.Tensor:
         """The stack with an explicit attend per layer: targets pass their own cache forms here."""
+        return self.decode_embeddings(self.embed(tokens), positions, attends)
+
+    def decode_embeddings(self, h: torch.Tensor, positions: torch.Tensor, attends: Sequence[Attend]) -> torch.Tensor:
         cos = self.rope_cos.index_select(0, positions)
         sin = self.rope_sin.index_select(0, positions)
-        h = self.embed_tokens(tokens) * self.config.scale_emb
         for layer, attend in zip(self.layers, attends):
             h = layer(h, cos, sin, attend)
         return self.lm_head(self.norm(h) / self.config.logits_divisor)

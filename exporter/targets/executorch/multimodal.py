@@ -1,0 +1,83 @@
+"""A vision-language model -> one model.pte with the three methods ExecuTorch's MultimodalRunner runs.
+
+    vision_encoder(image float32[1, 3, H, W]) -> embeddings float32[1, N, hidden]
+    token_embedding(tokens int64[1, T])        -> embeddings float32[1, T, hidden]
+    text_decoder(embeddings [1, T, hidden], input_pos int64[1]) -> logits float32[1, T, vocab]
+
+The runner feeds each input of a prompt in order (text as tokens, each image slice as an image)
+through its encoder and then text_decoder at the running position, so MiniCPM-V's placeholder
+layout is a list of inputs: tokens up to and including <image>, the overview, tokens
+</image><slice>, the first slice, ... The image is the slice as the bundle's preprocessing
+gives it (normalised, sides multiples of `side_multiple`). H and W are dynamic within
+[side_multiple, max_side]; ExecuTorch plans memory for the bound.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.vision import VisionEncoder
+from cpm_mobile.exporter.models.vlm import TextDecoder, TokenEmbedding
+from cpm_mobile.exporter.contract import (
+    DECODER_METHOD, EMBEDDING_METHOD, VISION_MAX_SIDE, VISION_METHOD, VISION_SIDE_MULTIPLE,
+)
+from cpm_mobile.exporter.targets.executorch.target import (
+    ATTENTION_CUSTOM, PTE_NAME, emit, export_ready, write_program,
+)
+
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic: Any) -> ExportedProgram:
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+
+
+def capture_vision(vision: VisionEncoder, max_side: int) -> ExportedProgram:
+    step = vision.config.side_multiple(vision.mode)
+    units = max_side // step
+    rows, cols = Dim("slice_rows", min=1, max=units), Dim("slice_cols", min=1, max=units)
+    if units < 3:
+        raise ValueError(f"max_side {max_side} leaves fewer than 3 steps of {step} px")
+    example = torch.zeros(1, vision.config.num_channels, step * 2, step * 3)  # no side of 1: export would fix it
+    return _export(vision, (example,), ({2: step * rows, 3: step * cols},))
+
+
+def capture_text(model: CausalLM) -> tuple[ExportedProgram, ExportedProgram]:
+    seq = Dim("T", min=1, max=model.max_seq_len)
+    tokens = torch.zeros(1, min(2, model.max_seq_len), dtype=torch.int64)
+    embedding = _export(TokenEmbedding(model), (tokens,), ({1: seq},))
+    embeddings = torch.zeros(1, tokens.shape[1], model.config.hidden_size)
+    decoder = _export(TextDecoder(model), (embeddings, torch.zeros(1, dtype=torch.int64)), ({1: seq}, None))
+    return embedding, decoder
+
+
+def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, methods: dict[str, Any],
+                      max_side: int, attention: str = ATTENTION_CUSTOM) -> dict[str, Any]:
+    """Write out_dir/model.pte; returns what the manifest states about it."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    step = vision.config.side_multiple(vision.mode)
+    methods = {**methods, VISION_SIDE_MULTIPLE: step, VISION_MAX_SIDE: step * (max_side // step)}
+    text = export_ready(model, attention)
+    embedding, decoder = capture_text(text)
+    programs = {VISION_METHOD: capture_vision(vision, max_side), EMBEDDING_METHOD: embedding, DECODER_METHOD: decoder}
+    edge = to_edge_transform_and_lower(
+        programs,
+        partitioner={name: [XnnpackPartitioner()] for name in programs},
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+        constant_methods=methods,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = write_program(emit(edge), out_dir / PTE_NAME)
+    return {
+        "size_bytes": size,
+        "methods": [VISION_METHOD, EMBEDDING_METHOD, DECODER_METHOD],
+        "vision_input": {"shape": [1, vision.config.num_channels, "H", "W"], "dtype": "float32",
+                         "side_multiple": step, "max_side": step * (max_side // step)},
+        "attention": attention,
+    }
