@@ -14,6 +14,7 @@ dynamic. Attention inside a slice is full (no mask), as in the checkpoint.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -137,6 +138,12 @@ class VisionConfig:
         return config
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written out: XNNPACK lowers F.gelu(approximate="tanh") to a kernel 4.5e-5
+    off in relative terms, and these elementwise ops to within 1e-7 (both measured on the same inputs)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Full attention within the second-last axis: [..., N, D] -> [..., N, D]."""
     *lead, n, dim = q.shape
@@ -161,7 +168,7 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -203,7 +210,7 @@ class WindowMerger(nn.Module):
         windows = fold_windows(x, h, w, self.window_kernel)  # [B, n, 4, D]
         windows = windows + self.self_attn(self.layer_norm1(windows))
         flat = self.pre_norm(windows.flatten(2))
-        out = self.linear_2(F.gelu(self.linear_1(flat), approximate="tanh"))
+        out = self.linear_2(gelu_tanh(self.linear_1(flat)))
         return out + windows.mean(dim=2)
 
 
