@@ -481,6 +481,9 @@ def generate(
     target: Optional[Target] = typer.Option(None, "--target", "-t", case_sensitive=False,
                                             help="Which artifact to run (default: the bundle's first)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue."),
+    image: Optional[Path] = typer.Option(None, "--image", help="A vision-language bundle: the image goes before "
+                                                                "--prompt in one user message, through the bundle's "
+                                                                "chat template; only the answer is printed."),
     chat: bool = typer.Option(False, "--chat", help="Chat with the bundle's chat template: one message per line "
                                                     "on stdin, until an empty line or end of input."),
     system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message first."),
@@ -512,6 +515,15 @@ def generate(
     if system is not None and not chat:
         raise typer.BadParameter("--system goes with --chat", param_hint="--system")
     with _running(verbose):
+        from cpm_mobile.exporter.vlm_generate import is_vision_language_bundle
+
+        if image is not None or is_vision_language_bundle(bundle):
+            if chat or speculative:
+                raise typer.BadParameter("a vision-language bundle takes --prompt (and --image), not --chat or "
+                                         "--speculative yet", param_hint="--chat / --speculative")
+            _generate_with_image(bundle, target.value if target else None, image, prompt, max_new_tokens,
+                                 sampling=(temperature, top_p, seed))
+            return
         from cpm_mobile.exporter.generate import (
             Chat, ChatTemplate, Sampling, Timings, complete, decode_tokens, make_sampler, open_bundle_model,
             select_artifact,
@@ -579,6 +591,22 @@ def generate(
                 _print_comparison(plain_timings, timings, plain.tokens == source.tokens)
                 if plain.tokens != source.tokens:
                     raise typer.Exit(1)
+
+
+def _generate_with_image(bundle: Path, target: Optional[str], image: Optional[Path], prompt: str,
+                         max_new_tokens: int, sampling: tuple) -> None:
+    from cpm_mobile.exporter.generate import Sampling, Timings, complete, make_sampler
+    from cpm_mobile.exporter.vlm_generate import open_image_prompt, open_vision_language
+
+    with _spinner("loading the artifact"):
+        model = open_vision_language(bundle, target)
+    note = "" if model.passed_check is not False else "; this bundle FAILED its check"
+    errors.print(f"{model.target} in {model.runtime}{note}", markup=False, highlight=False, style="dim", soft_wrap=True)
+    session, ids = open_image_prompt(model, image, prompt)
+    timings = Timings()
+    _stream(complete(session, ids, model.tokenizer.tokenizer, max_new_tokens, make_sampler(Sampling(*sampling)),
+                     model.eos_ids, timings))
+    _print_speed(timings)
 
 
 def _stream(pieces: Iterator[str]) -> None:

@@ -17,10 +17,19 @@ import signal
 import tempfile
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from cpm_mobile.exporter.contract import MANIFEST_FILE, REPORT_FILE, json_safe
+
+
+@dataclass
+class ExportResult:
+    bundle: Path  # the published bundle, or the rejected folder when the check failed
+    passed: bool
+    report: dict[str, Any]
+    manifest: dict[str, Any]
 from cpm_mobile.exporter.errors import InputError
 
 MANIFEST, REPORT = MANIFEST_FILE, REPORT_FILE

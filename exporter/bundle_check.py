@@ -71,6 +71,11 @@ def check_bundle(
     checkpoint = load_checkpoint(source)
     if checkpoint.sha256() != manifest["source"]["sha256"]:
         raise InputError(source, "checkpoint differs from the one this bundle was exported from (sha256 mismatch)")
+    if manifest.get("vision") is not None:  # a vision-language bundle: its image path's check
+        from cpm_mobile.exporter.vlm_bundle import check_vlm_bundle
+
+        progress("check: image prompts", None)
+        return CheckResult(check_vlm_bundle(bundle, manifest, recipe, artifacts, checkpoint, breaches))
     tokenizer = TextTokenizer.from_folder(bundle)
     heldout_text = read_heldout(heldout)
     plan = build_plan(recipe, tokenizer, heldout_text, recipe.max_seq_len,

@@ -226,6 +226,30 @@ class ModelInfo(_Strict):
     contract: str
 
 
+class VisionContract(_Strict):
+    """A vision-language bundle's image path, everything an app needs to feed its vision encoder and prompt.
+
+    Preprocessing (runtimes/image_slicing.py, transformers' MiniCPM-V image processor number for number): an
+    image becomes an overview resized to about scale_resolution^2 pixels and, when larger, a grid of slices
+    (best rows x cols for its aspect ratio among max_slice_nums-bounded counts), each side a multiple of
+    side_multiple px, normalised (x * rescale_factor - mean) / std per channel. Each slice gives
+    (H/patch_size) * (W/patch_size) / tokens_divisor embeddings. The prompt's image token becomes
+    `placeholder`: the overview's run of image tokens between image_start/end, then the slices' runs
+    between slice_start/end, slices of a row adjacent, rows joined by a newline; with use_image_id an
+    image_id_start i image_id_end tag first (i: the image's index in the prompt)."""
+
+    kind: Literal["minicpmv"] = "minicpmv"
+    image_token_id: int = Field(ge=0)
+    tokens: dict[str, str]  # image_token, image_start_token, ... as the tokenizer spells them
+    processor: dict[str, Any]  # processor_config.json's image_processor settings, as read
+    patch_size: int = Field(ge=1)
+    tokens_divisor: int = Field(ge=1)
+    side_multiple: int = Field(ge=1)
+    max_side: int = Field(ge=1)  # the largest slice side the vision encoder was exported for
+    hidden_size: int = Field(ge=1)  # the LLM embedding width each image token carries
+    placeholder: str
+
+
 class Manifest(_Strict):
     """manifest.json. A format 1 manifest (format "cpm-mobile-bundle/1", no format_version) is
     upgraded on validation: format_version becomes FORMAT_VERSION, `upgraded_from` says 1."""
@@ -241,6 +265,7 @@ class Manifest(_Strict):
     artifacts: list[ArtifactEntry] = Field(min_length=1)
     tokenizer: list[str] | dict[str, Any]  # format 1: the tokenizer file names written
     files: dict[str, str]  # relative path -> sha256, every file but manifest.json
+    vision: VisionContract | None = None  # vision-language bundles: the image path's contract
 
     _upgraded_from: int | None = None
 
@@ -310,7 +335,7 @@ class Manifest(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what manifest.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        return json_safe(self.model_dump(mode="python"))
+        return json_safe(self.model_dump(mode="python", exclude={"vision"} if self.vision is None else None))
 
 
 # -- report.json -----------------------------------------------------------------------------------

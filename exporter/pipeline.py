@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -10,8 +10,8 @@ from typing import Any
 
 from cpm_mobile.exporter import __version__
 from cpm_mobile.exporter.calibration import GRID_FILE, calibrate_for_recipe, calibrated_model, calibration_text, save_grid
-from cpm_mobile.exporter.bundle import (
-    MANIFEST, REPORT, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
+from cpm_mobile.exporter.bundle import (  # ExportResult: what export_bundle returns, re-exported here
+    MANIFEST, REPORT, ExportResult, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
 )
 from cpm_mobile.exporter.contract import (
     BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_SCHEMA_FILE, Manifest, Report, manifest_json_schema,
@@ -29,14 +29,6 @@ from cpm_mobile.exporter.verify import artifact_twins, build_plan, check_artifac
 from cpm_mobile.recipes.schema import Recipe
 
 LIBRARIES = ("torch", "executorch", "onnx", "onnxruntime", "onnxscript", "coremltools", "tokenizers", "numpy")
-
-
-@dataclass
-class ExportResult:
-    bundle: Path  # the published bundle, or the rejected folder when the check failed
-    passed: bool
-    report: dict[str, Any]
-    manifest: dict[str, Any]
 
 
 def library_versions() -> dict[str, str]:
@@ -68,6 +60,10 @@ def export_bundle(
     calibration: the text a recipe's calibration step (GPTQ) calibrates on; default the embedded held-out text.
     When it is the text the check scores, the check's held-out windows are left out of it (exporter/calibration.py).
     """
+    from cpm_mobile.exporter.vlm_bundle import export_vlm_bundle, is_vision_language
+
+    if is_vision_language(model_path):
+        return export_vlm_bundle(model_path, recipe, out_dir, library_versions(), name, progress, force)
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)

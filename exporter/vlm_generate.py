@@ -1,58 +1,87 @@
-"""Generation after an image prompt, as plain functions over a MultimodalSession.
+"""Generation from a vision-language bundle: the image and the text in one user message through the
+bundle's chat template, the assistant turn opened (as transformers' processor.apply_chat_template
+does), the image sliced and its placeholders laid out by the bundle's own preprocessing, then the
+text model's own decode. Only the bundle is read, never the source checkpoint.
 
-The prompt's token ids hold one run of image tokens per slice (runtimes/image_slicing.py lays
-them out); each run's embeddings are that slice's vision-encoder output, every other position
-is the token's own embedding, and the LLM prefills the whole sequence from embeddings, as
-transformers' MiniCPM-V forward does. Decoding is then the text model's own.
+`open_image_prompt` returns a plain Session (runtimes.multimodal.ImagePrompts) and the prompt's
+token ids, so exporter/generate.py's `complete` streams the answer unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from cpm_mobile.runtimes.multimodal import MultimodalSession
-
-
-def image_token_runs(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
-    """(start, end) of each maximal run of the image token, in order."""
-    runs, start = [], None
-    for position, token in enumerate([*ids, None]):
-        if token == image_token_id and start is None:
-            start = position
-        elif token != image_token_id and start is not None:
-            runs.append((start, position))
-            start = None
-    return runs
+from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.generate import ChatTemplate, select_artifact
+from cpm_mobile.exporter.tokenizer import TextTokenizer, read_json_object
+from cpm_mobile.runtimes.image_slicing import SliceSettings
+from cpm_mobile.runtimes.multimodal import ImagePrompts, MultimodalSession, open_multimodal_session
 
 
-def prompt_embeddings(session: MultimodalSession, ids: Sequence[int], image_token_id: int,
-                      slices: Sequence[np.ndarray]) -> np.ndarray:
-    """[T, hidden]: the tokens' embeddings with each image-token run replaced by its slice's features."""
-    runs = image_token_runs(ids, image_token_id)
-    if len(runs) != len(slices):
-        raise ValueError(f"the prompt has {len(runs)} image-token runs for {len(slices)} image slices")
-    embeddings = session.embed(np.asarray(ids, dtype=np.int64)).copy()
-    for (start, end), pixels in zip(runs, slices):
-        features = session.encode_image(pixels)
-        if features.shape[0] != end - start:
-            raise ValueError(f"a {pixels.shape[1]}x{pixels.shape[2]} slice gives {features.shape[0]} embeddings "
-                             f"for a run of {end - start} image tokens")
-        embeddings[start:end] = features
-    return embeddings
+@dataclass
+class VisionLanguageBundle:
+    folder: Path
+    target: str
+    session: MultimodalSession
+    runtime: str
+    vision: dict[str, Any]  # the manifest's VisionContract
+    tokenizer: TextTokenizer
+    template: ChatTemplate
+    eos_ids: list[int]
+    passed_check: bool | None
 
 
-def greedy_tokens(session: MultimodalSession, ids: Sequence[int], image_token_id: int,
-                  slices: Sequence[np.ndarray], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> Iterator[int]:
-    """Greedy continuation of an image prompt, one token at a time (stops after an end-of-sequence id)."""
-    session.reset()
-    embeddings = prompt_embeddings(session, ids, image_token_id, slices)
-    logits = session.forward_embeddings(embeddings, 0)
-    position = len(ids)
-    for _ in range(max_new_tokens):
-        token = int(np.argmax(logits[-1]))
-        yield token
-        if token in eos_ids or position >= session.max_seq_len:
-            return
-        logits = session.forward(np.array([token], dtype=np.int64), position)
-        position += 1
+def is_vision_language_bundle(folder: str | Path) -> bool:
+    manifest, _ = select_artifact(folder)
+    return manifest.get("vision") is not None
+
+
+def open_vision_language(folder: str | Path, target: str | None = None) -> VisionLanguageBundle:
+    folder = Path(folder)
+    manifest, artifact = select_artifact(folder, target)
+    if manifest.get("vision") is None:
+        raise InputError(folder, "bundle has no vision encoder (it was exported from a text-only checkpoint)")
+    session = open_multimodal_session(folder, artifact)
+    report = folder / "report.json"
+    passed = read_json_object(report).get("passed") if report.is_file() else None
+    return VisionLanguageBundle(folder, artifact["target"], session, getattr(session, "runtime_name", artifact["target"]),
+                                manifest["vision"], TextTokenizer.from_folder(folder), ChatTemplate.from_folder(folder),
+                                list(manifest["model"]["eos_ids"]), passed)
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise InputError(path, "no such image file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(path, f"not an image PIL can read ({' '.join(str(exc).split())[:120]})") from None
+
+
+def open_image_prompt(bundle: VisionLanguageBundle, image: Path | None, text: str) -> tuple[ImagePrompts, list[int]]:
+    """A Session that prefills the prompt with its image, and the prompt's token ids."""
+    from cpm_mobile.runtimes.image_slicing import expand_prompt, slice_image
+
+    vision = bundle.vision
+    settings = SliceSettings.from_processor_config(vision["processor"])
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+    rendered = bundle.template.render([{"role": "user", "content": content}])
+    slices = []
+    if image is not None:
+        sliced = slice_image(read_image(image), settings)
+        rendered = expand_prompt(rendered, [sliced], settings, vision["tokens"])
+        slices = [sliced.overview, *sliced.slices]
+    ids = bundle.tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
+    if len(ids) >= bundle.session.max_seq_len:
+        raise InputError(image or "--prompt", f"the prompt is {len(ids)} tokens with the image; the artifact holds "
+                         f"{bundle.session.max_seq_len} positions")
+    for pixels in slices:
+        if max(pixels.shape[1:]) > vision["max_side"]:
+            raise InputError(image, f"a {pixels.shape[1]}x{pixels.shape[2]} slice of this image is beyond the "
+                             f"bundle's vision encoder ({vision['max_side']} px a side): its aspect ratio is too extreme")
+    return ImagePrompts(bundle.session, vision["image_token_id"], {tuple(ids): slices}), ids

@@ -2,11 +2,15 @@
 LLM from embeddings.
 
 A MultimodalSession is a Session (token ids in, logits out) that can also take embeddings, so
-decoding after an image prompt is the text model's own decode. Prompt assembly (which positions
-are image tokens, which slice fills them) is the caller's: see exporter/vlm_generate.py.
+decoding after an image prompt is the text model's own decode. An image prompt's token ids hold
+one run of image tokens per slice (runtimes/image_slicing.py lays them out); `prompt_embeddings`
+puts each slice's vision-encoder output on its run and every other position's token embedding
+elsewhere, as transformers' MiniCPM-V forward does. `ImagePrompts` makes such a session a plain
+Session for the check: a registered image prompt prefilled at position 0 gets its images.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -119,3 +123,92 @@ class ExecuTorchMultimodalSession:
 
 def open_executorch_multimodal(bundle_dir: Path, artifact: dict[str, Any]) -> ExecuTorchMultimodalSession:
     return ExecuTorchMultimodalSession(Path(bundle_dir) / artifact.get("entry", "model.pte"))
+
+
+MULTIMODAL_RUNTIMES = {"executorch": open_executorch_multimodal}
+
+
+def open_multimodal_session(bundle_dir: str | Path, artifact: dict[str, Any]) -> MultimodalSession:
+    opener = MULTIMODAL_RUNTIMES.get(artifact["target"])
+    if opener is None:
+        raise InputError(bundle_dir, f"no runtime opens a vision-language {artifact['target']} artifact yet")
+    return opener(Path(bundle_dir), artifact)
+
+
+class TorchMultimodalSession:
+    """The eager halves (a CausalLM-like text model with embed / forward_embeddings, and a vision encoder)
+    behind the MultimodalSession interface: the check's reference."""
+
+    verified = "PyTorch eager (reference)"
+
+    def __init__(self, model: torch.nn.Module, vision: torch.nn.Module):
+        self.model, self.vision = model, vision
+        self.max_seq_len = model.max_seq_len
+
+    def reset(self) -> None:
+        self.model.reset_cache()
+
+    @torch.no_grad()
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self.vision(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None])[0].numpy()
+
+    @torch.no_grad()
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return self.model.embed(torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None])[0].numpy()
+
+    @torch.no_grad()
+    def forward_embeddings(self, embeddings: np.ndarray, start_pos: int) -> np.ndarray:
+        h = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))[None]
+        return self.model.forward_embeddings(h, torch.tensor([start_pos]))[0].float().numpy()
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        return self.forward_embeddings(self.embed(tokens), start_pos)
+
+
+def image_token_runs(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of the image token, in order."""
+    runs, start = [], None
+    for position, token in enumerate([*ids, None]):
+        if token == image_token_id and start is None:
+            start = position
+        elif token != image_token_id and start is not None:
+            runs.append((start, position))
+            start = None
+    return runs
+
+
+def prompt_embeddings(session: MultimodalSession, ids: Sequence[int], image_token_id: int,
+                      slices: Sequence[np.ndarray]) -> np.ndarray:
+    """[T, hidden]: the tokens' embeddings with each image-token run replaced by its slice's features."""
+    runs = image_token_runs(ids, image_token_id)
+    if len(runs) != len(slices):
+        raise ValueError(f"the prompt has {len(runs)} image-token runs for {len(slices)} image slices")
+    embeddings = session.embed(np.asarray(ids, dtype=np.int64)).copy()
+    for (start, end), pixels in zip(runs, slices):
+        features = session.encode_image(pixels)
+        if features.shape[0] != end - start:
+            raise ValueError(f"a {pixels.shape[1]}x{pixels.shape[2]} slice gives {features.shape[0]} embeddings "
+                             f"for a run of {end - start} image tokens")
+        embeddings[start:end] = features
+    return embeddings
+
+
+class ImagePrompts:
+    """A MultimodalSession as a plain Session: a registered prompt prefilled at position 0 is embedded with its
+    image slices, everything else (decode steps, text-only prompts) runs as tokens."""
+
+    def __init__(self, session: MultimodalSession, image_token_id: int,
+                 prompts: dict[tuple[int, ...], Sequence[np.ndarray]]):
+        self.session, self.image_token_id, self.prompts = session, image_token_id, prompts
+        self.max_seq_len = session.max_seq_len
+        self.verified = session.verified
+
+    def reset(self) -> None:
+        self.session.reset()
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        key = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
+        if start_pos == 0 and key in self.prompts:
+            embeddings = prompt_embeddings(self.session, key, self.image_token_id, self.prompts[key])
+            return self.session.forward_embeddings(embeddings, 0)
+        return self.session.forward(tokens, start_pos)

@@ -200,15 +200,24 @@ def varied_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def multimodal_pte(varied_v, tmp_path_factory):
-    from cpm_mobile.exporter.targets.executorch.multimodal import export_multimodal
+def vl_bundle(varied_v, tmp_path_factory):
+    """`cpm-mobile export` of the folder: the ExecuTorch multimodal program, checked, with its image path."""
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
 
     folder, _, _ = varied_v
-    model, _ = load_model(folder, max_seq_len=1024)  # a 2x3 grid's prompt is ~520 tokens
-    out = tmp_path_factory.mktemp("vl-pte")
-    info = export_multimodal(model, load_vision_encoder(folder), out,
-                             {"get_max_seq_len": 1024, "get_vocab_size": 336, "get_eos_ids": [2]}, max_side=896)
-    return out / "model.pte", info
+    out = tmp_path_factory.mktemp("vl-bundles")
+    result = CliRunner().invoke(app, ["export", "--model", str(folder), "--target", "executorch", "--out", str(out),
+                                      "--name", "v46"])
+    assert result.exit_code == 0, result.output
+    return out / "v46"
+
+
+@pytest.fixture(scope="module")
+def multimodal_pte(vl_bundle):
+    manifest = json.loads((vl_bundle / "manifest.json").read_text())
+    return vl_bundle / "model.pte", manifest["artifacts"][0]["metadata"]
 
 
 def _our_inputs(processor, image: Image.Image) -> tuple[list[int], list[np.ndarray]]:
@@ -220,7 +229,8 @@ def _our_inputs(processor, image: Image.Image) -> tuple[list[int], list[np.ndarr
 
 @pytest.mark.slow
 def test_pte_greedy_after_an_image_equals_transformers_generate(varied_v, multimodal_pte):
-    from cpm_mobile.exporter.vlm_generate import greedy_tokens, prompt_embeddings
+    from cpm_mobile.runtimes.check import CheckPlan, greedy_runs
+    from cpm_mobile.runtimes.multimodal import ImagePrompts, prompt_embeddings
     from cpm_mobile.runtimes.multimodal import ExecuTorchMultimodalSession
 
     _, model, processor = varied_v
@@ -235,7 +245,8 @@ def test_pte_greedy_after_an_image_equals_transformers_generate(varied_v, multim
             logits = model(**theirs).logits[0].numpy()
         ids, slices = _our_inputs(processor, image)
         assert ids == theirs["input_ids"][0].tolist()
-        assert list(greedy_tokens(session, ids, processor.tokenizer.image_token_id, slices, 10)) == expected.tolist()
+        image_prompts = ImagePrompts(session, processor.tokenizer.image_token_id, {tuple(ids): slices})
+        assert greedy_runs(image_prompts, CheckPlan([ids], 10)).runs[0].generated == expected.tolist()
         session.reset()
         ours = session.forward_embeddings(prompt_embeddings(session, ids, processor.tokenizer.image_token_id, slices), 0)
         # The fp32 recipe's bound (fp32 summation order); with XNNPACK's own tanh-GELU kernel it was 1.5e-4-1.9e-4,
@@ -262,7 +273,7 @@ def test_executorchs_multimodal_runner_runs_the_pte_to_the_same_text(varied_v, m
     (its own order: each input through its encoder, then text_decoder at the running position)."""
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_token_input
 
-    from cpm_mobile.exporter.vlm_generate import image_token_runs
+    from cpm_mobile.runtimes.multimodal import image_token_runs
     from cpm_mobile.runtimes.executorch import load_kernel_libraries
 
     folder, model, processor = varied_v
@@ -283,3 +294,72 @@ def test_executorchs_multimodal_runner_runs_the_pte_to_the_same_text(varied_v, m
     text = processor.tokenizer.decode(expected)
     assert "\ufffd" not in text and len(text.strip()) > 3
     assert "".join(pieces) == text
+
+
+@pytest.mark.slow
+def test_the_bundle_passes_its_check_and_states_its_image_path(vl_bundle):
+    report = json.loads((vl_bundle / "report.json").read_text())
+    manifest = json.loads((vl_bundle / "manifest.json").read_text())
+    entry = report["artifacts"]["executorch"]
+    assert report["passed"] and entry["passed"], entry["breaches"]
+    metrics = entry["faithfulness"]["metrics"]
+    # Three check images (overview only, 1x2, 2x3): 1 + 3 + 7 slices, each through both vision encoders.
+    assert metrics["vision_slices"] == 11 and metrics["vision_max_rel"] < 2e-5 and metrics["greedy"] == 1.0
+    assert metrics["max_rel_logits"] < 2e-5 and len(metrics["greedy_tokens"]) == 3
+    vision = manifest["vision"]
+    assert vision["tokens"]["image_token"] == "<|image_pad|>" and vision["tokens_divisor"] == 16
+    assert (vision["side_multiple"], vision["max_side"], vision["hidden_size"]) == (56, 896, 64)
+    assert vision["processor"]["scale_resolution"] == 448
+    assert {"processor_config.json", "chat_template.jinja", "tokenizer.json"} <= set(manifest["files"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [(448, 448), (333, 777), (896, 1344)])
+def test_generate_with_an_image_prints_transformers_greedy_answer(varied_v, vl_bundle, tmp_path, size):
+    """`cpm-mobile generate BUNDLE --image --prompt` against transformers: the processor's chat template with the
+    image and the text in one user message, the assistant turn opened, greedy generate, the answer decoded."""
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+
+    _, model, processor = varied_v
+    image = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8))
+    path = tmp_path / "image.png"
+    image.save(path)
+    question = "What is in the picture?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs = processor(text=[rendered], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        answer = model.generate(**theirs, max_new_tokens=12, do_sample=False)[0, theirs["input_ids"].shape[1]:]
+    expected = processor.tokenizer.decode(answer, skip_special_tokens=True)
+    result = CliRunner().invoke(app, ["generate", str(vl_bundle), "--image", str(path), "--prompt", question, "-n", "12"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected.strip() and len(expected.strip()) > 3
+
+
+def test_generate_refuses_a_bad_image_and_what_it_cannot_do_yet(vl_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    result = CliRunner().invoke(app, ["generate", str(vl_bundle), "--image", str(not_an_image), "--prompt", "Hi"])
+    assert result.exit_code == 2 and "notes.png: not an image PIL can read" in result.output
+    result = CliRunner().invoke(app, ["generate", str(vl_bundle), "--image", str(tmp_path / "missing.png"), "-p", "Hi"])
+    assert result.exit_code == 2 and "missing.png: no such image file" in result.output
+    result = CliRunner().invoke(app, ["generate", str(vl_bundle), "--chat"])
+    assert result.exit_code == 2 and "not --chat or --speculative yet" in result.output
+
+
+@pytest.mark.slow
+def test_check_repeats_the_exports_verdict_and_numbers(vl_bundle):
+    from cpm_mobile.exporter.bundle_check import check_bundle
+
+    exported = json.loads((vl_bundle / "report.json").read_text())["artifacts"]["executorch"]
+    again = check_bundle(vl_bundle).report["artifacts"]["executorch"]
+    assert again["passed"]
+    for gate in ("faithfulness", "fidelity"):
+        for metric in ("max_rel_logits", "sqnr_db", "vision_max_rel", "vision_sqnr_db", "greedy"):
+            assert again[gate]["metrics"][metric] == pytest.approx(exported[gate]["metrics"][metric], rel=1e-6)

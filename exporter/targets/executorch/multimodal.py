@@ -25,8 +25,10 @@ from cpm_mobile.exporter.models.vlm import TextDecoder, TokenEmbedding
 from cpm_mobile.exporter.contract import (
     DECODER_METHOD, EMBEDDING_METHOD, VISION_MAX_SIDE, VISION_METHOD, VISION_SIDE_MULTIPLE,
 )
-from cpm_mobile.exporter.targets.executorch.target import (
-    ATTENTION_CUSTOM, PTE_NAME, emit, export_ready, write_program,
+from cpm_mobile.exporter.targets.base import ExportContext, check_model_dtype
+from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
+from cpm_mobile.exporter.targets.executorch.program import (
+    PTE_NAME, cache_description, constant_methods, emit, export_ready, write_program,
 )
 
 
@@ -55,14 +57,17 @@ def capture_text(model: CausalLM) -> tuple[ExportedProgram, ExportedProgram]:
     return embedding, decoder
 
 
-def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, methods: dict[str, Any],
-                      max_side: int, attention: str = ATTENTION_CUSTOM) -> dict[str, Any]:
-    """Write out_dir/model.pte; returns what the manifest states about it."""
+def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spec: ExecuTorchSpec,
+                      context: ExportContext, max_side: int) -> dict[str, Any]:
+    """Write out_dir/model.pte; returns its manifest entry (io: text_decoder's contract)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
+    check_model_dtype(model, "executorch")
+    attention = spec.options.attention
     step = vision.config.side_multiple(vision.mode)
-    methods = {**methods, VISION_SIDE_MULTIPLE: step, VISION_MAX_SIDE: step * (max_side // step)}
+    methods = {**constant_methods(model, context, attention),
+               VISION_SIDE_MULTIPLE: step, VISION_MAX_SIDE: step * (max_side // step)}
     text = export_ready(model, attention)
     embedding, decoder = capture_text(text)
     programs = {VISION_METHOD: capture_vision(vision, max_side), EMBEDDING_METHOD: embedding, DECODER_METHOD: decoder}
@@ -74,10 +79,24 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, met
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     size = write_program(emit(edge), out_dir / PTE_NAME)
+    config = model.config
     return {
-        "size_bytes": size,
-        "methods": [VISION_METHOD, EMBEDDING_METHOD, DECODER_METHOD],
-        "vision_input": {"shape": [1, vision.config.num_channels, "H", "W"], "dtype": "float32",
-                         "side_multiple": step, "max_side": step * (max_side // step)},
-        "attention": attention,
+        "target": "executorch", "files": [PTE_NAME], "entry": PTE_NAME,
+        "io": {
+            "method": DECODER_METHOD,
+            "inputs": [{"name": "embeddings", "dtype": "float32", "shape": [1, "T", config.hidden_size]},
+                       {"name": "input_pos", "dtype": "int64", "shape": [1], "meaning": "position of row 0"}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", config.vocab_size]}],
+            "cache": cache_description(model, attention),
+            "max_seq_len": model.max_seq_len,
+            "dynamic_dims": {"T": {"min": 1, "max": model.max_seq_len}},
+            "constraint": "input_pos + T <= max_seq_len",
+        },
+        "metadata": {
+            "methods": [VISION_METHOD, EMBEDDING_METHOD, DECODER_METHOD],
+            "vision_input": {"shape": [1, vision.config.num_channels, "H", "W"], "dtype": "float32",
+                             "side_multiple": step, "max_side": methods[VISION_MAX_SIDE]},
+            "backend": spec.options.backend, "attention": attention, "precision": spec.precision,
+            "quantization": None, "constant_methods": methods, "size_bytes": size,
+        },
     }

@@ -15,7 +15,6 @@ The steps are small functions so a quantisation step can slot in between them:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,17 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from cpm_mobile.exporter.kernels import app_kernels
-from cpm_mobile.exporter.models.linear_attention import LinearAttentionState
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.exporter.models.variant import derive
 from cpm_mobile.exporter.targets.base import (
     ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress, refusals_of,
 )
+from cpm_mobile.exporter.targets.executorch.program import (  # noqa: F401 (re-exported: the steps' one home)
+    ATTENTION_CUSTOM, ATTENTION_PLAIN, PTE_NAME, cache_description, constant_methods, emit, export_ready,
+    write_program,
+)
 from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
 
-PTE_NAME = "model.pte"
 METHOD = "forward"
-ATTENTION_CUSTOM = "custom_sdpa"
-ATTENTION_PLAIN = "plain"
 
 
 class ExecuTorchTarget:
@@ -90,6 +88,13 @@ class ExecuTorchTarget:
         twin, description = self.twin(model, spec, out_dir, asdict(info))
         return ExportedArtifact(info, twin, description)
 
+    def export_multimodal(self, model: CausalLM, vision, out_dir: Path, spec: ExecuTorchSpec, context: ExportContext,
+                          max_side: int) -> dict[str, Any]:
+        """A vision-language model as the one .pte ExecuTorch's MultimodalRunner runs (multimodal.py)."""
+        from cpm_mobile.exporter.targets.executorch.multimodal import export_multimodal
+
+        return export_multimodal(model, vision, Path(out_dir), spec, context, max_side)
+
     def twin(self, model: CausalLM, spec: ExecuTorchSpec, bundle_dir: Path | None = None,
              artifact: dict[str, Any] | None = None) -> tuple[CausalLM, str]:
         """What the .pte computes: the model itself in fp32 (its export caches, custom_sdpa included,
@@ -123,15 +128,6 @@ class ExecuTorchTarget:
 # -- steps ---------------------------------------------------------------------------------------
 
 
-def export_ready(model: CausalLM, attention: str) -> CausalLM:
-    """A variant of the model with the chosen export cache form (weights shared, caches its own)."""
-    if attention == ATTENTION_CUSTOM:
-        from cpm_mobile.exporter.targets.executorch.cache import CustomOpKVCache
-
-        return derive(model, caches=CustomOpKVCache.like)
-    return derive(model)
-
-
 def capture(module: CausalLM, max_seq_len: int) -> ExportedProgram:
     """torch.export with a dynamic token count T in 1..max_seq_len."""
     tokens = torch.zeros(1, min(2, max_seq_len), dtype=torch.int64)
@@ -154,22 +150,6 @@ def lower(program: ExportedProgram, methods: dict[str, Any]):
     )
 
 
-def emit(edge):
-    """Memory-planned ExecuTorch program. Planning uses the dynamic dims' upper bounds."""
-    from executorch.exir import ExecutorchBackendConfig
-    from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
-
-    return edge.to_executorch(
-        ExecutorchBackendConfig(
-            extract_delegate_segments=True,
-            do_quant_fusion_and_const_prop=True,
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-        )
-    )
-
-
 PROGRAM_BYTES_PER_LAYER = 64 * 1024
 
 
@@ -189,55 +169,7 @@ def stored_quantised_faults(twin: CausalLM, size: int) -> list[str]:
     return []
 
 
-def write_program(executorch_program, path: Path) -> int:
-    """Write through a temporary name so an interrupted save never leaves a truncated model.pte."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            executorch_program.write_to_file(handle)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path.stat().st_size
-
-
 # -- description ---------------------------------------------------------------------------------
-
-
-def constant_methods(model: CausalLM, context: ExportContext, attention: str) -> dict[str, Any]:
-    """Values ExecuTorch's LLM runner reads from the program (plus a few for other apps)."""
-    methods: dict[str, Any] = {
-        "get_max_seq_len": model.max_seq_len,
-        "get_max_context_len": model.max_seq_len,
-        "use_kv_cache": True,
-        "enable_dynamic_shape": True,  # the whole prompt in one forward call
-        "use_sdpa_with_kv_cache": attention == ATTENTION_CUSTOM,
-        "get_vocab_size": model.config.vocab_size,
-        "get_n_layers": model.config.num_layers,
-    }
-    if context.eos_ids:
-        methods["get_eos_ids"] = list(context.eos_ids)
-    if context.bos_id is not None:
-        methods["get_bos_id"] = context.bos_id
-    return methods
-
-
-def cache_description(model: CausalLM, attention: str) -> dict[str, Any]:
-    heads, k_dim, v_dim = model.config.cache_heads, model.config.k_head_dim, model.config.value_head_dim
-    stored_v_dim = k_dim if attention == ATTENTION_CUSTOM else v_dim
-    layout = "[1, max_seq_len, heads, dim]" if attention == ATTENTION_CUSTOM else "[1, heads, max_seq_len, dim]"
-    return {
-        "kind": "mutable_buffers",  # inside the program; persists across execute calls
-        "layout": layout,
-        "layers": model.config.num_layers,
-        "heads": heads,
-        "key_dim": k_dim,
-        "value_dim": v_dim,
-        "stored_value_dim": stored_v_dim,
-        "max_seq_len": model.max_seq_len,
-        "dtype": str(next(c.k_cache.dtype for c in model.kv_caches
-                          if not isinstance(c, LinearAttentionState))).removeprefix("torch."),
-    }
 
 
 def io_contract(model: CausalLM, attention: str) -> dict[str, Any]:
