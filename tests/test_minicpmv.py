@@ -192,10 +192,20 @@ def test_vision_config_refuses_what_it_cannot_build(llama_v, tmp_path):
 PROMPT = "<|im_start|>user\n<|image_pad|>What is in the picture?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def varied_v(tmp_path_factory):
+# The released 4.6's LLM is the hybrid Qwen3.5 text model (linear-attention layers with a recurrent state); a dense
+# Llama LLM takes the same vision path.
+QWEN35_TEXT = dict(model_type="qwen3_5_text", vocab_size=336, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                   linear_conv_kernel_dim=4, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                   layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
+
+
+@pytest.fixture(scope="module", params=["qwen3_5", "llama"])
+def varied_v(request, tmp_path_factory):
     """A folder whose greedy text varies token to token (weights 0.1 wide), for generation tests."""
-    return minicpmv_folder(tmp_path_factory.mktemp("minicpmv46-varied"), LLAMA_TEXT, whole_characters_only=True,
+    text = QWEN35_TEXT if request.param == "qwen3_5" else LLAMA_TEXT
+    return minicpmv_folder(tmp_path_factory.mktemp(f"minicpmv46-{request.param}"), text, whole_characters_only=True,
                            initializer_range=0.1)
 
 
@@ -309,6 +319,7 @@ def test_the_bundle_passes_its_check_and_states_its_image_path(vl_bundle):
     vision = manifest["vision"]
     assert vision["tokens"]["image_token"] == "<|image_pad|>" and vision["tokens_divisor"] == 16
     assert (vision["side_multiple"], vision["max_side"], vision["hidden_size"]) == (56, 896, 64)
+    assert manifest["source"]["family"] in ("qwen3_5", "llama")
     assert vision["processor"]["scale_resolution"] == 448
     assert {"processor_config.json", "chat_template.jinja", "tokenizer.json"} <= set(manifest["files"])
 
