@@ -125,7 +125,49 @@ def open_executorch_multimodal(bundle_dir: Path, artifact: dict[str, Any]) -> Ex
     return ExecuTorchMultimodalSession(Path(bundle_dir) / artifact.get("entry", "model.pte"))
 
 
-MULTIMODAL_RUNTIMES = {"executorch": open_executorch_multimodal}
+class OnnxMultimodalSession:
+    """vision.onnx / embedding.onnx / model.onnx (from inputs_embeds) in onnxruntime; the text graph's
+    past/present state is held by the runtime's OnnxSession."""
+
+    runtime_name = "onnxruntime (CPU execution provider)"
+
+    def __init__(self, bundle_dir: Path, artifact: dict[str, Any]):
+        import onnxruntime as ort
+
+        from cpm_mobile.runtimes.onnx import OnnxSession, _inference_session
+
+        metadata = artifact["metadata"]
+        self.text = OnnxSession(bundle_dir / artifact["entry"], artifact["io"])
+        self.verified = self.text.verified
+        self.max_seq_len = self.text.max_seq_len
+        options = ort.SessionOptions()
+        self._vision = _inference_session(bundle_dir / metadata["vision_model"], options)
+        self._embedding = _inference_session(bundle_dir / metadata["embedding_model"], options)
+        vision = metadata["vision_input"]
+        self.side_multiple, self.max_side = int(vision["side_multiple"]), int(vision["max_side"])
+
+    def reset(self) -> None:
+        self.text.reset()
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        check_slice(pixels, self.side_multiple, self.max_side)
+        batch = np.ascontiguousarray(pixels, dtype=np.float32)[None]
+        return self._vision.run(None, {self._vision.get_inputs()[0].name: batch})[0][0]
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        if not 0 < ids.shape[1] <= self.max_seq_len:
+            raise ValueError(f"{ids.shape[1]} tokens do not fit max_seq_len={self.max_seq_len}")
+        return self._embedding.run(None, {self._embedding.get_inputs()[0].name: ids})[0][0]
+
+    def forward_embeddings(self, embeddings: np.ndarray, start_pos: int) -> np.ndarray:
+        return self.text.run(np.ascontiguousarray(embeddings, dtype=np.float32)[None], start_pos)
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        return self.forward_embeddings(self.embed(tokens), start_pos)
+
+
+MULTIMODAL_RUNTIMES = {"executorch": open_executorch_multimodal, "onnx": OnnxMultimodalSession}
 
 
 def open_multimodal_session(bundle_dir: str | Path, artifact: dict[str, Any]) -> MultimodalSession:

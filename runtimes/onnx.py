@@ -49,7 +49,9 @@ class OnnxSession:
             self._outputs += [self.names["present_key"] % i, self.names["present_value"] % i]
         self.recurrent = bool(linear)
         self.session = _inference_session(model_path, session_options)
-        _check_inputs(model_path, self.session, [io["names"]["input_ids"], *self._empty_past])
+        # A vision-language text graph starts from inputs_embeds; a text graph from input_ids.
+        self._first = self.names.get("inputs_embeds") or self.names["input_ids"]
+        _check_inputs(model_path, self.session, [self._first, *self._empty_past])
         self._past: dict[str, np.ndarray] = dict(self._empty_past)
         self._length = 0
 
@@ -62,7 +64,11 @@ class OnnxSession:
         self._length = 0
 
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        return self.run(np.asarray(tokens, dtype=np.int64).reshape(1, -1), start_pos)
+
+    def run(self, first: np.ndarray, start_pos: int) -> np.ndarray:
+        """One call with the graph's first input (input_ids [1, T], or inputs_embeds [1, T, hidden])."""
+        tokens = first[0]
         if not 0 <= start_pos <= self.cached_len:
             raise ValueError(f"start_pos {start_pos} leaves a gap: the cache holds {self.cached_len} positions")
         end = start_pos + len(tokens)
@@ -76,7 +82,7 @@ class OnnxSession:
         past = {name: array[:, :, :start_pos] if name in self._attention_past else array
                 for name, array in self._past.items()}
         feed = {
-            self.names["input_ids"]: tokens[None],
+            self._first: first,
             self.names["attention_mask"]: np.ones((1, end), dtype=np.int64),
             self.names["position_ids"]: np.arange(start_pos, end, dtype=np.int64)[None],
             **past,
