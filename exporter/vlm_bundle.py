@@ -130,23 +130,29 @@ def _gate(against: str, reference, artifact, plan: CheckPlan, tolerances: dict[s
             "passed": not breaches}
 
 
-def check_vision_language(reference_session: TorchMultimodalSession, artifact_session, image_path: ImagePath,
-                          prompts: dict[tuple[int, ...], list[np.ndarray]], spec, stop_ids: tuple[int, ...],
-                          entry: str, precision: str) -> tuple[dict[str, Any], CheckPlan, Any]:
-    """The artifact's report entry: both gates over the image prompts, vision encoder and pipeline."""
+def check_vision_language(reference_session: TorchMultimodalSession, twin: tuple[TorchMultimodalSession, str],
+                          artifact_session, image_path: ImagePath, prompts: dict[tuple[int, ...], list[np.ndarray]],
+                          spec, stop_ids: tuple[int, ...], entry: str,
+                          precision: str) -> tuple[dict[str, Any], CheckPlan, Any]:
+    """The artifact's report entry: both gates over the image prompts, vision encoder and pipeline. Faithfulness
+    is against the target's twin (the text model as the artifact computes it: Core ML's fp16 states), fidelity
+    against the fp32 reference; the artifact runs the reference's greedy tokens, teacher-forced."""
     plan = CheckPlan(prompts=[list(p) for p in prompts], max_new_tokens=CHECK_NEW_TOKENS, stop_ids=stop_ids)
     reference = greedy_runs(ImagePrompts(reference_session, image_path.image_token_id, prompts), plan)
+    twin_session, twin_description = twin
+    expected = (reference if twin_session is reference_session else
+                teacher_forced_runs(ImagePrompts(twin_session, image_path.image_token_id, prompts), plan, reference))
     observed = teacher_forced_runs(ImagePrompts(artifact_session, image_path.image_token_id, prompts), plan, reference)
     worst_rel, worst_sqnr = 0.0, float("inf")
     for slices in prompts.values():
         for pixels in slices:
-            expected, actual = reference_session.encode_image(pixels), artifact_session.encode_image(pixels)
-            worst_rel = max(worst_rel, float(np.abs(actual - expected).max() / np.abs(expected).max()))
-            worst_sqnr = min(worst_sqnr, sqnr_db(expected, actual))
+            eager_features, features = reference_session.encode_image(pixels), artifact_session.encode_image(pixels)
+            worst_rel = max(worst_rel, float(np.abs(features - eager_features).max() / np.abs(eager_features).max()))
+            worst_sqnr = min(worst_sqnr, sqnr_db(eager_features, features))
     vision = {"vision_max_rel": worst_rel, "vision_sqnr_db": worst_sqnr,
               "vision_slices": sum(len(s) for s in prompts.values())}
-    faithfulness = _gate("eager model (fp32)", reference, observed, plan,
-                         spec.faithfulness.model_dump(exclude={"spread"}), vision)
+    faithfulness = _gate(twin_description, expected, observed, plan, spec.faithfulness.model_dump(exclude={"spread"}),
+                         vision)
     fidelity = _gate("fp32 reference", reference, observed, plan, spec.fidelity.model_dump(), vision)
     breaches = [f"faithfulness: {b}" for b in faithfulness["breaches"]] + [f"fidelity: {b}" for b in fidelity["breaches"]]
     entry_report = {
@@ -201,8 +207,8 @@ def check_vlm_bundle(bundle: Path, manifest: dict[str, Any], recipe: Recipe, art
         spec = recipe.targets[artifact["target"]]
         session = open_multimodal_session(bundle, artifact)
         reports[artifact["target"]], plan, observed = check_vision_language(
-            eager, session, setup.image_path, setup.prompts, spec, tuple(checkpoint.config.eos_token_ids),
-            artifact["entry"], spec.precision)
+            eager, twin_session(eager, artifact["target"], spec, bundle, artifact), session, setup.image_path,
+            setup.prompts, spec, tuple(checkpoint.config.eos_token_ids), artifact["entry"], spec.precision)
         for line in breaches.get(artifact["target"], []):
             reports[artifact["target"]]["breaches"].append(line)
             reports[artifact["target"]]["passed"] = False
@@ -223,6 +229,16 @@ def _report(reports: dict[str, Any], plan: CheckPlan, observed, tokenizer: TextT
         "plan": {"prompts": len(plan.prompts), "max_new_tokens": plan.max_new_tokens,
                  "stop_ids": list(plan.stop_ids), "heldout_windows": 0, "heldout_tokens": 0},
     }
+
+
+def twin_session(eager: TorchMultimodalSession, target: str, spec, bundle: Path,
+                 artifact: dict[str, Any]) -> tuple[TorchMultimodalSession, str]:
+    """The target's own twin of the text model (the eager model itself for fp32 .pte / .onnx) beside the eager
+    vision encoder (every format computes it in fp32)."""
+    model, description = get_target(target).twin(eager.model, spec, bundle, artifact)
+    if model is eager.model:
+        return eager, description
+    return TorchMultimodalSession(model, eager.vision), description
 
 
 def multimodal_targets(recipe: Recipe) -> list[str]:
@@ -259,8 +275,8 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
             progress(f"check {target_name}", None)
             session = open_multimodal_session(staging, artifact)
             reports[target_name], plan, observed = check_vision_language(
-                eager, session, image_path, prompts, spec, tuple(config.eos_token_ids), artifact["entry"],
-                spec.precision)
+                eager, twin_session(eager, target_name, spec, staging, artifact), session, image_path, prompts, spec,
+                tuple(config.eos_token_ids), artifact["entry"], spec.precision)
             artifacts.append(artifact)
         tokenizer_files = tokenizer.write_bundle_files(staging, reference.max_seq_len)
         if (folder / PROCESSOR_CONFIG).is_file():

@@ -167,7 +167,61 @@ class OnnxMultimodalSession:
         return self.forward_embeddings(self.embed(tokens), start_pos)
 
 
-MULTIMODAL_RUNTIMES = {"executorch": open_executorch_multimodal, "onnx": OnnxMultimodalSession}
+class CoreMLMultimodalSession:
+    """vision / embedding / text_decoder .mlpackage in Core ML where it runs (macOS), else in our ML Program
+    interpreter (runtimes/coreml), as the text Core ML session; the decoder's states are one MLState."""
+
+    def __init__(self, bundle_dir: Path, artifact: dict[str, Any]):
+        from cpm_mobile.runtimes.coreml.session import (
+            COREML_VERIFIED, INTERPRETER_VERIFIED, RUNTIME_NAMES, _CoreMLRuntime, coreml_available,
+        )
+
+        native = coreml_available()
+        if native:
+            open_package = _CoreMLRuntime
+        else:
+            from cpm_mobile.runtimes.coreml.mil_interpreter import MILInterpreter as open_package
+        metadata, io = artifact["metadata"], artifact["io"]
+        for name in artifact["files"]:
+            if not (bundle_dir / name).is_dir():
+                raise InputError(bundle_dir / name, "Core ML package not found")
+        self._decoder = open_package(bundle_dir / artifact["entry"])
+        self._embedding = open_package(bundle_dir / metadata["embedding_model"])
+        self._vision = open_package(bundle_dir / metadata["vision_model"])
+        self.verified = COREML_VERIFIED if native else INTERPRETER_VERIFIED
+        self.runtime_name = RUNTIME_NAMES["coreml" if native else "interpreter"]
+        self.max_seq_len = int(io["max_seq_len"])
+        self._embeddings_name, self._tokens_name = io["inputs"][0]["name"], "tokens"
+        vision = metadata["vision_input"]
+        self._pixels_name, self._features_name = vision["name"], vision["output"]
+        self.side_multiple, self.max_side = int(vision["side_multiple"]), int(vision["max_side"])
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = self._decoder.make_state()
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        check_slice(pixels, self.side_multiple, self.max_side)
+        image = np.ascontiguousarray(pixels, dtype=np.float32)[None]
+        return np.asarray(self._vision.predict({self._pixels_name: image}, None)[self._features_name][0], np.float32)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int32).reshape(1, -1)
+        if not 0 < ids.shape[1] <= self.max_seq_len:
+            raise ValueError(f"{ids.shape[1]} tokens do not fit max_seq_len={self.max_seq_len}")
+        return np.asarray(self._embedding.predict({self._tokens_name: ids}, None)[self._embeddings_name][0], np.float32)
+
+    def forward_embeddings(self, embeddings: np.ndarray, start_pos: int) -> np.ndarray:
+        inputs = {self._embeddings_name: np.ascontiguousarray(embeddings, dtype=np.float32)[None],
+                  "input_pos": np.array([start_pos], dtype=np.int32)}
+        return np.asarray(self._decoder.predict(inputs, self._state)["logits"][0], dtype=np.float32)
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        return self.forward_embeddings(self.embed(tokens), start_pos)
+
+
+MULTIMODAL_RUNTIMES = {"executorch": open_executorch_multimodal, "onnx": OnnxMultimodalSession,
+                       "coreml": CoreMLMultimodalSession}
 
 
 def open_multimodal_session(bundle_dir: str | Path, artifact: dict[str, Any]) -> MultimodalSession:

@@ -479,11 +479,22 @@ def test_missing_op_implementation_raises(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_unimplemented_op_in_program_raises(tmp_path: Path) -> None:
-    model = torch.nn.Conv1d(4, 4, kernel_size=3).eval()
-    path = _save(_export(model, torch.randn(1, 4, 8)), tmp_path, "conv")
-    assert "conv" not in SUPPORTED_OPS
-    with pytest.raises(UnsupportedOpError, match="'conv'"):
+    model = torch.nn.MaxPool2d(2).eval()
+    path = _save(_export(model, torch.randn(1, 4, 8, 8)), tmp_path, "pool")
+    assert "max_pool" not in SUPPORTED_OPS
+    with pytest.raises(UnsupportedOpError, match="'max_pool'"):
         MILInterpreter(path)
+
+
+def test_conv2d_matches_torch(tmp_path: Path) -> None:
+    """The vision tower's patch embedding (stride = kernel, valid padding) and a padded, strided 3x3 conv."""
+    for conv, shape in [(torch.nn.Conv2d(3, 8, kernel_size=14, stride=14), (1, 3, 28, 42)),
+                        (torch.nn.Conv2d(4, 6, kernel_size=3, stride=2, padding=1), (2, 4, 9, 7))]:
+        x = torch.randn(*shape)
+        path = _save(_export(conv.eval(), x), tmp_path, f"conv{shape[1]}")
+        got = MILInterpreter(path).predict({"input": x.numpy()})
+        out = np.asarray(next(iter(got.values())))
+        assert np.abs(out - conv(x).detach().numpy()).max() < 1e-5
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def fold_windows(x: torch.Tensor, h: int, w: int, k: int) -> torch.Tensor:
     """[B, h*w, D] on a row-major grid -> [B, (h/k)*(w/k), k*k, D]: each kxk window's tokens
     together, windows row-major (the order transformers' window index and Merger give)."""
     b, _, dim = x.shape
-    x = x.reshape(b, h // k, k, w // k, k, dim).permute(0, 1, 3, 2, 4, 5)
+    # Batch and window rows share one axis: Core ML takes tensors of rank 5 at most.
+    x = x.reshape(b * (h // k), k, w // k, k, dim).permute(0, 2, 1, 3, 4)
     return x.reshape(b, (h // k) * (w // k), k * k, dim)
 
 

@@ -466,6 +466,32 @@ def linear(call: OpCall) -> ArrayOut:
     return out if bias is None else out + bias
 
 
+@register("conv")
+def conv(call: OpCall) -> ArrayOut:
+    """2-D convolution, NCHW, weight [C_out, C_in/groups, kH, kW]: windows gathered, then one tensordot
+    (fp32). pad_type valid / custom / same; groups 1 and dilation 1 only (what the exported models use)."""
+    x, weight = np.asarray(call["x"]), np.asarray(call["weight"])
+    if x.ndim != 4:
+        raise call.unsupported(f"conv on a rank-{x.ndim} input (2-D only)")
+    if int(call.get("groups", 1)) != 1 or any(int(d) != 1 for d in call.get("dilations", [1, 1])):
+        raise call.unsupported("grouped or dilated conv")
+    kernel_h, kernel_w = weight.shape[2:]
+    stride_h, stride_w = (int(v) for v in call.get("strides", [1, 1]))
+    pad_type = str(call.get("pad_type", "valid"))
+    if pad_type == "custom":
+        top, bottom, left, right = (int(v) for v in call.get("pad", [0, 0, 0, 0]))
+    elif pad_type == "valid":
+        top = bottom = left = right = 0
+    else:
+        raise call.unsupported(f"pad_type {pad_type!r}")
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kernel_h, kernel_w), axis=(2, 3))
+    windows = windows[:, :, ::stride_h, ::stride_w]  # [N, C_in, H_out, W_out, kH, kW]
+    out = np.einsum("nchwij,ocij->nohw", windows, weight, optimize=True)
+    bias = call.get("bias")
+    return out if bias is None else out + np.asarray(bias)[None, :, None, None]
+
+
 @register("matmul")
 def matmul(call: OpCall) -> ArrayOut:
     """numpy-style batched matmul (1-D rules as np.matmul); fp16 computed in fp32."""
