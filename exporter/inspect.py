@@ -1,6 +1,7 @@
 """What a checkpoint is: family, shapes, parameter count, and what its artifacts will weigh."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class CheckpointSummary:
     rope: str = "default"
     biases: str = "none"
     weight_grid: str = "none"  # the integer grid the linears carry (GPTQ, or float weights on a grid)
+    vision: str = "none"  # a vision-language checkpoint's vision tower, merger and tokens per slice
 
     def rows(self) -> list[tuple[str, str]]:
         experts = f"{self.experts} x {self.expert_size}" if self.experts else "-"
@@ -55,6 +57,8 @@ class CheckpointSummary:
             ("biases", self.biases),
             ("weight grid", self.weight_grid),
         ]
+        if self.vision != "none":
+            rows.insert(1, ("vision", self.vision))
         return rows
 
     def size_rows(self) -> list[tuple[str, str, str, str]]:
@@ -105,7 +109,27 @@ def summarize(path: str | Path) -> CheckpointSummary:
         rope=_rope(config),
         biases=", ".join(n for n, on in (("attention", config.attention_bias), ("mlp", config.mlp_bias)) if on) or "none",
         weight_grid=_weight_grid(config),
+        vision=_vision(checkpoint),
     )
+
+
+def _vision(checkpoint) -> str:
+    """The vision half of a MiniCPM-V folder in one line ("none" for a text checkpoint)."""
+    from cpm_mobile.exporter.models.vision import VISION_MODEL_TYPES, VisionConfig
+
+    raw = json.loads(Path(checkpoint.files.config).read_text())
+    if raw.get("model_type") not in VISION_MODEL_TYPES:
+        return "none"
+    vision = VisionConfig.from_hf_dict(raw, checkpoint.files.config)
+    side = 448
+    processor = checkpoint.folder / "processor_config.json"
+    if processor.is_file():
+        side = json.loads(processor.read_text()).get("image_processor", {}).get("scale_resolution", side)
+    tokens = (side // vision.patch_size) ** 2 // vision.tokens_divisor()
+    return (f"SigLIP2-style tower: {vision.num_layers} layers x {vision.hidden_size}, patch {vision.patch_size}, "
+            f"window-attention merger after layer {vision.insert_layer_id}; Merger to the LLM's {vision.llm_hidden_size} "
+            f"({vision.downsample_mode}: {vision.tokens_divisor()} patches a token, about {tokens} tokens per "
+            f"{side}x{side} slice); the LLM below")
 
 
 def _weight_grid(config) -> str:

@@ -398,3 +398,14 @@ def test_check_repeats_the_exports_verdict_and_numbers(vl_bundle):
             for metric in ("max_rel_logits", "sqnr_db", "vision_max_rel", "vision_sqnr_db", "greedy"):
                 assert again[target][gate]["metrics"][metric] == pytest.approx(
                     exported[target][gate]["metrics"][metric], rel=1e-6), (target, metric)
+
+
+def test_inspect_shows_the_vision_half(llama_v):
+    from cpm_mobile.exporter.inspect import summarize
+
+    folder, _, _ = llama_v
+    summary = summarize(folder)
+    assert summary.family == "llama" and summary.layers == 2
+    assert "3 layers x 32, patch 14" in summary.vision and "merger after layer 1" in summary.vision
+    assert "about 64 tokens per 448x448 slice" in summary.vision
+    assert ("vision", summary.vision) in summary.rows()
