@@ -39,12 +39,14 @@ def is_vision_language_bundle(folder: str | Path) -> bool:
     return manifest.get("vision") is not None
 
 
-def open_vision_language(folder: str | Path, target: str | None = None) -> VisionLanguageBundle:
+def open_vision_language(folder: str | Path, target: str | None = None,
+                         session: MultimodalSession | None = None) -> VisionLanguageBundle:
+    """The bundle's target artifact in its runtime (or `session` instead: the eager halves, for a benchmark)."""
     folder = Path(folder)
     manifest, artifact = select_artifact(folder, target)
     if manifest.get("vision") is None:
         raise InputError(folder, "bundle has no vision encoder (it was exported from a text-only checkpoint)")
-    session = open_multimodal_session(folder, artifact)
+    session = session or open_multimodal_session(folder, artifact)
     report = folder / "report.json"
     passed = read_json_object(report).get("passed") if report.is_file() else None
     return VisionLanguageBundle(folder, artifact["target"], session, getattr(session, "runtime_name", artifact["target"]),

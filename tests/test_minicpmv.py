@@ -17,23 +17,13 @@ import torch
 import transformers
 from PIL import Image
 
+from bench.synthetic_vlm import IMAGE_TOKENS, image_tokenizer, reference_processor, write_minicpmv
 from conftest import train_test_tokenizer
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models import load_model
 from cpm_mobile.exporter.models.vision import VisionConfig, load_vision_encoder
 from cpm_mobile.runtimes.image_slicing import TOKEN_NAMES, SliceSettings, expand_prompt, slice_image
 
-IMAGE_TOKENS = {
-    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
-    "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
-    "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>",
-}
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image_pad|>{% else %}{{ c['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% endif %}"
-)
 # Patch 14 as the real checkpoints; a 5x5 position table, so buckets are uneven at every slice size.
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=70,
               patch_size=14)
@@ -45,57 +35,17 @@ LLAMA_TEXT = dict(model_type="llama", vocab_size=336, hidden_size=64, intermedia
 IMAGE_SIZES = [(448, 448), (30, 40), (100, 1500), (600, 900), (1000, 1000), (896, 1344), (333, 777)]
 
 
-def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """Norms away from identity and weights scaled up, so every parameter shows in the output."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-            elif parameter.dim() >= 2:
-                parameter.mul_(3.0)
-    return model.eval()
-
-
-def image_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerBase:
+def image_tokenizer_in(folder: Path):
+    """The test BPE tokenizer (conftest) with MiniCPM-V's image special tokens."""
     train_test_tokenizer(folder)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<unk>", extra_special_tokens=IMAGE_TOKENS)
-
-
-def reference_processor(tokenizer, **image_settings) -> transformers.MiniCPMV4_6Processor:
-    """transformers' processor over its PIL image processor, without the torchvision-only video processor."""
-    image_processor = transformers.MiniCPMV4_6ImageProcessorPil(**image_settings)
-    cls = transformers.MiniCPMV4_6Processor
-    processor = cls.__new__(cls)
-    processor.image_processor, processor.tokenizer, processor.chat_template = image_processor, tokenizer, CHAT_TEMPLATE
-    processor.slice_mode = image_processor.slice_mode
-    processor.default_use_image_id = image_processor.use_image_id
-    processor.image_token_divisor = 4 if image_processor.downsample_mode == "4x" else 16
-    for name in (*IMAGE_TOKENS, "image_token_id", "video_token_id"):
-        setattr(processor, name, getattr(tokenizer, name))
-    processor.get_attributes = lambda: ["image_processor", "tokenizer"]
-    return processor
+    return image_tokenizer(folder / "tokenizer.json")
 
 
 def minicpmv_folder(folder: Path, text: dict, whole_characters_only: bool = False,
                     **top) -> tuple[Path, torch.nn.Module, transformers.ProcessorMixin]:
     """A MiniCPM-V 4.6 folder as transformers saves it, random weights; its model and processor."""
-    tokenizer = image_tokenizer(folder)
-    processor = reference_processor(tokenizer)
-    config = transformers.MiniCPMV4_6Config(text_config=text, vision_config=VISION, insert_layer_id=1,
-                                            image_token_id=tokenizer.image_token_id, **top)
-    torch.manual_seed(0)
-    model = _perturbed(transformers.MiniCPMV4_6ForConditionalGeneration(config))
-    if whole_characters_only:
-        # Head rows of the byte tokens that are not a whole UTF-8 character set to zero: random weights put some
-        # row above zero at every step, so greedy text is always decodable (a Python runner callback needs that).
-        partial = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
-        with torch.no_grad():
-            model.lm_head.weight[partial] = 0.0
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    model, processor = write_minicpmv(folder, image_tokenizer_in(folder), text, VISION,
+                                      whole_characters_only=whole_characters_only, insert_layer_id=1, **top)
     return folder, model, processor
 
 
@@ -201,16 +151,12 @@ QWEN35_TEXT = dict(model_type="qwen3_5_text", vocab_size=336, hidden_size=64, in
                    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
 
 
-@pytest.fixture(scope="module", params=["qwen3_5", "llama"])
-def varied_v(request, tmp_path_factory):
-    """A folder whose greedy text varies token to token (weights 0.1 wide), for generation tests."""
-    text = QWEN35_TEXT if request.param == "qwen3_5" else LLAMA_TEXT
-    return minicpmv_folder(tmp_path_factory.mktemp(f"minicpmv46-{request.param}"), text, whole_characters_only=True,
+@pytest.fixture(scope="module")
+def varied_v(tmp_path_factory):
+    """The released layout (hybrid LLM), weights 0.1 wide so greedy text varies token to token, for the export and
+    generation tests (the dense-LLM folder above covers the vision half and the text model with a Llama LLM)."""
+    return minicpmv_folder(tmp_path_factory.mktemp("minicpmv46-qwen3_5"), QWEN35_TEXT, whole_characters_only=True,
                            initializer_range=0.1)
-
-
-# The released layout (hybrid LLM) in every format; the dense-LLM variant in the formats whose runtime is real here.
-BUNDLE_TARGETS = {"qwen3_5": ["all"], "llama": ["executorch", "onnx"]}
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +168,8 @@ def vl_bundle(varied_v, tmp_path_factory):
 
     folder, _, _ = varied_v
     out = tmp_path_factory.mktemp("vl-bundles")
-    family = json.loads((folder / "config.json").read_text())["text_config"]["model_type"].removesuffix("_text")
-    targets = [arg for target in BUNDLE_TARGETS[family] for arg in ("--target", target)]
-    result = CliRunner().invoke(app, ["export", "--model", str(folder), *targets, "--out", str(out), "--name", "v46"])
+    result = CliRunner().invoke(app, ["export", "--model", str(folder), "--target", "all", "--out", str(out),
+                                      "--name", "v46"])
     assert result.exit_code == 0, result.output
     return out / "v46"
 
@@ -316,9 +261,8 @@ def test_executorchs_multimodal_runner_runs_the_pte_to_the_same_text(varied_v, m
 def test_the_bundle_passes_its_check_and_states_its_image_path(vl_bundle):
     report = json.loads((vl_bundle / "report.json").read_text())
     manifest = json.loads((vl_bundle / "manifest.json").read_text())
-    hybrid = manifest["source"]["family"] == "qwen3_5"
-    assert report["passed"] and set(report["artifacts"]) == ({"executorch", "onnx", "coreml"} if hybrid
-                                                             else {"executorch", "onnx"})
+    assert manifest["source"]["family"] == "qwen3_5"
+    assert report["passed"] and set(report["artifacts"]) == {"executorch", "onnx", "coreml"}
     for target, entry in report["artifacts"].items():
         assert entry["passed"], (target, entry["breaches"])
         metrics = entry["faithfulness"]["metrics"]
@@ -327,18 +271,16 @@ def test_the_bundle_passes_its_check_and_states_its_image_path(vl_bundle):
         assert len(metrics["greedy_tokens"]) == 3
         # fp32 summation order; Core ML against its twin with the same fp16 states (3e-4, the fp32 recipe's bound)
         assert metrics["max_rel_logits"] < (3e-4 if target == "coreml" else 2e-5), target
-    if hybrid:
-        coreml = report["artifacts"]["coreml"]
-        assert coreml["faithfulness"]["against"] == "eager model with fp16 KV cache"
-        # against fp32 the Core ML program pays its fp16 states (the recipe's Core ML fidelity bound: 5e-3)
-        assert coreml["fidelity"]["metrics"]["max_rel_logits"] > 3 * coreml["faithfulness"]["metrics"]["max_rel_logits"]
+    coreml = report["artifacts"]["coreml"]
+    assert coreml["faithfulness"]["against"] == "eager model with fp16 KV cache"
+    # against fp32 the Core ML program pays its fp16 states (the recipe's Core ML fidelity bound: 5e-3)
+    assert coreml["fidelity"]["metrics"]["max_rel_logits"] > 3 * coreml["faithfulness"]["metrics"]["max_rel_logits"]
     [onnx] = [a for a in manifest["artifacts"] if a["target"] == "onnx"]
     assert {"model.onnx", "embedding.onnx", "vision.onnx"} <= set(onnx["files"])
     assert onnx["io"]["inputs"][0]["name"] == "inputs_embeds"
     vision = manifest["vision"]
     assert vision["tokens"]["image_token"] == "<|image_pad|>" and vision["tokens_divisor"] == 16
     assert (vision["side_multiple"], vision["max_side"], vision["hidden_size"]) == (56, 896, 64)
-    assert manifest["source"]["family"] in ("qwen3_5", "llama")
     assert vision["processor"]["scale_resolution"] == 448
     assert {"processor_config.json", "chat_template.jinja", "tokenizer.json"} <= set(manifest["files"])
 
