@@ -144,22 +144,30 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Full attention within the second-last axis: [..., N, D] -> [..., N, D]."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kernel: str) -> torch.Tensor:
+    """Full attention within the second-last axis: [..., N, D] -> [..., N, D].
+
+    kernel "sdpa": torch's; "custom_sdpa": ExecuTorch's llama::custom_sdpa (non-causal from position 0), which
+    tiles the scores instead of materialising [heads, N, N]: a program planned for the largest slice would
+    otherwise hold GBs of score buffers (ExecuTorch plans memory for the dynamic dims' upper bound)."""
     *lead, n, dim = q.shape
-    split = lambda x: x.reshape(-1, n, heads, dim // heads).transpose(1, 2)  # noqa: E731
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
-    return out.transpose(1, 2).reshape(*lead, n, dim)
+    split = lambda x: x.reshape(-1, n, heads, dim // heads)  # noqa: E731  [B', N, H, d]
+    if kernel == "custom_sdpa":
+        out = torch.ops.llama.custom_sdpa(split(q), split(k), split(v), 0, None, 0.0, False, None)
+    else:
+        out = F.scaled_dot_product_attention(*(split(x).transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    return out.reshape(*lead, n, dim)
 
 
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.kernel = "sdpa"  # a target may choose its runtime's attention op (see _attention)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+        return self.out_proj(_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.kernel))
 
 
 class MLP(nn.Module):

@@ -13,6 +13,8 @@ gives it (normalised, sides multiples of `side_multiple`). H and W are dynamic w
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from cpm_mobile.exporter.models.transformer import CausalLM
-from cpm_mobile.exporter.models.vision import VisionEncoder
+from cpm_mobile.exporter.models.vision import SelfAttention, VisionEncoder
 from cpm_mobile.exporter.models.vlm import TextDecoder, TokenEmbedding
 from cpm_mobile.exporter.contract import (
     DECODER_METHOD, EMBEDDING_METHOD, VISION_MAX_SIDE, VISION_METHOD, VISION_SIDE_MULTIPLE,
@@ -28,7 +30,7 @@ from cpm_mobile.exporter.contract import (
 from cpm_mobile.exporter.targets.base import ExportContext, check_model_dtype
 from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
 from cpm_mobile.exporter.targets.executorch.program import (
-    PTE_NAME, cache_description, constant_methods, emit, export_ready, write_program,
+    ATTENTION_CUSTOM, PTE_NAME, cache_description, constant_methods, emit, export_ready, write_program,
 )
 
 
@@ -36,6 +38,20 @@ from cpm_mobile.exporter.targets.executorch.program import (
 def _export(module: torch.nn.Module, args: tuple, dynamic: Any) -> ExportedProgram:
     with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+
+
+@contextmanager
+def vision_attention(vision: VisionEncoder, kernel: str) -> Iterator[VisionEncoder]:
+    """The encoder with its attention through `kernel` while the program is captured (models/vision.py)."""
+    layers = [m for m in vision.modules() if isinstance(m, SelfAttention)]
+    before = [m.kernel for m in layers]
+    for layer in layers:
+        layer.kernel = kernel
+    try:
+        yield vision
+    finally:
+        for layer, kernel_before in zip(layers, before):
+            layer.kernel = kernel_before
 
 
 def capture_vision(vision: VisionEncoder, max_side: int) -> ExportedProgram:
@@ -70,7 +86,9 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
                VISION_SIDE_MULTIPLE: step, VISION_MAX_SIDE: step * (max_side // step)}
     text = export_ready(model, attention)
     embedding, decoder = capture_text(text)
-    programs = {VISION_METHOD: capture_vision(vision, max_side), EMBEDDING_METHOD: embedding, DECODER_METHOD: decoder}
+    with vision_attention(vision, "custom_sdpa" if attention == ATTENTION_CUSTOM else "sdpa"):
+        encoder = capture_vision(vision, max_side)
+    programs = {VISION_METHOD: encoder, EMBEDDING_METHOD: embedding, DECODER_METHOD: decoder}
     edge = to_edge_transform_and_lower(
         programs,
         partitioner={name: [XnnpackPartitioner()] for name in programs},
