@@ -518,11 +518,11 @@ def generate(
         from cpm_mobile.exporter.vlm_generate import is_vision_language_bundle
 
         if image is not None or is_vision_language_bundle(bundle):
-            if chat or speculative:
-                raise typer.BadParameter("a vision-language bundle takes --prompt (and --image), not --chat or "
-                                         "--speculative yet", param_hint="--chat / --speculative")
-            _generate_with_image(bundle, target.value if target else None, image, prompt, max_new_tokens,
-                                 sampling=(temperature, top_p, seed))
+            if speculative:
+                raise typer.BadParameter("a vision-language bundle does not take --speculative yet",
+                                         param_hint="--speculative")
+            _generate_with_image(bundle, target.value if target else None, image, prompt, chat, system,
+                                 max_new_tokens, sampling=(temperature, top_p, seed))
             return
         from cpm_mobile.exporter.generate import (
             Chat, ChatTemplate, Sampling, Timings, complete, decode_tokens, make_sampler, open_bundle_model,
@@ -593,19 +593,30 @@ def generate(
                     raise typer.Exit(1)
 
 
-def _generate_with_image(bundle: Path, target: Optional[str], image: Optional[Path], prompt: str,
-                         max_new_tokens: int, sampling: tuple) -> None:
+def _generate_with_image(bundle: Path, target: Optional[str], image: Optional[Path], prompt: Optional[str],
+                         chat: bool, system: Optional[str], max_new_tokens: int, sampling: tuple) -> None:
     from cpm_mobile.exporter.generate import Sampling, Timings, complete, make_sampler
-    from cpm_mobile.exporter.vlm_generate import open_image_prompt, open_vision_language
+    from cpm_mobile.exporter.vlm_generate import ImageChat, open_image_prompt, open_vision_language
 
     with _spinner("loading the artifact"):
         model = open_vision_language(bundle, target)
     note = "" if model.passed_check is not False else "; this bundle FAILED its check"
     errors.print(f"{model.target} in {model.runtime}{note}", markup=False, highlight=False, style="dim", soft_wrap=True)
+    sample = make_sampler(Sampling(*sampling))
+    if chat:  # the image goes with the first message; later turns reuse its cached prefix
+        conversation = ImageChat(model, image, system)
+        while True:
+            errors.print("> ", end="", markup=False, highlight=False)
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            timings = Timings()
+            _stream(conversation.reply(line.strip(), max_new_tokens, sample, timings))
+            _print_speed(timings)
+        return
     session, ids = open_image_prompt(model, image, prompt)
     timings = Timings()
-    _stream(complete(session, ids, model.tokenizer.tokenizer, max_new_tokens, make_sampler(Sampling(*sampling)),
-                     model.eos_ids, timings))
+    _stream(complete(session, ids, model.tokenizer.tokenizer, max_new_tokens, sample, model.eos_ids, timings))
     _print_speed(timings)
 
 

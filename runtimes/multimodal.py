@@ -274,14 +274,16 @@ def image_token_runs(ids: Sequence[int], image_token_id: int) -> list[tuple[int,
 
 
 def prompt_embeddings(session: MultimodalSession, ids: Sequence[int], image_token_id: int,
-                      slices: Sequence[np.ndarray]) -> np.ndarray:
-    """[T, hidden]: the tokens' embeddings with each image-token run replaced by its slice's features."""
+                      slices: Sequence[np.ndarray], encode=None) -> np.ndarray:
+    """[T, hidden]: the tokens' embeddings with each image-token run replaced by its slice's features
+    (encode: how a slice becomes features, default the session's vision encoder)."""
     runs = image_token_runs(ids, image_token_id)
     if len(runs) != len(slices):
         raise ValueError(f"the prompt has {len(runs)} image-token runs for {len(slices)} image slices")
+    encode = encode or session.encode_image
     embeddings = session.embed(np.asarray(ids, dtype=np.int64)).copy()
     for (start, end), pixels in zip(runs, slices):
-        features = session.encode_image(pixels)
+        features = encode(pixels)
         if features.shape[0] != end - start:
             raise ValueError(f"a {pixels.shape[1]}x{pixels.shape[2]} slice gives {features.shape[0]} embeddings "
                              f"for a run of {end - start} image tokens")
@@ -298,13 +300,25 @@ class ImagePrompts:
         self.session, self.image_token_id, self.prompts = session, image_token_id, prompts
         self.max_seq_len = session.max_seq_len
         self.verified = session.verified
+        self.encoded = 0  # vision-encoder calls made: a slice is encoded once, however often it is prefilled
+        self._features: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def reset(self) -> None:
         self.session.reset()
 
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """The slice's features, computed once per slice array (decoupled image encoding: a prompt that is
+        prefilled again, a new chat turn over the same image, does not run the vision encoder again)."""
+        cached = self._features.get(id(pixels))
+        if cached is None or cached[0] is not pixels:
+            cached = (pixels, self.session.encode_image(pixels))
+            self._features[id(pixels)] = cached
+            self.encoded += 1
+        return cached[1]
+
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         key = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
         if start_pos == 0 and key in self.prompts:
-            embeddings = prompt_embeddings(self.session, key, self.image_token_id, self.prompts[key])
+            embeddings = prompt_embeddings(self.session, key, self.image_token_id, self.prompts[key], self.encode)
             return self.session.forward_embeddings(embeddings, 0)
         return self.session.forward(tokens, start_pos)

@@ -324,8 +324,8 @@ def test_generate_refuses_a_bad_image_and_what_it_cannot_do_yet(vl_bundle, tmp_p
     assert result.exit_code == 2 and "notes.png: not an image PIL can read" in result.output
     result = CliRunner().invoke(app, ["generate", str(vl_bundle), "--image", str(tmp_path / "missing.png"), "-p", "Hi"])
     assert result.exit_code == 2 and "missing.png: no such image file" in result.output
-    result = CliRunner().invoke(app, ["generate", str(vl_bundle), "--chat"])
-    assert result.exit_code == 2 and "not --chat or --speculative yet" in result.output
+    result = CliRunner().invoke(app, ["generate", str(vl_bundle), "-p", "Hi", "--speculative", "ngram"])
+    assert result.exit_code == 2 and "does not take --speculative yet" in result.output
 
 
 @pytest.mark.slow
@@ -351,3 +351,48 @@ def test_inspect_shows_the_vision_half(llama_v):
     assert "3 layers x 32, patch 14" in summary.vision and "merger after layer 1" in summary.vision
     assert "about 64 tokens per 448x448 slice" in summary.vision
     assert ("vision", summary.vision) in summary.rows()
+
+
+@pytest.mark.slow
+def test_chat_about_an_image_answers_each_turn_as_transformers(varied_v, vl_bundle, tmp_path):
+    """Two turns of `generate --chat --image`: the image goes with the first message, the second turn prefills only
+    what the session lacks (or the whole conversation again, exactly, when the re-rendered answer tokenises
+    differently) and the slices are encoded once; each answer equals transformers' greedy answer to the same
+    conversation (the processor's chat template over every turn so far, the image in the first)."""
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+
+    _, model, processor = varied_v
+    image = Image.fromarray(np.random.default_rng(7).integers(0, 256, (600, 900, 3), dtype=np.uint8))
+    path = tmp_path / "image.png"
+    image.save(path)
+    questions = ["What is in the picture?", "And what colour is it?"]
+    messages, expected = [], []
+    for question in questions:
+        content = [{"type": "image"}, {"type": "text", "text": question}] if not messages else question
+        messages.append({"role": "user", "content": content})
+        rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        theirs = processor(text=[rendered], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**theirs, max_new_tokens=10, do_sample=False)[0, theirs["input_ids"].shape[1]:]
+        answer = processor.tokenizer.decode(out, skip_special_tokens=True)
+        expected.append(answer.strip())
+        messages.append({"role": "assistant", "content": answer})
+    for target in ("executorch", "onnx"):
+        result = CliRunner().invoke(app, ["generate", str(vl_bundle), "--target", target, "--image", str(path),
+                                          "--chat", "-n", "10"], input="\n".join(questions) + "\n\n")
+        assert result.exit_code == 0, result.output
+        assert [line.strip() for line in result.stdout.splitlines() if line.strip()] == expected, target
+
+
+def test_a_chat_encodes_the_image_once(vl_bundle, tmp_path):
+    from cpm_mobile.exporter.generate import greedy
+    from cpm_mobile.exporter.vlm_generate import ImageChat, open_vision_language
+
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (600, 900, 3), dtype=np.uint8)).save(path)
+    chat = ImageChat(open_vision_language(vl_bundle, "onnx"), path)
+    for question in ("What is it?", "Why?", "Where?"):
+        "".join(chat.reply(question, 6, greedy))
+    assert chat.session.encoded == len(chat.slices) == 3  # overview + a 1x2 grid, encoded in the first turn only
