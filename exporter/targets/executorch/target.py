@@ -28,7 +28,7 @@ from cpm_mobile.exporter.targets.base import (
     ArtifactInfo, ExportContext, ExportedArtifact, Progress, check_model_dtype, no_progress, refusals_of,
 )
 from cpm_mobile.exporter.targets.executorch.program import (  # noqa: F401 (re-exported: the steps' one home)
-    ATTENTION_CUSTOM, ATTENTION_PLAIN, PTE_NAME, cache_description, constant_methods, emit, export_ready,
+    ATTENTION_CUSTOM, PTE_NAME, cache_description, constant_methods, emit, export_ready,
     write_program,
 )
 from cpm_mobile.exporter.targets.executorch.spec import ExecuTorchSpec
