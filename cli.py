@@ -554,18 +554,12 @@ def generate(
         if chat:
             conversation = Chat(model.session, tokenizer.tokenizer, template, model.eos_ids, system=system,
                                 source=source)
-            while True:
-                errors.print("> ", end="", markup=False, highlight=False)
-                line = sys.stdin.readline()
-                if not line.strip():
-                    break
-                timings = Timings()
-                if decoder:
-                    decoder.stats = type(decoder.stats)()  # this answer's counts
-                _stream(conversation.reply(line.strip(), max_new_tokens, sample, timings))
-                _print_speed(timings)
-                if decoder:
-                    _print_speculation(decoder.stats)
+
+            def before() -> None:
+                decoder.stats = type(decoder.stats)()  # this answer's counts
+
+            _chat(conversation, max_new_tokens, sample, before=before if decoder else None,
+                  after=(lambda: _print_speculation(decoder.stats)) if decoder else None)
         else:
             timings = Timings()
             prompt_ids = tokenizer.encode(prompt)
@@ -604,20 +598,30 @@ def _generate_with_image(bundle: Path, target: Optional[str], image: Optional[Pa
     errors.print(f"{model.target} in {model.runtime}{note}", markup=False, highlight=False, style="dim", soft_wrap=True)
     sample = make_sampler(Sampling(*sampling))
     if chat:  # the image goes with the first message; later turns reuse its cached prefix
-        conversation = ImageChat(model, image, system)
-        while True:
-            errors.print("> ", end="", markup=False, highlight=False)
-            line = sys.stdin.readline()
-            if not line.strip():
-                break
-            timings = Timings()
-            _stream(conversation.reply(line.strip(), max_new_tokens, sample, timings))
-            _print_speed(timings)
+        _chat(ImageChat.about(model, image, system), max_new_tokens, sample)
         return
     session, ids = open_image_prompt(model, image, prompt)
     timings = Timings()
     _stream(complete(session, ids, model.tokenizer.tokenizer, max_new_tokens, sample, model.eos_ids, timings))
     _print_speed(timings)
+
+
+def _chat(conversation, max_new_tokens: int, sample, before=None, after=None) -> None:
+    """One message per line on stdin until an empty line; each answer streamed, then its speed."""
+    from cpm_mobile.exporter.generate import Timings
+
+    while True:
+        errors.print("> ", end="", markup=False, highlight=False)
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        timings = Timings()
+        if before:
+            before()
+        _stream(conversation.reply(line.strip(), max_new_tokens, sample, timings))
+        _print_speed(timings)
+        if after:
+            after()
 
 
 def _stream(pieces: Iterator[str]) -> None:

@@ -265,8 +265,7 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         ids = self._fit_context()
         self.last_prompt_ids = ids
-        common = _common_prefix(self.cached, ids)
-        start = min(common, len(ids) - 1)  # at least one token to prefill: its logits choose the first reply token
+        start = self._prefill_start(ids)
         self.last_start_pos = start
         stream, stops, generated = TextStream(self.tokenizer), set(self.stop_ids), []
         answer: list[str] = []
@@ -284,6 +283,11 @@ class Chat:
                     yield piece
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
+
+    def _prefill_start(self, ids: list[int]) -> int:
+        """Where this turn's prefill starts: after the cached prefix it shares (the session rewinds to there),
+        with at least one token to prefill, whose logits choose the first reply token."""
+        return min(_common_prefix(self.cached, ids), len(ids) - 1)
 
     def _fit_context(self) -> list[int]:
         """The rendered conversation, dropping the oldest exchanges while it leaves no room to answer."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -65,12 +65,14 @@ def input_noise(model: nn.Module, relative: float, seed: int) -> Iterator[None]:
 
 
 def twin_spread(twin: nn.Module, twin_observations: Observations, plan: CheckPlan, reference: Observations,
-                spread: Any, tie_margin_rel: float) -> dict[str, Any]:
-    """The worst metrics of `spread.perturbations` noisy runs of the twin against its clean run."""
+                spread: Any, tie_margin_rel: float, session: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """The worst metrics of `spread.perturbations` noisy runs of the twin against its clean run.
+    session: what runs the twin on the plan (default the module itself; a vision-language check wraps it with
+    its image prompts); the noise goes into the twin's own decoder layers either way."""
     worst: dict[str, Any] = {}
     for seed in range(spread.perturbations):
         with input_noise(twin, spread.relative, seed), torch.no_grad():
-            noisy = teacher_forced_runs(TorchSession(twin), plan, reference)
+            noisy = teacher_forced_runs(session() if session is not None else TorchSession(twin), plan, reference)
         measured = compare(twin_observations, noisy, plan, tie_margin_rel)
         for key, (metric, kind) in _LOOSENED.items():
             if metric not in measured:

@@ -8,17 +8,17 @@ token ids, so exporter/generate.py's `complete` streams the answer unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cpm_mobile.exporter.errors import InputError
-from cpm_mobile.exporter.generate import ChatTemplate, select_artifact
+from cpm_mobile.exporter.generate import Chat, ChatTemplate, select_artifact
 from cpm_mobile.exporter.tokenizer import TextTokenizer, read_json_object
-from cpm_mobile.runtimes.image_slicing import SliceSettings
+from cpm_mobile.runtimes.image_slicing import SlicedImage, SliceSettings, expand_prompt, slice_image
 from cpm_mobile.runtimes.multimodal import ImagePrompts, MultimodalSession, open_multimodal_session
 
 
@@ -66,23 +66,33 @@ def read_image(path: Path) -> Image.Image:
         raise InputError(path, f"not an image PIL can read ({' '.join(str(exc).split())[:120]})") from None
 
 
+def encode_conversation(render, tokenizer, messages: list[dict[str, Any]], sliced: SlicedImage | None,
+                        settings: SliceSettings, tokens: dict[str, str]) -> list[int]:
+    """Token ids of a conversation whose first user message carries the image (its content: that message's text),
+    rendered through the chat template and the image token expanded into the slices' placeholders; special tokens
+    come from the template only, as transformers' apply_chat_template(tokenize=True) encodes.
+    render: the template's render; tokenizer: a tokenizers.Tokenizer."""
+    if sliced is not None:
+        messages = [dict(m) for m in messages]
+        first = next(m for m in messages if m["role"] == "user")
+        first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
+    rendered = render(messages)
+    if sliced is not None:
+        rendered = expand_prompt(rendered, [sliced], settings, tokens)
+    return tokenizer.encode(rendered, add_special_tokens=False).ids
+
+
 def open_image_prompt(bundle: VisionLanguageBundle, image: Path | None, text: str) -> tuple[ImagePrompts, list[int]]:
     """A Session that prefills the prompt with its image, and the prompt's token ids."""
-    from cpm_mobile.runtimes.image_slicing import expand_prompt, slice_image
-
     vision = bundle.vision
     settings = SliceSettings.from_processor_config(vision["processor"])
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
-    rendered = bundle.template.render([{"role": "user", "content": content}])
-    slices = []
-    if image is not None:
-        sliced = slice_image(read_image(image), settings)
-        rendered = expand_prompt(rendered, [sliced], settings, vision["tokens"])
-        slices = [sliced.overview, *sliced.slices]
-    ids = bundle.tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
+    sliced = slice_image(read_image(image), settings) if image is not None else None
+    ids = encode_conversation(bundle.template.render, bundle.tokenizer.tokenizer, [{"role": "user", "content": text}],
+                              sliced, settings, vision["tokens"])
     if len(ids) >= bundle.session.max_seq_len:
         raise InputError(image or "--prompt", f"the prompt is {len(ids)} tokens with the image; the artifact holds "
                          f"{bundle.session.max_seq_len} positions")
+    slices = sliced.arrays() if sliced is not None else []
     for pixels in slices:
         if max(pixels.shape[1:]) > vision["max_side"]:
             raise InputError(image, f"a {pixels.shape[1]}x{pixels.shape[2]} slice of this image is beyond the "
@@ -90,62 +100,45 @@ def open_image_prompt(bundle: VisionLanguageBundle, image: Path | None, text: st
     return ImagePrompts(bundle.session, vision["image_token_id"], {tuple(ids): slices}), ids
 
 
-class ImageChat:
-    """A conversation about one image: the image goes with the first user message, each turn renders the whole
-    conversation through the bundle's chat template and prefills only what the session does not hold yet. When the
-    new rendering does not extend what it holds (a re-encoded answer differs), the whole conversation is prefilled
-    again from position 0, which is exact for a recurrent (hybrid) state too; the image's slice features are kept,
-    so the vision encoder runs once per conversation either way."""
+@dataclass
+class ImageChat(Chat):
+    """A conversation about one image (exporter/generate.py's Chat): the image goes with the first user message.
+    A turn whose rendering extends what the session holds prefills only the new tokens; otherwise (a re-encoded
+    answer tokenises differently) the whole conversation is prefilled again from position 0, exact for a
+    recurrent (hybrid) state too. The slices' features are kept (ImagePrompts), so the vision encoder runs once
+    per conversation either way: BlueLM-V's decoupled image encoding."""
 
-    def __init__(self, bundle: VisionLanguageBundle, image: Path | None, system: str | None = None):
-        from cpm_mobile.runtimes.image_slicing import slice_image
+    sliced: SlicedImage | None = None
+    settings: SliceSettings | None = None
+    image_tokens: dict[str, str] = field(default_factory=dict)
 
-        self.bundle = bundle
-        self.settings = SliceSettings.from_processor_config(bundle.vision["processor"])
-        self.sliced = slice_image(read_image(image), self.settings) if image is not None else None
-        self.slices = [self.sliced.overview, *self.sliced.slices] if self.sliced is not None else []
-        self.session = ImagePrompts(bundle.session, bundle.vision["image_token_id"], {})
-        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        self.cached: list[int] = []
+    @classmethod
+    def about(cls, bundle: VisionLanguageBundle, image: Path | None, system: str | None = None) -> "ImageChat":
+        settings = SliceSettings.from_processor_config(bundle.vision["processor"])
+        sliced = slice_image(read_image(image), settings) if image is not None else None
+        session = ImagePrompts(bundle.session, bundle.vision["image_token_id"], {})
+        return cls(session, bundle.tokenizer.tokenizer, bundle.template, bundle.eos_ids, system=system,
+                   sliced=sliced, settings=settings, image_tokens=bundle.vision["tokens"])
+
+    @property
+    def slices(self) -> list[np.ndarray]:
+        return self.sliced.arrays() if self.sliced is not None else []
+
+    def encode(self, messages: list[dict[str, Any]]) -> list[int]:
+        return encode_conversation(self.template.render, self.tokenizer, messages, self.sliced, self.settings,
+                                   self.image_tokens)
+
+    def _prefill_start(self, ids: list[int]) -> int:
+        if 0 < len(self.cached) < len(ids) and ids[:len(self.cached)] == self.cached:
+            return len(self.cached)
         self.session.reset()
+        self.session.prompts = {tuple(ids): self.slices}
+        return 0
 
-    def encode(self) -> list[int]:
-        from cpm_mobile.runtimes.image_slicing import expand_prompt
-
-        messages = [dict(m) for m in self.messages]
-        first_user = next(m for m in messages if m["role"] == "user")
-        if self.sliced is not None:
-            first_user["content"] = [{"type": "image"}, {"type": "text", "text": first_user["content"]}]
-        rendered = self.bundle.template.render(messages)
-        if self.sliced is not None:
-            rendered = expand_prompt(rendered, [self.sliced], self.settings, self.bundle.vision["tokens"])
-        return self.bundle.tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
-
-    def reply(self, text: str, max_new_tokens: int, sample, timings=None) -> Iterator[str]:
-        from cpm_mobile.exporter.generate import TextStream, decode_tokens
-
-        self.messages.append({"role": "user", "content": text})
-        ids = self.encode()
+    def _fit_context(self) -> list[int]:
+        """The whole conversation, which must fit (dropping old turns would drop the image)."""
+        ids = self.encode(self.messages)
         if len(ids) >= self.session.max_seq_len:
             raise InputError("chat", f"the conversation is {len(ids)} tokens; the artifact holds "
                              f"{self.session.max_seq_len} positions")
-        extends = 0 < len(self.cached) < len(ids) and ids[:len(self.cached)] == self.cached
-        start = len(self.cached) if extends else 0
-        if not extends:
-            self.session.reset()
-            self.session.prompts = {tuple(ids): self.slices}
-        stream, stops, generated, answer = TextStream(self.bundle.tokenizer.tokenizer), set(self.bundle.eos_ids), [], []
-        self.cached = []  # unknown until the prefill has run
-        try:
-            for token in decode_tokens(self.session, ids[start:], start, max_new_tokens, sample,
-                                       self.bundle.eos_ids, timings):
-                self.cached = ids + generated  # every token but the newest has been fed back
-                generated.append(token)
-                if token in stops:
-                    continue
-                piece = stream.push(token)
-                if piece:
-                    answer.append(piece)
-                    yield piece
-        finally:
-            self.messages.append({"role": "assistant", "content": "".join(answer)})
+        return ids

@@ -47,8 +47,8 @@ def load_kernel_libraries() -> str | None:
     return None
 
 
-def load_program(path: Path):
-    """The program at `path`, or an InputError naming the file and what is wrong with it."""
+def load_program(path: Path, methods: tuple[str, ...] = (METHOD,)):
+    """The program at `path`, holding `methods`, or an InputError naming the file and what is wrong with it."""
     from executorch.runtime import Runtime
 
     if not path.is_file():
@@ -58,8 +58,10 @@ def load_program(path: Path):
         program = Runtime.get().load_program(path)
     except (RuntimeError, ValueError) as error:
         raise InputError(path, f"not a valid ExecuTorch program ({error})") from error
-    if METHOD not in program.method_names:
-        raise InputError(path, f"program has no '{METHOD}' method (has {sorted(program.method_names)})")
+    missing = [name for name in methods if name not in program.method_names]
+    if missing:
+        raise InputError(path, f"program has no {', '.join(repr(m) for m in missing)} method "
+                               f"(has {sorted(program.method_names)})")
     return program
 
 

@@ -70,10 +70,14 @@ class SlicedImage:
     slices: list[np.ndarray] = field(default_factory=list)
     grid: tuple[int, int] | None = None  # (rows, cols) of slices
 
+    def arrays(self) -> list[np.ndarray]:
+        """The overview, then the slices: the order their placeholders take in the prompt."""
+        return [self.overview, *self.slices]
+
     def tokens(self, settings: SliceSettings) -> list[int]:
         """LLM tokens of the overview, then of each slice."""
         p = settings.patch_size
-        return [(a.shape[1] // p) * (a.shape[2] // p) // settings.tokens_divisor for a in [self.overview, *self.slices]]
+        return [(a.shape[1] // p) * (a.shape[2] // p) // settings.tokens_divisor for a in self.arrays()]
 
 
 def _ensure_divide(length: float, divisor: int) -> int:

@@ -52,7 +52,30 @@ class MultimodalSession(Protocol):
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray: ...
 
 
-class ExecuTorchMultimodalSession:
+class _ArtifactHalves:
+    """What every format's session shares: the checks before its runtime is called (a clear error where the
+    runtime would return a bare code), and tokens run as their embeddings. A format supplies _encode (one slice,
+    float32 [1, 3, H, W]), _embed (int64 [1, T]) and forward_embeddings."""
+
+    max_seq_len: int
+    side_multiple: int
+    max_side: int | None
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        check_slice(pixels, self.side_multiple, self.max_side)
+        return np.asarray(self._encode(np.ascontiguousarray(pixels, dtype=np.float32)[None]), dtype=np.float32)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        if not 0 < ids.shape[1] <= self.max_seq_len:
+            raise ValueError(f"{ids.shape[1]} tokens do not fit max_seq_len={self.max_seq_len}")
+        return np.asarray(self._embed(ids), dtype=np.float32)
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        return self.forward_embeddings(self.embed(tokens), start_pos)
+
+
+class ExecuTorchMultimodalSession(_ArtifactHalves):
     """model.pte with vision_encoder / token_embedding / text_decoder in the ExecuTorch runtime.
 
     The LLM state lives in the program's mutable buffers. ExecuTorch cannot clear them, so a reset
@@ -76,38 +99,22 @@ class ExecuTorchMultimodalSession:
         self._written = False
 
     def _load(self) -> None:
-        from executorch.runtime import Runtime
+        from cpm_mobile.runtimes.executorch import load_program
 
-        from cpm_mobile.runtimes.executorch import load_kernel_libraries
-
-        if not self.path.is_file():
-            raise InputError(self.path, "ExecuTorch program not found")
-        load_kernel_libraries()
-        try:
-            self._program = Runtime.get().load_program(self.path)
-        except (RuntimeError, ValueError) as error:
-            raise InputError(self.path, f"not a valid ExecuTorch program ({error})") from error
-        missing = {VISION_METHOD, EMBEDDING_METHOD, DECODER_METHOD} - set(self._program.method_names)
-        if missing:
-            raise InputError(self.path, f"program has no {', '.join(sorted(missing))} method")
-        self._methods = {name: self._program.load_method(name)
-                         for name in (VISION_METHOD, EMBEDDING_METHOD, DECODER_METHOD)}
+        methods = (VISION_METHOD, EMBEDDING_METHOD, DECODER_METHOD)
+        self._program = load_program(self.path, methods)
+        self._methods = {name: self._program.load_method(name) for name in methods}
 
     def reset(self) -> None:
         if self._written:
             self._load()
             self._written = False
 
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        check_slice(pixels, self.side_multiple, self.max_side)
-        image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
-        return self._methods[VISION_METHOD].execute((image,))[0][0].numpy().copy()
+    def _encode(self, image: np.ndarray) -> np.ndarray:
+        return self._methods[VISION_METHOD].execute((torch.from_numpy(image),))[0][0].numpy().copy()
 
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(1, -1))
-        if not 0 < ids.shape[1] <= self.max_seq_len:
-            raise ValueError(f"{ids.shape[1]} tokens do not fit max_seq_len={self.max_seq_len}")
-        return self._methods[EMBEDDING_METHOD].execute((ids,))[0][0].numpy().copy()
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self._methods[EMBEDDING_METHOD].execute((torch.from_numpy(ids),))[0][0].numpy().copy()
 
     def forward_embeddings(self, embeddings: np.ndarray, start_pos: int) -> np.ndarray:
         embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -117,57 +124,43 @@ class ExecuTorchMultimodalSession:
         self._written = True
         return self._methods[DECODER_METHOD].execute(inputs)[0][0].to(torch.float32).numpy().copy()
 
-    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        return self.forward_embeddings(self.embed(tokens), start_pos)
-
 
 def open_executorch_multimodal(bundle_dir: Path, artifact: dict[str, Any]) -> ExecuTorchMultimodalSession:
     return ExecuTorchMultimodalSession(Path(bundle_dir) / artifact.get("entry", "model.pte"))
 
 
-class OnnxMultimodalSession:
+class OnnxMultimodalSession(_ArtifactHalves):
     """vision.onnx / embedding.onnx / model.onnx (from inputs_embeds) in onnxruntime; the text graph's
     past/present state is held by the runtime's OnnxSession."""
 
     runtime_name = "onnxruntime (CPU execution provider)"
 
     def __init__(self, bundle_dir: Path, artifact: dict[str, Any]):
-        import onnxruntime as ort
-
         from cpm_mobile.runtimes.onnx import OnnxSession, _inference_session
 
         metadata = artifact["metadata"]
         self.text = OnnxSession(bundle_dir / artifact["entry"], artifact["io"])
         self.verified = self.text.verified
         self.max_seq_len = self.text.max_seq_len
-        options = ort.SessionOptions()
-        self._vision = _inference_session(bundle_dir / metadata["vision_model"], options)
-        self._embedding = _inference_session(bundle_dir / metadata["embedding_model"], options)
+        self._vision = _inference_session(bundle_dir / metadata["vision_model"], None)
+        self._embedding = _inference_session(bundle_dir / metadata["embedding_model"], None)
         vision = metadata["vision_input"]
         self.side_multiple, self.max_side = int(vision["side_multiple"]), int(vision["max_side"])
 
     def reset(self) -> None:
         self.text.reset()
 
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        check_slice(pixels, self.side_multiple, self.max_side)
-        batch = np.ascontiguousarray(pixels, dtype=np.float32)[None]
-        return self._vision.run(None, {self._vision.get_inputs()[0].name: batch})[0][0]
+    def _encode(self, image: np.ndarray) -> np.ndarray:
+        return self._vision.run(None, {self._vision.get_inputs()[0].name: image})[0][0]
 
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
-        if not 0 < ids.shape[1] <= self.max_seq_len:
-            raise ValueError(f"{ids.shape[1]} tokens do not fit max_seq_len={self.max_seq_len}")
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self._embedding.run(None, {self._embedding.get_inputs()[0].name: ids})[0][0]
 
     def forward_embeddings(self, embeddings: np.ndarray, start_pos: int) -> np.ndarray:
         return self.text.run(np.ascontiguousarray(embeddings, dtype=np.float32)[None], start_pos)
 
-    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        return self.forward_embeddings(self.embed(tokens), start_pos)
 
-
-class CoreMLMultimodalSession:
+class CoreMLMultimodalSession(_ArtifactHalves):
     """vision / embedding / text_decoder .mlpackage in Core ML where it runs (macOS), else in our ML Program
     interpreter (runtimes/coreml), as the text Core ML session; the decoder's states are one MLState."""
 
@@ -200,24 +193,16 @@ class CoreMLMultimodalSession:
     def reset(self) -> None:
         self._state = self._decoder.make_state()
 
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        check_slice(pixels, self.side_multiple, self.max_side)
-        image = np.ascontiguousarray(pixels, dtype=np.float32)[None]
-        return np.asarray(self._vision.predict({self._pixels_name: image}, None)[self._features_name][0], np.float32)
+    def _encode(self, image: np.ndarray) -> np.ndarray:
+        return self._vision.predict({self._pixels_name: image}, None)[self._features_name][0]
 
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        ids = np.asarray(tokens, dtype=np.int32).reshape(1, -1)
-        if not 0 < ids.shape[1] <= self.max_seq_len:
-            raise ValueError(f"{ids.shape[1]} tokens do not fit max_seq_len={self.max_seq_len}")
-        return np.asarray(self._embedding.predict({self._tokens_name: ids}, None)[self._embeddings_name][0], np.float32)
+    def _embed(self, ids: np.ndarray) -> np.ndarray:  # Core ML takes no int64 inputs
+        return self._embedding.predict({self._tokens_name: ids.astype(np.int32)}, None)[self._embeddings_name][0]
 
     def forward_embeddings(self, embeddings: np.ndarray, start_pos: int) -> np.ndarray:
         inputs = {self._embeddings_name: np.ascontiguousarray(embeddings, dtype=np.float32)[None],
                   "input_pos": np.array([start_pos], dtype=np.int32)}
         return np.asarray(self._decoder.predict(inputs, self._state)["logits"][0], dtype=np.float32)
-
-    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        return self.forward_embeddings(self.embed(tokens), start_pos)
 
 
 MULTIMODAL_RUNTIMES = {"executorch": open_executorch_multimodal, "onnx": OnnxMultimodalSession,
@@ -296,12 +281,14 @@ class ImagePrompts:
     image slices, everything else (decode steps, text-only prompts) runs as tokens."""
 
     def __init__(self, session: MultimodalSession, image_token_id: int,
-                 prompts: dict[tuple[int, ...], Sequence[np.ndarray]]):
+                 prompts: dict[tuple[int, ...], Sequence[np.ndarray]],
+                 features: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
+        """features: another ImagePrompts' slice features, to share where both run the same vision encoder."""
         self.session, self.image_token_id, self.prompts = session, image_token_id, prompts
         self.max_seq_len = session.max_seq_len
         self.verified = session.verified
         self.encoded = 0  # vision-encoder calls made: a slice is encoded once, however often it is prefilled
-        self._features: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.features = {} if features is None else features
 
     def reset(self) -> None:
         self.session.reset()
@@ -309,16 +296,17 @@ class ImagePrompts:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """The slice's features, computed once per slice array (decoupled image encoding: a prompt that is
         prefilled again, a new chat turn over the same image, does not run the vision encoder again)."""
-        cached = self._features.get(id(pixels))
+        cached = self.features.get(id(pixels))
         if cached is None or cached[0] is not pixels:
             cached = (pixels, self.session.encode_image(pixels))
-            self._features[id(pixels)] = cached
+            self.features[id(pixels)] = cached
             self.encoded += 1
         return cached[1]
 
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        key = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
-        if start_pos == 0 and key in self.prompts:
-            embeddings = prompt_embeddings(self.session, key, self.image_token_id, self.prompts[key], self.encode)
-            return self.session.forward_embeddings(embeddings, 0)
+        if start_pos == 0:  # only a prefill from the start can be a registered image prompt
+            key = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
+            if key in self.prompts:
+                embeddings = prompt_embeddings(self.session, key, self.image_token_id, self.prompts[key], self.encode)
+                return self.session.forward_embeddings(embeddings, 0)
         return self.session.forward(tokens, start_pos)

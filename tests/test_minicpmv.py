@@ -392,7 +392,7 @@ def test_a_chat_encodes_the_image_once(vl_bundle, tmp_path):
 
     path = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(8).integers(0, 256, (600, 900, 3), dtype=np.uint8)).save(path)
-    chat = ImageChat(open_vision_language(vl_bundle, "onnx"), path)
+    chat = ImageChat.about(open_vision_language(vl_bundle, "onnx"), path)
     for question in ("What is it?", "Why?", "Where?"):
         "".join(chat.reply(question, 6, greedy))
     assert chat.session.encoded == len(chat.slices) == 3  # overview + a 1x2 grid, encoded in the first turn only

@@ -11,6 +11,7 @@ import json
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,17 +113,19 @@ def _shards_from_index(index: Path) -> list[Path]:
     return shards
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one weight file. .bin files are read weights-only: pickled code is refused."""
+def read_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file (those whose name `keep` accepts: a safetensors file reads only
+    those). .bin files are read weights-only: pickled code is refused."""
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch_bin(path)
+        return _read_safetensors(path, keep)
+    tensors = _read_torch_bin(path)
+    return tensors if keep is None else {name: t for name, t in tensors.items() if keep(name)}
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}
+            return {name: handle.get_tensor(name) for name in handle.keys() if keep is None or keep(name)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(path, f"unreadable safetensors file ({_one_line(exc)})") from None
 
@@ -149,11 +152,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def read_all_tensors(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+def read_all_tensors(files: CheckpointFiles,
+                     keep: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for path in files.weights:
-        for name, tensor in read_tensors(path).items():
+        for name, tensor in read_tensors(path, keep).items():
             if name in tensors:
                 raise InputError(path, f"tensor '{name}' also appears in {origin[name].name}")
             tensors[name] = tensor

@@ -17,11 +17,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 from cpm_mobile.exporter.errors import InputError
 
@@ -107,10 +108,9 @@ class VisionConfig:
             raise fail(f"'downsample_mode' {mode!r} is not supported (supported: {', '.join(DOWNSAMPLE_MODES)})")
         if raw.get("drop_vision_last_layer", False):
             raise fail("'drop_vision_last_layer' true is not supported")
+        # number() refuses a list: a non-square image_size or patch_size is refused by name there
         image_size = number(vision, "image_size", 224, "vision_config.")
         patch_size = number(vision, "patch_size", 16, "vision_config.")
-        if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
-            raise fail("non-square 'vision_config.image_size' / 'patch_size' is not supported")
         config = cls(
             hidden_size=int(number(vision, "hidden_size", 768, "vision_config.")),
             intermediate_size=int(number(vision, "intermediate_size", 3072, "vision_config.")),
@@ -231,7 +231,6 @@ def bucket_edges(side: int) -> torch.Tensor:
 class Embeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.patch_size = config.patch_size
         self.positions_per_side = config.positions_per_side
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
         self.position_embedding = nn.Embedding(config.positions_per_side**2, config.hidden_size)
@@ -312,6 +311,20 @@ class VisionEncoder(nn.Module):
         x, h, w = self.vision_tower(pixels, self.mode)
         return self.merger(x, h, w)
 
+    def slice_shapes(self, max_side: int, batch: int = 1) -> tuple[torch.Tensor, dict[int, Any], int]:
+        """What every target captures the encoder with: an example slice batch, torch.export's dynamic dims for it
+        (H and W multiples of side_multiple up to max_side; the batch too when batch > 1) and the largest side.
+        No side of the example is one step: export would fix it."""
+        step = self.config.side_multiple(self.mode)
+        units = max_side // step
+        if units < 3:
+            raise ValueError(f"max_side {max_side} leaves fewer than 3 steps of {step} px")
+        rows, cols = Dim("slice_rows", min=1, max=units), Dim("slice_cols", min=1, max=units)
+        dims: dict[int, Any] = {2: step * rows, 3: step * cols}
+        if batch > 1:
+            dims[0] = Dim("slices", min=1, max=64)
+        return torch.zeros(batch, self.config.num_channels, 2 * step, 3 * step), dims, step * units
+
 
 def load_vision_encoder(path: str | Path, mode: DownsampleMode | None = None) -> VisionEncoder:
     """The folder's vision tower and merger, strict: every tensor under their prefixes used, none missing."""
@@ -319,9 +332,9 @@ def load_vision_encoder(path: str | Path, mode: DownsampleMode | None = None) ->
 
     files = find_files(path)
     config = VisionConfig.from_file(files.config)
-    raw, origin = read_all_tensors(files)
-    state = {name.removeprefix("model."): tensor.float() for name, tensor in raw.items()
-             if name.startswith((TOWER_PREFIX, MERGER_PREFIX))}
+    # Only the vision tensors (a safetensors checkpoint's LLM is not read again beside the text loader's read)
+    raw, origin = read_all_tensors(files, keep=lambda name: name.startswith((TOWER_PREFIX, MERGER_PREFIX)))
+    state = {name.removeprefix("model."): tensor.float() for name, tensor in raw.items()}
     with torch.device("meta"):
         module = VisionEncoder(config, mode)
     expected = {name: tensor.shape for name, tensor in module.state_dict().items()}

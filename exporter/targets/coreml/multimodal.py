@@ -78,10 +78,8 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
     save_package(embedding, out_dir / EMBEDDING_PACKAGE)
 
     step = vision.config.side_multiple(vision.mode)
-    units = max_side // step
-    rows, cols = Dim("slice_rows", min=1, max=units), Dim("slice_cols", min=1, max=units)
-    pixels = torch.zeros(1, vision.config.num_channels, 2 * step, 3 * step)
-    encoder = _convert(_export(vision, (pixels,), ({2: step * rows, 3: step * cols},)), spec)
+    pixels, dims, largest = vision.slice_shapes(max_side)
+    encoder = _convert(_export(vision, (pixels,), (dims,)), spec)
     save_package(encoder, out_dir / VISION_PACKAGE)
 
     files = [DECODER_PACKAGE, EMBEDDING_PACKAGE, VISION_PACKAGE]
@@ -98,6 +96,6 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
             "vision_model": VISION_PACKAGE, "embedding_model": EMBEDDING_PACKAGE,
             "vision_input": {"name": vision_spec.input[0].name, "output": vision_spec.output[0].name,
                              "shape": [1, vision.config.num_channels, "H", "W"], "dtype": "float32",
-                             "side_multiple": step, "max_side": step * units},
+                             "side_multiple": step, "max_side": largest},
         },
     }

@@ -55,13 +55,8 @@ def vision_attention(vision: VisionEncoder, kernel: str) -> Iterator[VisionEncod
 
 
 def capture_vision(vision: VisionEncoder, max_side: int) -> ExportedProgram:
-    step = vision.config.side_multiple(vision.mode)
-    units = max_side // step
-    rows, cols = Dim("slice_rows", min=1, max=units), Dim("slice_cols", min=1, max=units)
-    if units < 3:
-        raise ValueError(f"max_side {max_side} leaves fewer than 3 steps of {step} px")
-    example = torch.zeros(1, vision.config.num_channels, step * 2, step * 3)  # no side of 1: export would fix it
-    return _export(vision, (example,), ({2: step * rows, 3: step * cols},))
+    example, dims, _ = vision.slice_shapes(max_side)
+    return _export(vision, (example,), (dims,))
 
 
 def capture_text(model: CausalLM) -> tuple[ExportedProgram, ExportedProgram]:
@@ -83,7 +78,7 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
     attention = spec.options.attention
     step = vision.config.side_multiple(vision.mode)
     methods = {**constant_methods(model, context, attention),
-               VISION_SIDE_MULTIPLE: step, VISION_MAX_SIDE: step * (max_side // step)}
+               VISION_SIDE_MULTIPLE: step, VISION_MAX_SIDE: vision.slice_shapes(max_side)[2]}
     text = export_ready(model, attention)
     embedding, decoder = capture_text(text)
     with vision_attention(vision, "custom_sdpa" if attention == ATTENTION_CUSTOM else "sdpa"):

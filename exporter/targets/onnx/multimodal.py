@@ -61,12 +61,8 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
     ir.save(embedding, out_dir / EMBEDDING_FILE)
 
     step = vision.config.side_multiple(vision.mode)
-    units = max_side // step
-    rows, cols = Dim("slice_rows", min=1, max=units), Dim("slice_cols", min=1, max=units)
-    batch = Dim("slices", min=1, max=64)
-    pixels = torch.zeros(2, vision.config.num_channels, 2 * step, 3 * step)
-    graph = _export(vision, (pixels,), ({0: batch, 2: step * rows, 3: step * cols},), [PIXEL_VALUES],
-                    [IMAGE_FEATURES], opset)
+    pixels, dims, largest = vision.slice_shapes(max_side, batch=2)  # a batch of equal-shape slices per call
+    graph = _export(vision, (pixels,), (dims,), [PIXEL_VALUES], [IMAGE_FEATURES], opset)
     ir.save(graph, out_dir / VISION_FILE)
     files += [EMBEDDING_FILE, VISION_FILE]
 
@@ -82,7 +78,7 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
             "size_bytes": sum((out_dir / name).stat().st_size for name in files),
             "vision_model": VISION_FILE, "embedding_model": EMBEDDING_FILE,
             "vision_input": {"name": PIXEL_VALUES, "shape": ["slices", vision.config.num_channels, "H", "W"],
-                             "dtype": "float32", "side_multiple": step, "max_side": step * units,
+                             "dtype": "float32", "side_multiple": step, "max_side": largest,
                              "output": IMAGE_FEATURES},
             "genai": "not written: onnxruntime-genai's image processors do not implement MiniCPM-V's slicing",
             "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
