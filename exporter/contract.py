@@ -414,6 +414,8 @@ class Report(_Strict):
     plan: PlanInfo
     bundle_breaches: list[str] = Field(default_factory=list)  # files outside any artifact that changed
     suggestion: Suggestion | None = None  # only in a report whose fidelity gate failed
+    # a vision-language bundle whose vision encoder is on a grid: the grid, and the linears left in fp32
+    vision_quantization: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod

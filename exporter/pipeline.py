@@ -63,7 +63,8 @@ def export_bundle(
     from cpm_mobile.exporter.vlm_bundle import export_vlm_bundle, is_vision_language
 
     if is_vision_language(model_path):
-        return export_vlm_bundle(model_path, recipe, out_dir, library_versions(), name, progress, force)
+        return export_vlm_bundle(model_path, recipe, out_dir, library_versions(), name, progress, force,
+                                 calibration=calibration)
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)

@@ -36,7 +36,13 @@ from cpm_mobile.exporter.contract import (
 from cpm_mobile.exporter.generate import ChatTemplate
 from cpm_mobile.exporter.spread import loosened, twin_spread
 from cpm_mobile.exporter.vlm_generate import encode_conversation
+from cpm_mobile.exporter.calibration import (
+    GRID_FILE, calibrate_for_recipe, calibrated_model, calibration_text, load_grid, save_grid,
+)
+from cpm_mobile.exporter.defaults import read_heldout
 from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.models.vision_grid import gridded, vision_grid
+from cpm_mobile.exporter.preflight import preflight
 from cpm_mobile.exporter.models.checkpoint import find_files
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.models.vision import VISION_MODEL_TYPES, load_vision_encoder
@@ -58,6 +64,12 @@ MIN_MAX_SEQ_LEN = 1024
 # Check images: one overview only, a 1x2 grid, a 2x3 grid (sides / aspect ratios the slicing treats differently).
 CHECK_IMAGE_SIZES = ((448, 448), (600, 900), (896, 1344))
 CHECK_NEW_TOKENS = 16
+VISION_GRID_FILE = "vision_grid.safetensors"
+# The vision encoder against its twin in an fp32 format: fp32 summation order only. Measured 6.5e-7 .. 8.3e-7
+# max rel, 124-128 dB (tests/test_minicpmv.py, fp32 and vlm-int4); one flipped code of the 8-bit grid: 62 dB.
+FP32_VISION_BOUNDS = {"max_rel_logits": 2e-5, "min_sqnr_db": 90.0}
+# Targets that store a quantised vision-language model so far (Core ML's multimodal packages are float).
+QUANTISED_TARGETS = ("executorch", "onnx")
 
 
 def is_vision_language(path: str | Path) -> bool:
@@ -132,49 +144,60 @@ class ImageCheck:
         self.eager_prompts = ImagePrompts(eager, image_token_id, prompts)
         self.reference = greedy_runs(self.eager_prompts, self.plan)
 
-    def _on(self, session, shared_features: bool = False) -> ImagePrompts:
-        """The prompts on `session`; shared_features: it runs the eager vision encoder, whose features are kept."""
-        features = self.eager_prompts.features if shared_features else None
+    def _on(self, session, shared_features: bool = False, features: dict | None = None) -> ImagePrompts:
+        """The prompts on `session`; shared_features: it runs the eager vision encoder, whose features are kept;
+        features: another ImagePrompts' features for the same encoder."""
+        features = self.eager_prompts.features if shared_features else features
         return ImagePrompts(session, self.image_token_id, self.prompts, features)
 
-    def entry(self, twin: tuple[nn.Module, str], artifact_session, spec, entry: str) -> dict[str, Any]:
+    def entry(self, twin: tuple[nn.Module, str], artifact_session, spec, entry: str,
+              twin_vision: nn.Module | None = None) -> dict[str, Any]:
+        """twin_vision: the vision encoder as the artifact stores it (the recipe's vision grid), default the fp32
+        one. Faithfulness holds the artifact's slice features to it, fidelity to the fp32 encoder's."""
         twin_model, twin_description = twin
-        twin_session = (self.eager if twin_model is self.eager.model
-                        else TorchMultimodalSession(twin_model, self.eager.vision))  # every format's tower is fp32
+        twin_vision = self.eager.vision if twin_vision is None else twin_vision
+        exact_twin = twin_model is self.eager.model and twin_vision is self.eager.vision
+        twin_session = self.eager if exact_twin else TorchMultimodalSession(twin_model, twin_vision)
+        same_tower = twin_vision is self.eager.vision
 
         def twin_prompts() -> ImagePrompts:
-            return self._on(twin_session, shared_features=True)
+            return self._on(twin_session, shared_features=same_tower)
 
-        expected = (self.reference if twin_session is self.eager
-                    else teacher_forced_runs(twin_prompts(), self.plan, self.reference))
+        shared_twin = twin_prompts()  # one set of twin features for the gate and its spread
+        expected = (self.reference if exact_twin else teacher_forced_runs(shared_twin, self.plan, self.reference))
         artifact = self._on(artifact_session)
         observed = teacher_forced_runs(artifact, self.plan, self.reference)
-        worst_rel, worst_sqnr = 0.0, float("inf")
+        against_twin, against_fp32 = _FeatureGap(), _FeatureGap()
         for slices in self.prompts.values():
-            for pixels in slices:  # both sides' features as the prompts above used them: no slice encoded twice
-                eager_features, features = self.eager_prompts.encode(pixels), artifact.encode(pixels)
-                worst_rel = max(worst_rel, float(np.abs(features - eager_features).max() / np.abs(eager_features).max()))
-                worst_sqnr = min(worst_sqnr, sqnr_db(eager_features, features))
-        vision = {"vision_max_rel": worst_rel, "vision_sqnr_db": worst_sqnr,
-                  "vision_slices": sum(len(s) for s in self.prompts.values())}
-        faithfulness = self._gate(twin_description, expected, observed, spec.faithfulness, vision, twin_model,
-                                  twin_prompts)
-        fidelity = self._gate("fp32 reference", self.reference, observed, spec.fidelity, vision, twin_model,
-                              twin_prompts)
+            for pixels in slices:  # every side's features as the prompts above used them: no slice encoded twice
+                features = artifact.encode(pixels)
+                against_fp32.add(self.eager_prompts.encode(pixels), features)
+                against_twin.add(shared_twin.encode(pixels), features)
+        slices = sum(len(s) for s in self.prompts.values())
+        # An fp32 format computes its twin's tower exactly (fp32, or the vision grid with fp32 activations) whatever
+        # the LLM's bounds are: held to fp32 rounding, not to a quantised LLM's statistical bounds.
+        exact_tower = FP32_VISION_BOUNDS if spec.precision == "fp32" else None
+        faithfulness = self._gate(twin_description, expected, observed, spec.faithfulness,
+                                  against_twin.metrics(slices), twin_model, lambda: self._on(
+                                      twin_session, features=shared_twin.features), exact_tower)
+        fidelity = self._gate("fp32 reference", self.reference, observed, spec.fidelity,
+                              against_fp32.metrics(slices), twin_model,
+                              lambda: self._on(twin_session, features=shared_twin.features))
         breaches = ([f"faithfulness: {b}" for b in faithfulness["breaches"]]
                     + [f"fidelity: {b}" for b in fidelity["breaches"]])
         return {
-            "entry": entry, "verified": artifact_session.verified, "precision": spec.precision, "quantization": None,
+            "entry": entry, "verified": artifact_session.verified, "precision": spec.precision,
+            "quantization": spec.quantization.model_dump() if spec.quantization is not None else None,
             "faithfulness": faithfulness, "fidelity": fidelity, "breaches": breaches,
             "failed_gates": [g for g, r in (("faithfulness", faithfulness), ("fidelity", fidelity)) if not r["passed"]],
             "passed": not breaches,
         }
 
     def _gate(self, against: str, expected, observed, tolerances, vision: dict[str, float], twin_model: nn.Module,
-              twin_prompts) -> dict[str, Any]:
+              twin_prompts, vision_bounds: dict[str, float] | None = None) -> dict[str, Any]:
         """A gate as the text check judges it (exporter/verify.py): the stated bounds, loosened to the twin's own
         spread where the recipe asks (Core ML's fp16 states round CPU-dependent last-bit differences), and the
-        vision encoder's features held to the stated max_rel_logits / min_sqnr_db."""
+        vision encoder's features held to the stated max_rel_logits / min_sqnr_db, or to `vision_bounds`."""
         stated = bounds = tolerances.model_dump(exclude={"spread"})
         spread = None
         if tolerances.spread is not None:
@@ -187,9 +210,23 @@ class ImageCheck:
         breaches = judge(metrics, {k: v for k, v in bounds.items() if k != "max_ppl_rel_delta"})
         breaches += [f"vision encoder: {line}" for line in judge(
             {"max_rel_logits": vision["vision_max_rel"], "sqnr_db": vision["vision_sqnr_db"]},
-            {k: stated.get(k) for k in ("max_rel_logits", "min_sqnr_db")})]  # the spread is the LLM's, not the tower's
+            vision_bounds or {k: stated.get(k) for k in ("max_rel_logits", "min_sqnr_db")})]  # not the LLM's spread
         return {"against": against, "metrics": metrics, "tolerances": bounds,
                 **({"spread": spread} if spread is not None else {}), "breaches": breaches, "passed": not breaches}
+
+
+class _FeatureGap:
+    """The worst slice's max relative error and SQNR of features against reference features."""
+
+    def __init__(self):
+        self.max_rel, self.sqnr = 0.0, float("inf")
+
+    def add(self, reference: np.ndarray, features: np.ndarray) -> None:
+        self.max_rel = max(self.max_rel, float(np.abs(features - reference).max() / np.abs(reference).max()))
+        self.sqnr = min(self.sqnr, sqnr_db(reference, features))
+
+    def metrics(self, slices: int) -> dict[str, float]:
+        return {"vision_max_rel": self.max_rel, "vision_sqnr_db": self.sqnr, "vision_slices": slices}
 
 
 @dataclass
@@ -230,16 +267,20 @@ class CheckSetup:
 
 def check_vlm_bundle(bundle: Path, manifest: dict[str, Any], recipe: Recipe, artifacts: list[dict[str, Any]],
                      checkpoint, breaches: dict[str, list[str]]) -> dict[str, Any]:
-    """`cpm-mobile check` of a vision-language bundle: the export's check again, on the bundle's files."""
+    """`cpm-mobile check` of a vision-language bundle: the export's check again, on the bundle's files (the
+    twins from the grids the bundle stores)."""
     tokenizer = TextTokenizer.from_folder(checkpoint.folder)
     setup = CheckSetup.build(checkpoint, tokenizer, recipe)
     check = setup.check(tuple(checkpoint.config.eos_token_ids))
+    source = setup.reference if recipe.calibration is None else calibrated_model(setup.reference,
+                                                                                  load_grid(bundle / GRID_FILE))
+    twin_vision = None if recipe.vision is None else gridded(setup.vision, load_grid(bundle / VISION_GRID_FILE))
     reports = {}
     for artifact in artifacts:
         spec = recipe.targets[artifact["target"]]
-        twin = get_target(artifact["target"]).twin(setup.reference, spec, bundle, artifact)
+        twin = get_target(artifact["target"]).twin(source, spec, bundle, artifact)
         reports[artifact["target"]] = check.entry(twin, open_multimodal_session(bundle, artifact), spec,
-                                                  artifact["entry"])
+                                                  artifact["entry"], twin_vision)
         for line in breaches.get(artifact["target"], []):
             reports[artifact["target"]]["breaches"].append(line)
             reports[artifact["target"]]["passed"] = False
@@ -267,38 +308,70 @@ def multimodal_targets(recipe: Recipe) -> list[str]:
     return [name for name in recipe.targets if hasattr(get_target(name), "export_multimodal")]
 
 
-def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Path, tool: dict[str, str],
-                      name: str | None = None, progress: Progress = no_progress, force: bool = False,
-                      max_side: int | None = None) -> ExportResult:
+def _refusals(model_path: str | Path, recipe: Recipe) -> None:
+    """What vision-language export cannot do with this recipe, before any work."""
     capable = multimodal_targets(recipe)
     refused = [t for t in recipe.targets if t not in capable]
     if refused:
         raise InputError(model_path, f"vision-language export supports {', '.join(capable) or 'no target'} of this "
                          f"recipe so far, not {', '.join(refused)} (choose with --target)")
-    if recipe.calibration is not None or any(spec.quantization is not None for spec in recipe.targets.values()):
-        raise InputError(model_path, f"vision-language export supports the fp32 recipe so far, not {recipe.name}")
+    quantised = [name for name, spec in recipe.targets.items()
+                 if name not in QUANTISED_TARGETS and (spec.quantization is not None or recipe.vision is not None
+                                                       or recipe.calibration is not None)]
+    if quantised:
+        raise InputError(model_path, f"recipe {recipe.name}: vision-language export quantises for "
+                         f"{' and '.join(QUANTISED_TARGETS)} so far, not {', '.join(quantised)} (choose with --target)")
+    sparse = [name for name, spec in recipe.targets.items() if spec.passes] + (["all"] if recipe.passes else [])
+    if sparse:
+        raise InputError(model_path, f"recipe {recipe.name}: vision-language export runs no graph passes "
+                         f"(targets {', '.join(sparse)})")
+
+
+def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Path, tool: dict[str, str],
+                      name: str | None = None, progress: Progress = no_progress, force: bool = False,
+                      max_side: int | None = None, calibration: Path | None = None) -> ExportResult:
+    """calibration: the text the recipe's GPTQ step calibrates the LLM on (default the embedded held-out text;
+    the vision-language check scores no held-out text, so none of it is reserved)."""
+    _refusals(model_path, recipe)
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
+    calibration_input = (calibration_text(calibration, read_heldout(None), [])
+                         if recipe.calibration is not None else None)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)
     config, folder = checkpoint.config, checkpoint.folder
     tokenizer = TextTokenizer.from_folder(folder)
     tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
+    preflight(recipe.model_copy(update={"vision": None}), config, checkpoint.tied, checkpoint.files.config)  # the LLM
     setup = CheckSetup.build(checkpoint, tokenizer, recipe)
     vision, image_path, reference = setup.vision, setup.image_path, setup.reference
     max_side = max_side or 2 * image_path.settings.scale_resolution
     step = vision.config.side_multiple(vision.mode)
     context = ExportContext(bos_id=tokenizer.bos_id, eos_ids=config.eos_token_ids)
+    # What the targets store: the LLM on the recipe's calibrated grid, the vision encoder on its 8-bit grid.
+    source, grid = reference, None
+    if calibration_input is not None:
+        grid = calibrate_for_recipe(reference, recipe, tokenizer, calibration_input, progress)
+        source = calibrated_model(reference, grid)
+    vision_grid_, twin_vision, fp32_linears = None, None, []
+    if recipe.vision is not None:
+        vision_grid_, fp32_linears = vision_grid(vision, recipe.vision.bits, recipe.vision.group_size)
+        twin_vision = gridded(vision, vision_grid_)
     check = setup.check(tuple(config.eos_token_ids))
     with staging_folder(final) as staging:
         artifacts, reports = [], {}
         for target_name, spec in recipe.targets.items():
             progress(f"export {target_name}", None)
             target = get_target(target_name)
-            artifact = target.export_multimodal(reference, vision, staging, spec, context, max_side)
+            artifact = target.export_multimodal(source, vision, staging, spec, context, max_side, vision_grid_)
             progress(f"check {target_name}", None)
-            reports[target_name] = check.entry(target.twin(reference, spec, staging, artifact),
-                                               open_multimodal_session(staging, artifact), spec, artifact["entry"])
+            reports[target_name] = check.entry(target.twin(source, spec, staging, artifact),
+                                               open_multimodal_session(staging, artifact), spec, artifact["entry"],
+                                               twin_vision)
             artifacts.append(artifact)
+        if grid is not None:  # for `cpm-mobile check`, which rebuilds the twins from them
+            save_grid(grid, staging / GRID_FILE)
+        if vision_grid_ is not None:
+            save_grid(vision_grid_, staging / VISION_GRID_FILE)
         tokenizer_files = tokenizer.write_bundle_files(staging, reference.max_seq_len)
         if (folder / PROCESSOR_CONFIG).is_file():
             shutil.copy2(folder / PROCESSOR_CONFIG, staging / PROCESSOR_CONFIG)
@@ -313,6 +386,9 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
             placeholder="[image_id_start i image_id_end] image_start {overview run} image_end "
                         "(slice_start {slice run} slice_end)* per row, rows joined by \\n")
         report = _report(reports, check, tokenizer, recipe)
+        if vision_grid_ is not None:
+            report["vision_quantization"] = {"grid": vision_grid_.describe(), "linears": len(vision_grid_.linears),
+                                             "fp32_linears": fp32_linears}
         manifest = {
             "format_version": FORMAT_VERSION, "format": BUNDLE_FORMAT, "name": final.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

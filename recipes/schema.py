@@ -87,6 +87,17 @@ class CalibrationSpec(Strict):
         return self
 
 
+class VisionQuantizationSpec(Strict):
+    """A vision-language model's vision encoder on an 8-bit grid (exporter/models/vision_grid.py): symmetric
+    codes, one fp16 scale per 32 input columns (round to nearest), fp32 activations. Every format carries the
+    grid exactly (our weight-only kernel in the .pte, MatMulNBits without activation rounding in the .onnx,
+    Core ML blockwise constants), so the vision twin is exact; a linear whose input width 32 does not divide
+    stays fp32 and is named in the report."""
+
+    bits: Literal[8] = 8
+    group_size: Literal[32] = 32
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -99,6 +110,9 @@ class Recipe(Strict):
         None, description="round the body's linears once with calibration data (GPTQ) before the targets; every "
                           "target then carries that grid exactly")
     passes: list[PassSpec] = Field(default_factory=list, description="applied for every target")
+    vision: VisionQuantizationSpec | None = Field(
+        None, description="vision-language checkpoints: the vision encoder's weights on an 8-bit grid (text models "
+                          "have no vision encoder and ignore it)")
     targets: dict[TargetName, TargetSpec]
     check: CheckSpec
 

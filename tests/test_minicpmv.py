@@ -396,3 +396,113 @@ def test_a_chat_encodes_the_image_once(vl_bundle, tmp_path):
     for question in ("What is it?", "Why?", "Where?"):
         "".join(chat.reply(question, 6, greedy))
     assert chat.session.encoded == len(chat.slices) == 3  # overview + a 1x2 grid, encoded in the first turn only
+
+
+@pytest.fixture(scope="module")
+def vl_int4_bundle(varied_v, tmp_path_factory):
+    """`cpm-mobile export -r vlm-int4` of the hybrid folder, its fidelity bound widened: int4 on this 64-wide
+    random LLM costs KL 0.12 against the shipped 0.1 (sized for real checkpoints); every other bound as shipped."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+    from cpm_mobile.recipes import load_recipe
+
+    folder, _, _ = varied_v
+    out = tmp_path_factory.mktemp("vl-int4")
+    recipe = load_recipe("vlm-int4").model_dump(mode="json", exclude_unset=True)
+    for spec in recipe["targets"].values():
+        spec["fidelity"]["max_kl"] = 0.5
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["export", "--model", str(folder), "--recipe", str(out / "recipe.yaml"),
+                                      "--out", str(out), "--name", "q"])
+    assert result.exit_code == 0, result.output
+    return out / "q"
+
+
+@pytest.mark.slow
+def test_vlm_int4_stores_both_halves_quantised_with_exact_twins(varied_v, vl_bundle, vl_int4_bundle, tmp_path):
+    """BlueLM-V's mixed precision: int4 LLM (GPTQ grid) + 8-bit vision encoder grid, in the .pte and the .onnx."""
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+    from cpm_mobile.exporter.bundle_check import check_bundle
+
+    report = json.loads((vl_int4_bundle / "report.json").read_text())
+    assert report["passed"] and set(report["artifacts"]) == {"executorch", "onnx"}
+    for target, entry in report["artifacts"].items():
+        faithful, fidelity = entry["faithfulness"]["metrics"], entry["fidelity"]["metrics"]
+        # the vision grid's twin is exact (fp32 activations): fp32 rounding only; against the fp32 tower it costs
+        assert faithful["vision_sqnr_db"] > 100 and faithful["vision_max_rel"] < 1e-5, target
+        assert 25 < fidelity["vision_sqnr_db"] < 70, target
+        assert faithful["greedy"] == 1.0 and fidelity["kl"] > 10 * faithful["kl"], target
+    assert report["vision_quantization"]["linears"] == 26 and report["vision_quantization"]["fp32_linears"] == []
+    sizes = {}
+    for folder in (vl_bundle, vl_int4_bundle):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        sizes[folder] = {name: (folder / name).stat().st_size for a in manifest["artifacts"] for name in a["files"]
+                         if not name.endswith(".mlpackage")}
+    fp32, int4 = sizes[vl_bundle], sizes[vl_int4_bundle]
+    for name in ("model.pte", "model.onnx", "embedding.onnx"):
+        assert int4[name] < 0.6 * fp32[name], (name, int4[name], fp32[name])
+    # vision.onnx: each gridded linear's 4 bytes a weight become 1 + 4 / 32 (codes and fp32-held fp16 scales); the
+    # tiny tower's position table, patch convolution and norms stay fp32
+    import onnx
+    from onnx import numpy_helper
+
+    def weight_bytes(path: Path) -> int:  # initializers only: the file also holds each node's name scopes
+        return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(path).graph.initializer)
+
+    linears = [m.weight.numel() for m in load_vision_encoder(varied_v[0]).modules() if isinstance(m, torch.nn.Linear)]
+    saved = weight_bytes(vl_bundle / "vision.onnx") - weight_bytes(vl_int4_bundle / "vision.onnx")
+    assert saved == pytest.approx((4 - 1 - 4 / 32) * sum(linears), rel=1e-3), (saved, sum(linears))
+    again = check_bundle(vl_int4_bundle).report["artifacts"]
+    for target, entry in report["artifacts"].items():
+        assert again[target]["passed"]
+        for metric in ("kl", "vision_sqnr_db", "greedy"):
+            assert again[target]["faithfulness"]["metrics"][metric] == pytest.approx(
+                entry["faithfulness"]["metrics"][metric], rel=1e-6), (target, metric)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(image)
+    for target in ("executorch", "onnx"):
+        result = CliRunner().invoke(app, ["generate", str(vl_int4_bundle), "--target", target, "--image", str(image),
+                                          "--prompt", "What is in the picture?", "-n", "6"])
+        assert result.exit_code == 0 and result.stdout.strip(), result.output
+
+
+@pytest.mark.slow
+def test_a_wrong_vision_code_fails_the_vision_gate(vl_int4_bundle, tmp_path):
+    """One flipped code in one vision linear's MatMulNBits: the exact vision twin catches it."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from cpm_mobile.exporter.bundle_check import check_bundle
+
+    bundle = tmp_path / "q"
+    shutil.copytree(vl_int4_bundle, bundle)
+    graph = onnx.load(bundle / "vision.onnx")
+    node = next(n for n in graph.graph.node if n.op_type == "MatMulNBits")
+    codes = next(t for t in graph.graph.initializer if t.name == node.input[1])
+    array = numpy_helper.to_array(codes).copy()
+    array.reshape(-1)[0] ^= 0x80  # the first code's sign bit
+    codes.CopyFrom(numpy_helper.from_array(array, codes.name))
+    onnx.save(graph, bundle / "vision.onnx")
+    report = check_bundle(bundle).report
+    onnx_entry = report["artifacts"]["onnx"]
+    assert not onnx_entry["passed"]
+    assert any(line.startswith("faithfulness: vision encoder:") for line in onnx_entry["breaches"])
+    assert report["artifacts"]["executorch"]["passed"]  # the other format's grid is untouched
+
+
+def test_a_vision_recipe_is_refused_for_a_text_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+    from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+
+    result = CliRunner().invoke(app, ["export", "--model", str(DEFAULT_MODEL), "--recipe", "vlm-int4",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "quantises a vision encoder, and this checkpoint is a text model" in result.output
+    assert list(tmp_path.iterdir()) == []

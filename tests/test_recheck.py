@@ -22,7 +22,9 @@ from cpm_mobile.recipes import load_recipe, recipe_names
 
 # Grid recipes need a checkpoint on an integer grid (tests/test_weight_grid.py re-checks those); the sparse
 # recipes need BlockFFN layers.
-RECIPES = [name for name in recipe_names() if load_recipe(name).weights != "checkpoint_grid"]
+# vision-language recipes need a vision half (tests/test_minicpmv.py).
+RECIPES = [name for name in recipe_names()
+           if load_recipe(name).weights != "checkpoint_grid" and load_recipe(name).vision is None]
 
 
 def _sparse(recipe: str) -> bool:

@@ -90,10 +90,13 @@ class CoreMLTarget:
         return exported_with_twin(self, model, spec, out_dir, info)
 
     def export_multimodal(self, model: CausalLM, vision, out_dir: Path, spec: CoreMLSpec, context: ExportContext,
-                          max_side: int) -> dict[str, Any]:
-        """A vision-language model as three ML Programs (multimodal.py)."""
+                          max_side: int, vision_grid=None) -> dict[str, Any]:
+        """A vision-language model as three ML Programs (multimodal.py); float only so far (vision_grid None:
+        export refuses a quantising recipe for Core ML before any work)."""
         from cpm_mobile.exporter.targets.coreml.multimodal import export_multimodal
 
+        if vision_grid is not None:
+            raise ValueError("vision-language Core ML export is unquantised so far")
         return export_multimodal(model, vision, Path(out_dir), spec, max_side)
 
     def validate(self, model: CausalLM, spec: CoreMLSpec) -> list[str]:

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch.export import Dim, ExportedProgram
 
+from cpm_mobile.exporter.models.grid import WeightGrid
 from cpm_mobile.exporter.models.transformer import CausalLM
+from cpm_mobile.exporter.models.vision_grid import gridded
 from cpm_mobile.exporter.models.vision import SelfAttention, VisionEncoder
 from cpm_mobile.exporter.models.vlm import TextDecoder, TokenEmbedding
 from cpm_mobile.exporter.contract import (
@@ -68,9 +70,19 @@ def capture_text(model: CausalLM) -> tuple[ExportedProgram, ExportedProgram]:
     return embedding, decoder
 
 
+def weight_only_vision(vision: VisionEncoder, grid: WeightGrid) -> VisionEncoder:
+    """The encoder with its gridded linears as our weight-only kernel's modules (linear_q8x4: the grid's int8
+    codes and fp16 scales exactly, fp32 activations), so the program computes the grid's twin exactly."""
+    from cpm_mobile.exporter.targets.executorch.quant import _grid_intx, _weight_only
+
+    return gridded(vision, grid, lambda linear, entry: _weight_only(linear, _grid_intx(entry)))
+
+
 def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spec: ExecuTorchSpec,
-                      context: ExportContext, max_side: int) -> dict[str, Any]:
-    """Write out_dir/model.pte; returns its manifest entry (io: text_decoder's contract)."""
+                      context: ExportContext, max_side: int, vision_grid: WeightGrid | None = None) -> dict[str, Any]:
+    """Write out_dir/model.pte; returns its manifest entry (io: text_decoder's contract). `model` is the text
+    model as the program stores it (the target's quantised variant when the recipe quantises); `vision_grid`:
+    the vision encoder's 8-bit grid (models/vision_grid.py), carried by our weight-only kernel."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
@@ -81,8 +93,9 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
                VISION_SIDE_MULTIPLE: step, VISION_MAX_SIDE: vision.slice_shapes(max_side)[2]}
     text = export_ready(model, attention)
     embedding, decoder = capture_text(text)
-    with vision_attention(vision, "custom_sdpa" if attention == ATTENTION_CUSTOM else "sdpa"):
-        encoder = capture_vision(vision, max_side)
+    stored_vision = vision if vision_grid is None else weight_only_vision(vision, vision_grid)
+    with vision_attention(stored_vision, "custom_sdpa" if attention == ATTENTION_CUSTOM else "sdpa"):
+        encoder = capture_vision(stored_vision, max_side)
     programs = {VISION_METHOD: encoder, EMBEDDING_METHOD: embedding, DECODER_METHOD: decoder}
     edge = to_edge_transform_and_lower(
         programs,
@@ -110,6 +123,8 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
             "vision_input": {"shape": [1, vision.config.num_channels, "H", "W"], "dtype": "float32",
                              "side_multiple": step, "max_side": methods[VISION_MAX_SIDE]},
             "backend": spec.options.backend, "attention": attention, "precision": spec.precision,
-            "quantization": None, "constant_methods": methods, "size_bytes": size,
+            "quantization": spec.quantization.model_dump() if spec.quantization is not None else None,
+            "vision_quantization": None if vision_grid is None else vision_grid.describe(),
+            "constant_methods": methods, "size_bytes": size,
         },
     }

@@ -89,11 +89,13 @@ class ExecuTorchTarget:
         return ExportedArtifact(info, twin, description)
 
     def export_multimodal(self, model: CausalLM, vision, out_dir: Path, spec: ExecuTorchSpec, context: ExportContext,
-                          max_side: int) -> dict[str, Any]:
-        """A vision-language model as the one .pte ExecuTorch's MultimodalRunner runs (multimodal.py)."""
+                          max_side: int, vision_grid=None) -> dict[str, Any]:
+        """A vision-language model as the one .pte ExecuTorch's MultimodalRunner runs (multimodal.py): the text
+        model as the recipe quantises it (the twin's variant), the vision encoder on `vision_grid` if given."""
         from cpm_mobile.exporter.targets.executorch.multimodal import export_multimodal
 
-        return export_multimodal(model, vision, Path(out_dir), spec, context, max_side)
+        variant, _ = self._variant(model, spec)
+        return export_multimodal(variant, vision, Path(out_dir), spec, context, max_side, vision_grid)
 
     def twin(self, model: CausalLM, spec: ExecuTorchSpec, bundle_dir: Path | None = None,
              artifact: dict[str, Any] | None = None) -> tuple[CausalLM, str]:

@@ -42,27 +42,50 @@ def _export(module: torch.nn.Module, args: tuple, dynamic: Any, inputs: list[str
                                  input_names=inputs, output_names=outputs, verbose=False).model
 
 
+class _Wrapped(torch.nn.Module):
+    """The module as `.model`: the exported graph's name scopes then name each MatMul's linear as the text
+    graph's do (nodes.module_path), which the quantisers and the twin read."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.model = module
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
+
 def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spec: OnnxSpec,
-                      max_side: int) -> dict[str, Any]:
+                      max_side: int, vision_grid: Any = None) -> dict[str, Any]:
+    """vision_grid: the vision encoder's 8-bit grid (models/vision_grid.py), stored as MatMulNBits."""
     import onnx_ir as ir
+
+    from cpm_mobile.exporter.targets.onnx.quant import (
+        quantize_embedding_onnx, quantize_onnx, quantize_vision_onnx,
+    )
 
     check_model_dtype(model, "onnx")
     if spec.precision != "fp32":
         raise ValueError(f"vision-language ONNX export is fp32 only so far, not {spec.precision}")
-    opset = spec.options.opset
+    opset, scheme = spec.options.opset, spec.quantization
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = CacheLayout.of(model, TORCH_DTYPES[spec.precision], pad_values=spec.options.pad_mla_values)
     text = build_onnx(model, layout, opset, from_embeddings=True)
+    if scheme is not None:
+        text = quantize_onnx(text, scheme, model.config.weight_grid)
     files = save_onnx(text, out_dir, initializer_bytes(text) > spec.options.external_data_threshold_bytes)
 
     seq = Dim("sequence_length", min=1, max=model.max_seq_len)
     embedding = _export(TokenEmbedding(model), (torch.zeros(1, 3, dtype=torch.int64),), ({1: seq},),
                         [INPUT_IDS], [INPUTS_EMBEDS], opset)
+    if scheme is not None and scheme.embedding_bits is not None:
+        embedding = quantize_embedding_onnx(embedding, scheme)
     ir.save(embedding, out_dir / EMBEDDING_FILE)
 
     step = vision.config.side_multiple(vision.mode)
     pixels, dims, largest = vision.slice_shapes(max_side, batch=2)  # a batch of equal-shape slices per call
-    graph = _export(vision, (pixels,), (dims,), [PIXEL_VALUES], [IMAGE_FEATURES], opset)
+    graph = _export(_Wrapped(vision), (pixels,), (dims,), [PIXEL_VALUES], [IMAGE_FEATURES], opset)
+    if vision_grid is not None:
+        graph = quantize_vision_onnx(graph, vision_grid)
     ir.save(graph, out_dir / VISION_FILE)
     files += [EMBEDDING_FILE, VISION_FILE]
 
@@ -73,7 +96,9 @@ def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spe
     return {
         "target": "onnx", "files": files, "entry": MODEL_FILE, "io": io,
         "metadata": {
-            "opset": opset, "precision": spec.precision, "quantization": None,
+            "opset": opset, "precision": spec.precision,
+            "quantization": scheme.model_dump() if scheme is not None else None,
+            "vision_quantization": None if vision_grid is None else vision_grid.describe(),
             "external_data": DATA_FILE in files,
             "size_bytes": sum((out_dir / name).stat().st_size for name in files),
             "vision_model": VISION_FILE, "embedding_model": EMBEDDING_FILE,

@@ -100,7 +100,55 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any, grid: Any = None) -> ir.Mod
     return ir.serde.deserialize_model(proto)
 
 
-def onnx_twin(model: CausalLM, quantized_onnx: ir.Model, scheme: Any, activations: bool = True) -> CausalLM:
+def quantize_embedding_onnx(onnx_model: ir.Model, scheme: Any) -> ir.Model:
+    """A lone embedding graph (a vision-language model's embedding.onnx) with its Gather as GatherBlockQuantized
+    at the scheme's embedding_bits, rounded as the text graph's own embedding is."""
+    proto = ir.serde.serialize_model(onnx_model)
+    initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
+    gather = _embedding_gather(proto.graph, initializers)
+    if gather is None:
+        raise ValueError("the embedding graph has no embed_tokens Gather")
+    if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _quantize_embedding(proto.graph, gather, scheme)
+    _drop_unused_initializers(proto.graph)
+    return ir.serde.deserialize_model(proto)
+
+
+@dataclass(frozen=True)
+class _VisionScheme:
+    """How the vision grid's linears are stored: MatMulNBits at the grid's width, no activation rounding."""
+
+    scheme: str = "int8"
+    accuracy_level: int = 0
+
+
+def quantize_vision_onnx(onnx_model: ir.Model, grid: Any) -> ir.Model:
+    """A vision encoder graph (exported inside a `.model` wrapper, so every MatMul names its linear) with each
+    linear of `grid` (models/vision_grid.py) a MatMulNBits over the grid's codes and scales, fp32 activations
+    (accuracy_level 0: the kernel dequantises, nothing else is rounded)."""
+    proto = ir.serde.serialize_model(onnx_model)
+    graph = proto.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    linears = [linear for linear in _weight_matmuls(graph, initializers) if linear.param in grid.linears]
+    missing = sorted(set(grid.linears) - {linear.param for linear in linears})
+    if missing:
+        raise ValueError(f"the vision graph has no MatMul for {', '.join(missing[:4])}")
+    if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _grid_linears(graph, initializers, linears, grid, _VisionScheme())
+    _drop_unused_initializers(graph)
+    return ir.serde.deserialize_model(proto)
+
+
+def stored_vision_weights(onnx_model: ir.Model) -> dict[str, torch.Tensor]:
+    """The dequantised weight of every MatMulNBits of a vision graph, by the linear it carries."""
+    return {node.metadata_props[WEIGHT_KEY]: torch.from_numpy(_dequantize_matmul(node))
+            for node in onnx_model.graph if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits"}
+
+
+def onnx_twin(model: CausalLM, quantized_onnx: ir.Model | list[ir.Model], scheme: Any,
+              activations: bool = True) -> CausalLM:
     """The eager variant of `model` computing what `quantized_onnx` stores; `model` is not changed.
 
     activations: also round each quantised linear's input as the accuracy_level 4 kernel does. That
@@ -109,11 +157,13 @@ def onnx_twin(model: CausalLM, quantized_onnx: ir.Model, scheme: Any, activation
     with activations=False the twin matches `fp32_activations(graph)` to ~1e-5 (a tight check of
     every stored code, scale and zero point).
     Raises if a weight the scheme quantises is not stored quantised in the graph (a silently fp32
-    tensor must not become its own reference).
+    tensor must not become its own reference). A list: the graphs that together hold the model (a
+    vision-language model's model.onnx and embedding.onnx).
     """
     weights: dict[str, torch.Tensor] = {}
     act_blocks: dict[str, int] = {}
-    for node in quantized_onnx.graph:
+    graphs = quantized_onnx if isinstance(quantized_onnx, list) else [quantized_onnx]
+    for node in (node for graph in graphs for node in graph.graph):
         if node.domain != MS_DOMAIN or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
             continue
         param = node.metadata_props.get(WEIGHT_KEY)

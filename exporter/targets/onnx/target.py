@@ -78,11 +78,13 @@ class OnnxTarget:
         return exported_with_twin(self, model, spec, out_dir, info)
 
     def export_multimodal(self, model: CausalLM, vision, out_dir: Path, spec: OnnxSpec, context: ExportContext,
-                          max_side: int) -> dict[str, Any]:
+                          max_side: int, vision_grid=None) -> dict[str, Any]:
         """A vision-language model as onnxruntime-genai's three-model layout (multimodal.py)."""
         from cpm_mobile.exporter.targets.onnx.multimodal import export_multimodal
 
-        return export_multimodal(model, vision, Path(out_dir), spec, max_side)
+        if spec.quantization is not None:
+            check_grid(model, spec.quantization, spec.precision)
+        return export_multimodal(model, vision, Path(out_dir), spec, max_side, vision_grid)
 
     def validate(self, model: CausalLM, spec: OnnxSpec) -> list[str]:
         if spec.quantization is None:
@@ -112,6 +114,9 @@ class OnnxTarget:
             return converted, description
         try:
             stored = ir.load(Path(bundle_dir) / artifact["entry"])
+            embedding = artifact.get("metadata", {}).get("embedding_model")  # a vision-language model's own graph
+            if embedding is not None:
+                stored = [stored, ir.load(Path(bundle_dir) / embedding)]
             twin = onnx_twin(converted, stored, spec.quantization)
         except ValueError as error:  # a quantised weight missing from the graph, or one it cannot name
             raise StructuralFault(f"stored_quantised: {error}") from None
