@@ -15,8 +15,6 @@ twin does the same, so it reproduces the kernel to fp32 summation order.
 """
 from __future__ import annotations
 
-import ast
-import logging
 import re
 import warnings
 from dataclasses import dataclass
