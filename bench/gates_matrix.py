@@ -29,7 +29,7 @@ def main() -> None:
         for name in recipe_names():
             recipe = load_recipe(name)
             sparse = any(p.name == "blockffn_sparse" for s in recipe.targets.values() for p in [*recipe.passes, *s.passes])
-            if recipe.weights == "checkpoint_grid" or recipe.vision is not None or (sparse and model == "minicpm-tiny"):
+            if recipe.weights == "checkpoint_grid" or recipe.vision_language or (sparse and model == "minicpm-tiny"):
                 continue
             check = recipe.check.model_copy(update={"prompts": recipe.check.prompts[:1], "max_new_tokens": 16,
                                                     "heldout_windows": 4})

@@ -3,6 +3,10 @@ peak memory, for each artifact of a MiniCPM-V bundle and PyTorch eager, as ratio
 
 python -m bench.vlm --preset small --out bench/reports/vlm-small            # synthetic MiniCPM-V 4.6 (hybrid LLM)
 python -m bench.vlm --model FOLDER --out DIR                                  # a real MiniCPM-V 4.6 / 4.7 folder
+python -m bench.vlm --recipe fp32 --recipe vlm-int4 --out DIR                 # each recipe's bundle, side by side
+
+Each recipe's bundle is timed whatever its check's verdict (a random-weight preset's int4 LLM may breach
+fidelity bounds sized for trained checkpoints); the verdict and the artifact sizes are in results.json.
 
 Each runtime runs in its own process (peak RSS is its VmHWM) with 2 threads. Time to first token is from
 the image file's pixels to the first generated token: the bundle's slicing and placeholders, every slice
@@ -102,8 +106,46 @@ def measure(runtime: str, bundle: Path, model: Path, repeats: int, decode: int) 
         steps.append(time.perf_counter() - start)
         token, position = int(np.argmax(logits[-1])), position + 1
     result["decode_tok_per_s"] = 1.0 / statistics.median(steps)
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()  # before the batched call below, which holds every slice's activations
+    if hasattr(vl.session, "encode_images"):  # BlueLM-V's batched slice encoding: the 2x3 grid in one call
+        grid = next(iter(session.prompts.values()))[1:]  # the last image's slices, the overview left out
+        for label, run in (("sequential", lambda: [vl.session.encode_image(p) for p in grid]),
+                           ("batched", lambda: vl.session.encode_images(grid))):
+            times = []
+            for repeat in range(repeats + 1):
+                start = time.perf_counter()
+                run()
+                if repeat:
+                    times.append(time.perf_counter() - start)
+            result[f"grid_ms_{label}"] = statistics.median(times) * 1e3
+        result["grid_slices"] = len(grid)
     return result
+
+
+def _bundle(out: Path, recipe, targets: list[str], model: Path, verdicts: dict) -> Path:
+    """The recipe's bundle in `out` (exported unless there), passed or rejected; its check's verdict noted."""
+    from cpm_mobile.exporter.pipeline import export_bundle
+
+    name = "bundle" if recipe.name == "fp32" else f"bundle-{recipe.name}"
+    for folder in (out / name, out / f"{name}.rejected"):
+        if (folder / "manifest.json").is_file():
+            break
+    else:
+        start = time.perf_counter()
+        folder = export_bundle(model, recipe.select(targets), out, name=name).bundle
+        print(f"{recipe.name}: exported in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    report = json.loads((folder / "report.json").read_text())
+    verdicts[recipe.name] = {target: {"passed": entry["passed"], "breaches": entry["breaches"],
+                                      "fidelity_kl": entry["fidelity"]["metrics"].get("kl"),
+                                      "vision_sqnr_db_vs_fp32": entry["fidelity"]["metrics"].get("vision_sqnr_db")}
+                             for target, entry in report["artifacts"].items()}
+    return folder
+
+
+def _artifact_bytes(bundle: Path, target: str) -> int:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    [artifact] = [a for a in manifest["artifacts"] if a["target"] == target]
+    return sum((bundle / name).stat().st_size for name in artifact["files"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -126,7 +168,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 values.append(row[key] / eager[key])
             else:
                 values.append(eager[key] / row[key] if faster_is_lower else row[key] / eager[key])
-        axis.bar(np.arange(len(metrics)) + index * width, values, width, label=row["runtime"])
+        label = row["runtime"] if row["recipe"] in ("-", "fp32") else f"{row['runtime']} {row['recipe']}"
+        axis.bar(np.arange(len(metrics)) + index * width, values, width, label=label)
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set_xticks(np.arange(len(metrics)) + width * (len(others) - 1) / 2, [m[1] for m in metrics])
     axis.set_ylabel("x PyTorch eager (speed: higher is faster)")
@@ -142,6 +185,7 @@ def main() -> None:
     source.add_argument("--model", type=Path, help="a MiniCPM-V folder instead of a preset")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--targets", default="executorch,onnx")
+    parser.add_argument("--recipe", action="append", help="recipes to export and time (default fp32)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one runtime in this process
@@ -152,31 +196,40 @@ def main() -> None:
         return
 
     from bench.provenance import provenance
-    from cpm_mobile.exporter.pipeline import export_bundle
     from cpm_mobile.recipes import load_recipe
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or write_preset(args.preset, args.out / f"minicpmv-{args.preset}")
     targets = args.targets.split(",")
-    bundle = args.out / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        start = time.perf_counter()
-        result = export_bundle(model, load_recipe("fp32").select(targets), args.out, name="bundle")
-        print(f"exported in {time.perf_counter() - start:.0f} s, check passed: {result.passed}", file=sys.stderr)
-    rows = []
-    for runtime in ["eager", *targets]:
-        command = [sys.executable, "-m", "bench.vlm", "--measure", runtime, "--bundle", str(bundle), "--model",
-                   str(model), "--repeats", str(args.repeats), "--decode", str(args.decode), "--out", str(args.out)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+    rows, verdicts = [], {}
+    for recipe_name in args.recipe or ["fp32"]:
+        recipe = load_recipe(recipe_name)
+        bundle = _bundle(args.out, recipe, [t for t in targets if t in recipe.targets], model, verdicts)
+        for runtime in (["eager"] if not rows else []) + [t for t in targets if t in recipe.targets]:
+            command = [sys.executable, "-m", "bench.vlm", "--measure", runtime, "--bundle", str(bundle), "--model",
+                       str(model), "--repeats", str(args.repeats), "--decode", str(args.decode), "--out",
+                       str(args.out)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            row = {**json.loads(output.strip().splitlines()[-1]), "recipe": "-" if runtime == "eager" else recipe.name}
+            if runtime != "eager":
+                row["artifact_bytes"] = _artifact_bytes(bundle, runtime)
+            rows.append(row)
+            print(json.dumps(rows[-1]), file=sys.stderr)
     eager = rows[0]
     for row in rows:
         row["x_eager"] = {"slice": eager["slice_ms_448"] / row["slice_ms_448"],
                           **{f"ttft_{k}": eager[f"ttft_s_{k}"] / row[f"ttft_s_{k}"] for k in IMAGES},
                           "decode": row["decode_tok_per_s"] / eager["decode_tok_per_s"],
                           "peak_rss": row["peak_rss_mb"] / eager["peak_rss_mb"]}
-    (args.out / "results.json").write_text(json.dumps({"provenance": provenance(), "rows": rows}, indent=2) + "\n")
+    for row in rows:  # each quantised artifact against the fp32 artifact of its format, same run
+        fp32 = next((r for r in rows if r["runtime"] == row["runtime"] and r["recipe"] == "fp32"), None)
+        if fp32 is not None and row is not fp32 and "artifact_bytes" in row:
+            row["x_fp32"] = {"bytes": row["artifact_bytes"] / fp32["artifact_bytes"],
+                             **{f"ttft_{k}": fp32[f"ttft_s_{k}"] / row[f"ttft_s_{k}"] for k in IMAGES},
+                             "decode": row["decode_tok_per_s"] / fp32["decode_tok_per_s"],
+                             "peak_rss": row["peak_rss_mb"] / fp32["peak_rss_mb"]}
+    (args.out / "results.json").write_text(json.dumps({"provenance": provenance(), "checks": verdicts, "rows": rows},
+                                                      indent=2) + "\n")
     plot(rows, args.out / "vlm_vs_eager.png")
 
 

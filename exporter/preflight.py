@@ -17,9 +17,9 @@ def recipe_refusals(recipe: Recipe, config: ModelConfig, tied: bool) -> list[str
 
     The targets judge a model of the checkpoint's shapes on the meta device (no weights), with the
     recipe's passes applied as the export would apply them."""
-    if recipe.vision is not None:  # nothing else of the recipe applies to a text model
-        return [f"recipe {recipe.name} quantises a vision encoder, and this checkpoint is a text model: "
-                "use int4 (the same LLM half)"]
+    if recipe.vision_language:  # nothing else of the recipe applies to a text model
+        return [f"recipe {recipe.name} is for vision-language checkpoints (it sets the vision encoder's grid or "
+                "the image slicing), and this checkpoint is a text model"]
     refusals = []
     if recipe.weights == "checkpoint_grid" and config.weight_grid is None:
         refusals.append(f"recipe {recipe.name} exports a checkpoint's own integer grid, and this checkpoint's "

@@ -55,7 +55,7 @@ def recipe_sizes(config: ModelConfig, tied: bool, recipes: Iterable[str] | None 
     rows = []
     for name in recipes or recipe_names():
         recipe = load_recipe(name)
-        if recipe.weights == "checkpoint_grid" and config.weight_grid is None or recipe.vision is not None:
+        if recipe.weights == "checkpoint_grid" and config.weight_grid is None or recipe.vision_language:
             continue  # no grid to carry, or a vision-language recipe (the text models here have no vision half)
         if recipe.calibration is not None and config.weight_grid is not None:
             continue  # a calibration recipe refuses a checkpoint that already carries a grid

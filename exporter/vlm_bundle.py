@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,8 +58,10 @@ PROCESSOR_CONFIG = "processor_config.json"
 LEGACY_PROCESSOR_CONFIG = "preprocessor_config.json"
 MODEL_CONTRACT = ("vision_encoder(image float32[1,3,H,W]) -> [1,N,hidden]; token_embedding(tokens int64[1,T]) -> "
                   "[1,T,hidden]; text_decoder(embeddings float32[1,T,hidden], input_pos int64[1]) -> logits")
-# A MiniCPM-V prompt holds up to 9 slices + the overview of up to 64 tokens each at 448 px: the LLM needs room.
+# A MiniCPM-V prompt holds up to max_slice_nums slices + the overview, each about scale_resolution^2 pixels
+# (64 tokens at 448 px and 16x; 256 at 4x): the LLM needs room for them and the conversation's text.
 MIN_MAX_SEQ_LEN = 1024
+TEXT_ROOM = 512
 # Check images: one overview only, a 1x2 grid, a 2x3 grid (sides / aspect ratios the slicing treats differently).
 CHECK_IMAGE_SIZES = ((448, 448), (600, 900), (896, 1344))
 CHECK_NEW_TOKENS = 16
@@ -112,12 +113,29 @@ class ImagePath:
             raise InputError(config_path, f"image_token {tokens['image_token']!r} is not in tokenizer.json")
         return cls(SliceSettings.from_processor_config(processor), processor, tokens, image_token_id)
 
+    def with_slicing(self, slicing) -> "ImagePath":
+        """The image path as a recipe's `slicing` (recipes/schema.SlicingSpec) declares it for the bundle."""
+        if slicing is None:
+            return self
+        processor = dict(self.processor)
+        if slicing.grid != "minicpmv":
+            processor.update(grid_rule=slicing.grid, relaxed_alpha=slicing.relaxed_alpha)
+        if slicing.downsample_mode is not None:
+            processor["downsample_mode"] = slicing.downsample_mode
+        return ImagePath(SliceSettings.from_processor_config(processor), processor, self.tokens, self.image_token_id)
+
     def prompt(self, template_render, tokenizer: TextTokenizer, image: Image.Image, text: str) -> tuple[list[int], list[np.ndarray]]:
         """Token ids and slices of one user message holding the image then `text`, the assistant turn opened."""
         sliced = slice_image(image, self.settings)
         ids = encode_conversation(template_render, tokenizer.tokenizer, [{"role": "user", "content": text}], sliced,
                                   self.settings, self.tokens)
         return ids, sliced.arrays()
+
+
+def min_max_seq_len(settings: SliceSettings) -> int:
+    """The context an image prompt needs: every slice of the largest image at full size, and TEXT_ROOM."""
+    per_slice = (settings.scale_resolution // settings.patch_size) ** 2 // settings.tokens_divisor
+    return max(MIN_MAX_SEQ_LEN, (settings.max_slice_nums + 1) * per_slice + TEXT_ROOM)
 
 
 def check_image(height: int, width: int) -> Image.Image:
@@ -241,7 +259,7 @@ class CheckSetup:
     @classmethod
     def build(cls, checkpoint, tokenizer: TextTokenizer, recipe: Recipe) -> "CheckSetup":
         folder = checkpoint.folder
-        image_path = ImagePath.from_folder(folder, tokenizer)
+        image_path = ImagePath.from_folder(folder, tokenizer).with_slicing(recipe.slicing)
         template = tokenizer.chat_template()
         if not template:
             raise InputError(folder / "tokenizer_config.json", "has no chat template: an image prompt needs one")
@@ -251,7 +269,7 @@ class CheckSetup:
             raise InputError(folder / PROCESSOR_CONFIG, f"patch_size {image_path.settings.patch_size} and "
                              f"downsample_mode {image_path.settings.downsample_mode} do not match the vision "
                              f"tower's {step} px fold")
-        reference = build_model(checkpoint, max_seq_len=max(recipe.max_seq_len, MIN_MAX_SEQ_LEN))
+        reference = build_model(checkpoint, max_seq_len=max(recipe.max_seq_len, min_max_seq_len(image_path.settings)))
         specials = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
         render = ChatTemplate(template, specials).render
         prompts = {}
@@ -341,7 +359,7 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
     config, folder = checkpoint.config, checkpoint.folder
     tokenizer = TextTokenizer.from_folder(folder)
     tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
-    preflight(recipe.model_copy(update={"vision": None}), config, checkpoint.tied, checkpoint.files.config)  # the LLM
+    preflight(recipe.model_copy(update={"vision": None, "slicing": None}), config, checkpoint.tied, checkpoint.files.config)  # the LLM
     setup = CheckSetup.build(checkpoint, tokenizer, recipe)
     vision, image_path, reference = setup.vision, setup.image_path, setup.reference
     max_side = max_side or 2 * image_path.settings.scale_resolution
@@ -373,10 +391,9 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
         if vision_grid_ is not None:
             save_grid(vision_grid_, staging / VISION_GRID_FILE)
         tokenizer_files = tokenizer.write_bundle_files(staging, reference.max_seq_len)
-        if (folder / PROCESSOR_CONFIG).is_file():
-            shutil.copy2(folder / PROCESSOR_CONFIG, staging / PROCESSOR_CONFIG)
-        else:
-            write_json(staging / PROCESSOR_CONFIG, {"image_processor": image_path.processor})
+        # The checkpoint's processor_config.json with the image settings the bundle declares (a recipe's slicing).
+        processor_file = read_json_object(folder / PROCESSOR_CONFIG) if (folder / PROCESSOR_CONFIG).is_file() else {}
+        write_json(staging / PROCESSOR_CONFIG, {**processor_file, "image_processor": image_path.processor})
         tokenizer_files.append(PROCESSOR_CONFIG)
         passed = all(r["passed"] for r in reports.values())
         contract = VisionContract(

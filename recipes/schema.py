@@ -98,6 +98,19 @@ class VisionQuantizationSpec(Strict):
     group_size: Literal[32] = 32
 
 
+class SlicingSpec(Strict):
+    """How a vision-language bundle slices images (runtimes/image_slicing.py), written into the bundle's
+    processor_config.json and manifest: the checkpoint's own processor settings unless changed here."""
+
+    grid: Literal["minicpmv", "relaxed"] = Field("minicpmv", description="relaxed: BlueLM-V-3B's relaxed "
+                                                 "aspect-ratio matching (image_slicing.relaxed_grid)")
+    relaxed_alpha: float = Field(0.1, ge=0, lt=1, description="relaxed: effective resolution allowed below the "
+                                                              "best grid's, for less wasted canvas")
+    downsample_mode: Literal["16x", "4x"] | None = Field(None, description="the merger's token downsampling "
+                                                         "(BlueLM-V's token downsampler): 16x or 4x fewer tokens "
+                                                         "than patches; default the checkpoint's")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -113,6 +126,8 @@ class Recipe(Strict):
     vision: VisionQuantizationSpec | None = Field(
         None, description="vision-language checkpoints: the vision encoder's weights on an 8-bit grid (text models "
                           "have no vision encoder and ignore it)")
+    slicing: SlicingSpec | None = Field(None, description="vision-language checkpoints: the image slicing the "
+                                                          "bundle declares (text models ignore it)")
     targets: dict[TargetName, TargetSpec]
     check: CheckSpec
 
@@ -138,6 +153,11 @@ class Recipe(Strict):
                     raise ValueError(f"calibration.symmetric: false gives a grid with zero points; the {name} target "
                                      f"carries only symmetric grids ({carrier.symmetric_only})")
         return self
+
+    @property
+    def vision_language(self) -> bool:
+        """A recipe for vision-language checkpoints only (it sets the vision encoder's grid or the slicing)."""
+        return self.vision is not None or self.slicing is not None
 
     def select(self, targets: list[str]) -> "Recipe":
         """The recipe restricted to some of its targets."""

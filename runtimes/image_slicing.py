@@ -42,6 +42,9 @@ class SliceSettings:
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     resample: int = Image.Resampling.BICUBIC
+    # Not transformers' fields: a bundle exported with BlueLM-V's relaxed aspect-ratio matching says so here.
+    grid_rule: str = "minicpmv"  # or "relaxed" (relaxed_grid)
+    relaxed_alpha: float = 0.1
 
     @classmethod
     def from_processor_config(cls, raw: dict) -> "SliceSettings":
@@ -103,6 +106,8 @@ def best_grid(size: tuple[int, int], settings: SliceSettings) -> tuple[int, int]
     multiple = min(math.ceil(width * height / settings.scale_resolution**2), settings.max_slice_nums)
     if multiple <= 1:
         return None
+    if settings.grid_rule == "relaxed":
+        return relaxed_grid(size, settings)
     grid, best_error = (1, 1), float("inf")
     for count in (multiple - 1, multiple, multiple + 1):
         if count == 1 or count > settings.max_slice_nums:
@@ -114,6 +119,34 @@ def best_grid(size: tuple[int, int], settings: SliceSettings) -> tuple[int, int]
             if error < best_error or (error == best_error and rows > grid[0]):
                 grid, best_error = (rows, count // rows), error
     return grid
+
+
+def relaxed_grid(size: tuple[int, int], settings: SliceSettings) -> tuple[int, int]:
+    """BlueLM-V-3B's relaxed aspect-ratio matching (Lu et al. 2024, section 3.1) over MiniCPM-V's grids.
+
+    Each grid of 2..max_slice_nums slices is a canvas of rows x cols tiles of scale_resolution^2; the image
+    scaled to fit it keeps an effective resolution min(scaled area, original area) and wastes the rest of the
+    canvas. LLaVA-NeXT's rule (relaxed_alpha 0) takes the largest effective resolution, then the least waste,
+    which picks canvases far larger than the image when several reach its full resolution. Relaxed: of the
+    grids whose effective resolution is within relaxed_alpha of the best, the one that wastes least (then
+    fewer slices, then the closer aspect ratio). Only the grid changes: the slices are cut and resized as
+    MiniCPM-V's processor cuts them. MiniCPM-V's own rule counts slices from the image's area first, which
+    is already frugal: bench/vlm_slicing.py measures all three on the same images.
+    """
+    height, width = size
+    area, side = height * width, settings.scale_resolution
+    candidates = []
+    for count in range(2, settings.max_slice_nums + 1):
+        for rows in range(1, count + 1):
+            if count % rows == 0:
+                cols = count // rows
+                scale = min(cols * side / width, rows * side / height)
+                effective = min(area * scale * scale, area)
+                candidates.append((effective, count * side * side - effective, count,
+                                   abs(math.log(width / height) - math.log(cols / rows)), (rows, cols)))
+    best = max(c[0] for c in candidates)
+    eligible = [c for c in candidates if c[0] >= (1 - settings.relaxed_alpha) * best]
+    return min(eligible, key=lambda c: (c[1], c[2], c[3]))[4]
 
 
 def _refine_size(size: tuple[int, int], grid: tuple[int, int], settings: SliceSettings) -> tuple[int, int]:

@@ -65,6 +65,19 @@ class _ArtifactHalves:
         check_slice(pixels, self.side_multiple, self.max_side)
         return np.asarray(self._encode(np.ascontiguousarray(pixels, dtype=np.float32)[None]), dtype=np.float32)
 
+    def encode_images(self, slices: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Several slices of one shape (a grid's): one call where the format takes a batch (_encode_batch), else
+        one call each, as the MultimodalRunner encodes them."""
+        for pixels in slices:
+            check_slice(pixels, self.side_multiple, self.max_side)
+        if len({p.shape for p in slices}) != 1:
+            raise ValueError("a batch of slices must share one shape")
+        batch = getattr(self, "_encode_batch", None)
+        if batch is None:
+            return [self.encode_image(pixels) for pixels in slices]
+        stacked = np.ascontiguousarray(np.stack(slices), dtype=np.float32)
+        return list(np.asarray(batch(stacked), dtype=np.float32))
+
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
         if not 0 < ids.shape[1] <= self.max_seq_len:
@@ -151,7 +164,11 @@ class OnnxMultimodalSession(_ArtifactHalves):
         self.text.reset()
 
     def _encode(self, image: np.ndarray) -> np.ndarray:
-        return self._vision.run(None, {self._vision.get_inputs()[0].name: image})[0][0]
+        return self._encode_batch(image)[0]
+
+    def _encode_batch(self, images: np.ndarray) -> np.ndarray:
+        """vision.onnx takes a batch of equal-shape slices (BlueLM-V's batched slice encoding)."""
+        return self._vision.run(None, {self._vision.get_inputs()[0].name: images})[0]
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self._embedding.run(None, {self._embedding.get_inputs()[0].name: ids})[0][0]

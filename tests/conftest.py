@@ -85,8 +85,8 @@ def short_recipe(name: str, targets=None, max_seq_len: int | None = None, **chec
 # The groups that take longest (measured: `python -m pytest --durations=0`, summed per group), dealt to the two
 # workers first. xdist orders groups by their number of tests, which put the 24-layer fixtures (3 and 4 tests,
 # 400 and 200 s) last, on one worker, while the other idled.
-LONGEST_GROUPS = ("blockffn_bundles_embedded_bundles", "test_twin_spread", "embedded_bundles", "test_two_gates",
-                  "test_quant_executorch", "test_estimate", "test_qwen35")
+LONGEST_GROUPS = ("test_twin_spread", "test_two_gates", "test_minicpmv", "test_quant_executorch", "test_estimate",
+                  "test_qwen35")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -110,15 +110,14 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's loadgroup, keep each module on one worker (its module-scoped fixtures are built
-    once), unless the module names a group it shares with others (the embedded bundles' readers)."""
+    once). The embedded bundles' readers are dealt test by test instead: the bundles are shared between the
+    workers on disk (embedded_bundle), so no reader needs the worker that exported its bundle."""
     for item in items:
         groups = {mark.args[0] for mark in item.iter_markers("xdist_group")}
         if not groups:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-        elif EMBEDDED_BUNDLES in groups and "blockffn" in item.nodeid:
-            # The shared bundles in two groups, one per embedded model, so the two workers export and read them
-            # side by side (xdist names a group by all its marks: embedded_bundles + blockffn_bundles).
-            item.add_marker(pytest.mark.xdist_group(BLOCKFFN_BUNDLES))
+        elif groups <= {EMBEDDED_BUNDLES, BLOCKFFN_BUNDLES}:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid))
 
 
 # -- embedded bundles, exported once per session and shared by the modules that only read them ---------------
@@ -147,20 +146,34 @@ def bundle_recipe(name: str):
 
 
 @pytest.fixture(scope="session")
-def embedded_bundle(tmp_path_factory):
-    """Modules using it carry `pytest.mark.xdist_group(EMBEDDED_BUNDLES)` so one worker exports each bundle once.
+def embedded_bundle(tmp_path_factory, worker_id):
+    """embedded_bundle(model, recipe) -> ExportResult of the embedded model exported with the shipped recipe
+    (bundle_recipe's plan), once per session for all xdist workers: the first to ask exports it into the
+    workers' common temporary folder under a file lock, the others wait for it and read it from disk. Read it;
+    never change its files. Its modules carry `pytest.mark.xdist_group(EMBEDDED_BUNDLES)`."""
+    from filelock import FileLock
 
-    embedded_bundle(model, recipe) -> ExportResult of the embedded model exported with the shipped recipe
-    (bundle_recipe's plan), once per session. Read it; never change its files."""
+    from cpm_mobile.exporter.bundle import ExportResult
     from cpm_mobile.exporter.defaults import EMBEDDED
     from cpm_mobile.exporter.pipeline import export_bundle
 
-    exported = {}
+    base = tmp_path_factory.getbasetemp()
+    shared = (base if worker_id == "master" else base.parent) / "embedded-bundles"
+    shared.mkdir(exist_ok=True)
+    read = {}
 
     def get(model: str, recipe: str):
-        if (model, recipe) not in exported:
-            out = tmp_path_factory.mktemp(f"{model}-{recipe}")
-            exported[model, recipe] = export_bundle(EMBEDDED / model, bundle_recipe(recipe), out)
-        return exported[model, recipe]
+        if (model, recipe) not in read:
+            out = shared / f"{model}-{recipe}"
+            with FileLock(f"{out}.lock"):
+                published = out / "published.json"
+                if not published.is_file():
+                    result = export_bundle(EMBEDDED / model, bundle_recipe(recipe), out)
+                    published.write_text(json.dumps({"bundle": str(result.bundle)}))
+            bundle = Path(json.loads(published.read_text())["bundle"])
+            report = json.loads((bundle / "report.json").read_text())
+            read[model, recipe] = ExportResult(bundle, report["passed"], report,
+                                               json.loads((bundle / "manifest.json").read_text()))
+        return read[model, recipe]
 
     return get

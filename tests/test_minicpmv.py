@@ -504,5 +504,40 @@ def test_a_vision_recipe_is_refused_for_a_text_model(tmp_path):
 
     result = CliRunner().invoke(app, ["export", "--model", str(DEFAULT_MODEL), "--recipe", "vlm-int4",
                                       "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "quantises a vision encoder, and this checkpoint is a text model" in result.output
+    assert result.exit_code == 2 and "is for vision-language checkpoints" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_relaxed_grid_and_4x_tokens_are_recipe_options_the_bundle_declares(varied_v, tmp_path):
+    """BlueLM-V's relaxed aspect-ratio matching and the merger's 4x mode, set by a recipe: the bundle's processor
+    settings say so, the check slices its images that way (600x900: a 2x2 grid where MiniCPM-V's rule takes 1x2)
+    and passes, and the context is sized for 4x's longer image runs."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+    from cpm_mobile.exporter.vlm_bundle import check_image
+    from cpm_mobile.recipes import load_recipe
+
+    folder, _, _ = varied_v
+    recipe = load_recipe("fp32").model_dump(mode="json", exclude_unset=True)
+    recipe.update(name="fp32-relaxed-4x", slicing={"grid": "relaxed", "downsample_mode": "4x"},
+                  targets={"onnx": recipe["targets"]["onnx"]})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["export", "--model", str(folder), "--recipe", str(tmp_path / "recipe.yaml"),
+                                      "--out", str(tmp_path), "--name", "r"])
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "r"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    processor = json.loads((bundle / "processor_config.json").read_text())["image_processor"]
+    assert processor == manifest["vision"]["processor"]
+    assert (processor["grid_rule"], processor["downsample_mode"], manifest["vision"]["tokens_divisor"]) == \
+        ("relaxed", "4x", 4)
+    assert manifest["model"]["max_seq_len"] == 10 * 256 + 512  # nine 4x slices and the overview, and text
+    settings = SliceSettings.from_processor_config(processor)
+    default = SliceSettings.from_processor_config({**processor, "grid_rule": "minicpmv"})
+    image = check_image(600, 900)
+    assert (slice_image(image, settings).grid, slice_image(image, default).grid) == ((2, 2), (1, 2))
+    entry = json.loads((bundle / "report.json").read_text())["artifacts"]["onnx"]
+    assert entry["passed"] and entry["faithfulness"]["metrics"]["vision_slices"] == 1 + 5 + 7

@@ -24,7 +24,7 @@ from cpm_mobile.recipes import load_recipe, recipe_names
 # recipes need BlockFFN layers.
 # vision-language recipes need a vision half (tests/test_minicpmv.py).
 RECIPES = [name for name in recipe_names()
-           if load_recipe(name).weights != "checkpoint_grid" and load_recipe(name).vision is None]
+           if load_recipe(name).weights != "checkpoint_grid" and not load_recipe(name).vision_language]
 
 
 def _sparse(recipe: str) -> bool:

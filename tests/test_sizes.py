@@ -89,7 +89,7 @@ def test_inspect_prints_one_size_row_per_recipe_and_target():
     rows = facts["artifact_sizes"]
     pairs = {(row["recipe"], row["target"]) for row in rows}
     shipped = {(recipe.name, target) for recipe in map(load_recipe, recipe_names()) for target in recipe.targets
-               if recipe.weights == "any" and recipe.vision is None}  # no weight grid, no vision half
+               if recipe.weights == "any" and not recipe.vision_language}  # no weight grid, no vision half
     assert pairs == shipped and len(rows) == len(shipped)  # BlockFFN: fp32-sparse applies too
     for row in rows:
         printed = [line.split() for line in lines if line.split()[:2] == [row["recipe"], row["target"]]]
