@@ -283,6 +283,9 @@ def export(
                                     "text, leaving out the windows the check measures)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build nothing: estimate each shipped recipe's quality cost on "
                                                           "the checkpoint from its eager ExecuTorch twin (and size)."),
+    max_seq_len: Optional[int] = typer.Option(
+        None, "--max-seq-len", help="Context length the artifacts hold (default: the recipe's); `inspect` states "
+                                    "the cache memory per token."),
     verbose: bool = VerboseOption,
 ) -> None:
     """Export a checkpoint, check every artifact against PyTorch, and write the bundle.
@@ -307,7 +310,7 @@ def export(
             writable_file(junit)
         with _progress_bar() as progress:
             result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, heldout=heldout,
-                                   progress=progress, force=force, calibration=calibration)
+                                   progress=progress, force=force, calibration=calibration, max_seq_len=max_seq_len)
     _print_report(result.report)
     if junit:
         from cpm_mobile.runtimes.junit import write_junit

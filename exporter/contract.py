@@ -224,6 +224,8 @@ class ModelInfo(_Strict):
     bos_id: int | None
     eos_ids: list[int]
     contract: str
+    # the decoding state at max_seq_len as the fp32 module holds it (KV caches grow with it, recurrent states not)
+    state_bytes: int | None = Field(None, ge=0)
 
 
 class VisionContract(_Strict):
@@ -335,7 +337,10 @@ class Manifest(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what manifest.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        return json_safe(self.model_dump(mode="python", exclude={"vision"} if self.vision is None else None))
+        absent: dict[str, Any] = {"vision": True} if self.vision is None else {}
+        if self.model.state_bytes is None:  # a bundle written before the field
+            absent["model"] = {"state_bytes"}
+        return json_safe(self.model_dump(mode="python", exclude=absent or None))
 
 
 # -- report.json -----------------------------------------------------------------------------------
@@ -431,7 +436,8 @@ class Report(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what report.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        return json_safe(self.model_dump(mode="python", exclude={"suggestion"} if self.suggestion is None else None))
+        absent = {name for name in ("suggestion", "vision_quantization") if getattr(self, name) is None}
+        return json_safe(self.model_dump(mode="python", exclude=absent or None))
 
 
 # -- reading a bundle ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cpm_mobile.exporter.models.loader import load_checkpoint
 from cpm_mobile.exporter.models.transformer import max_supported_seq_len
-from cpm_mobile.exporter.sizes import recipe_sizes
+from cpm_mobile.exporter.sizes import recipe_sizes, state_bytes
 
 
 @dataclass
@@ -34,6 +34,8 @@ class CheckpointSummary:
     biases: str = "none"
     weight_grid: str = "none"  # the integer grid the linears carry (GPTQ, or float weights on a grid)
     vision: str = "none"  # a vision-language checkpoint's vision tower, merger and tokens per slice
+    state_bytes_per_token: int = 0  # KV caches per token of context (export --max-seq-len), fp32
+    state_bytes_fixed: int = 0  # linear-attention states, whatever the context
 
     def rows(self) -> list[tuple[str, str]]:
         experts = f"{self.experts} x {self.expert_size}" if self.experts else "-"
@@ -56,10 +58,18 @@ class CheckpointSummary:
             ("rope", self.rope),
             ("biases", self.biases),
             ("weight grid", self.weight_grid),
+            ("decoding state", self._state()),
         ]
         if self.vision != "none":
             rows.insert(1, ("vision", self.vision))
         return rows
+
+    def _state(self) -> str:
+        """What `export --max-seq-len N` costs in memory at run time, at a phone app's usual contexts."""
+        fixed = f" + {human_size(self.state_bytes_fixed)} recurrent" if self.state_bytes_fixed else ""
+        contexts = [n for n in (2048, 8192, 32768) if n <= self.max_seq_len] or [self.max_seq_len]
+        at = ", ".join(f"{n}: {human_size(n * self.state_bytes_per_token + self.state_bytes_fixed)}" for n in contexts)
+        return f"{human_size(self.state_bytes_per_token)} a token (fp32 KV caches){fixed}; {at}"
 
     def size_rows(self) -> list[tuple[str, str, str, str]]:
         """(recipe, target, predicted artifact size, ratio to the fp32 recipe's artifact) per row."""
@@ -110,6 +120,8 @@ def summarize(path: str | Path) -> CheckpointSummary:
         biases=", ".join(n for n, on in (("attention", config.attention_bias), ("mlp", config.mlp_bias)) if on) or "none",
         weight_grid=_weight_grid(config),
         vision=_vision(checkpoint),
+        state_bytes_per_token=state_bytes(config, 2) - state_bytes(config, 1),
+        state_bytes_fixed=2 * state_bytes(config, 1) - state_bytes(config, 2),
     )
 
 

@@ -21,6 +21,7 @@ from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.preflight import preflight
+from cpm_mobile.exporter.sizes import state_bytes
 from cpm_mobile.exporter.targets.base import ExportContext, Progress, no_progress
 from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.exporter.tokenizer import TextTokenizer
@@ -50,6 +51,7 @@ def export_bundle(
     progress: Progress = no_progress,
     force: bool = False,
     calibration: Path | None = None,
+    max_seq_len: int | None = None,
 ) -> ExportResult:
     """Export every target of the recipe into one bundle, check it, and publish it atomically.
 
@@ -59,12 +61,16 @@ def export_bundle(
 
     calibration: the text a recipe's calibration step (GPTQ) calibrates on; default the embedded held-out text.
     When it is the text the check scores, the check's held-out windows are left out of it (exporter/calibration.py).
+    max_seq_len: the context the artifacts hold (their KV caches), instead of the recipe's; the manifest states
+    the state memory it takes. The check's plan does not grow with it.
     """
     from cpm_mobile.exporter.vlm_bundle import export_vlm_bundle, is_vision_language
 
+    if max_seq_len is not None:
+        recipe = with_max_seq_len(recipe, max_seq_len)
     if is_vision_language(model_path):
         return export_vlm_bundle(model_path, recipe, out_dir, library_versions(), name, progress, force,
-                                 calibration=calibration)
+                                 calibration=calibration, context_asked=max_seq_len is not None)
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     progress("load checkpoint", None)
     checkpoint = load_checkpoint(model_path)
@@ -145,6 +151,7 @@ def export_bundle(
                 "bos_id": tokenizer.bos_id,
                 "eos_ids": list(config.eos_token_ids),
                 "contract": "forward(tokens int64[1,T], input_pos int64[1]) -> logits float32[1,T,V]",
+                "state_bytes": state_bytes(config, recipe.max_seq_len),
             },
             "tool": library_versions(),
             "artifacts": artifacts,
@@ -159,6 +166,16 @@ def export_bundle(
         publish(staging, destination)
     progress("done", 1.0)
     return ExportResult(destination, result.passed, result.report, manifest)
+
+
+def with_max_seq_len(recipe: Recipe, max_seq_len: int) -> Recipe:
+    """The recipe with another context length (validated as a recipe's own would be), kept in its manifest copy."""
+    from pydantic import ValidationError
+
+    try:
+        return Recipe.model_validate({**recipe.model_dump(exclude_unset=True), "max_seq_len": max_seq_len})
+    except ValidationError:
+        raise InputError("--max-seq-len", f"{max_seq_len} is not a context length (at least 8)") from None
 
 
 def _fidelity_failed(report: dict[str, Any]) -> bool:

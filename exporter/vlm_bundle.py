@@ -42,6 +42,7 @@ from cpm_mobile.exporter.defaults import read_heldout
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.vision_grid import gridded, vision_grid
 from cpm_mobile.exporter.preflight import preflight
+from cpm_mobile.exporter.sizes import state_bytes
 from cpm_mobile.exporter.models.checkpoint import find_files
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.models.vision import VISION_MODEL_TYPES, load_vision_encoder
@@ -69,8 +70,6 @@ VISION_GRID_FILE = "vision_grid.safetensors"
 # The vision encoder against its twin in an fp32 format: fp32 summation order only. Measured 6.5e-7 .. 8.3e-7
 # max rel, 124-128 dB (tests/test_minicpmv.py, fp32 and vlm-int4); one flipped code of the 8-bit grid: 62 dB.
 FP32_VISION_BOUNDS = {"max_rel_logits": 2e-5, "min_sqnr_db": 90.0}
-# Targets that store a quantised vision-language model so far (Core ML's multimodal packages are float).
-QUANTISED_TARGETS = ("executorch", "onnx")
 
 
 def is_vision_language(path: str | Path) -> bool:
@@ -334,11 +333,11 @@ def _refusals(model_path: str | Path, recipe: Recipe) -> None:
         raise InputError(model_path, f"vision-language export supports {', '.join(capable) or 'no target'} of this "
                          f"recipe so far, not {', '.join(refused)} (choose with --target)")
     quantised = [name for name, spec in recipe.targets.items()
-                 if name not in QUANTISED_TARGETS and (spec.quantization is not None or recipe.vision is not None
-                                                       or recipe.calibration is not None)]
+                 if not get_target(name).multimodal_quantised
+                 and (spec.quantization is not None or recipe.vision is not None or recipe.calibration is not None)]
     if quantised:
-        raise InputError(model_path, f"recipe {recipe.name}: vision-language export quantises for "
-                         f"{' and '.join(QUANTISED_TARGETS)} so far, not {', '.join(quantised)} (choose with --target)")
+        raise InputError(model_path, f"recipe {recipe.name}: vision-language export does not quantise for "
+                         f"{', '.join(quantised)} yet (choose other targets with --target)")
     sparse = [name for name, spec in recipe.targets.items() if spec.passes] + (["all"] if recipe.passes else [])
     if sparse:
         raise InputError(model_path, f"recipe {recipe.name}: vision-language export runs no graph passes "
@@ -347,9 +346,12 @@ def _refusals(model_path: str | Path, recipe: Recipe) -> None:
 
 def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Path, tool: dict[str, str],
                       name: str | None = None, progress: Progress = no_progress, force: bool = False,
-                      max_side: int | None = None, calibration: Path | None = None) -> ExportResult:
+                      max_side: int | None = None, calibration: Path | None = None,
+                      context_asked: bool = False) -> ExportResult:
     """calibration: the text the recipe's GPTQ step calibrates the LLM on (default the embedded held-out text;
-    the vision-language check scores no held-out text, so none of it is reserved)."""
+    the vision-language check scores no held-out text, so none of it is reserved). context_asked: the recipe's
+    max_seq_len is the user's (`--max-seq-len`), refused when shorter than an image prompt needs; a recipe's
+    own is raised to that instead."""
     _refusals(model_path, recipe)
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     calibration_input = (calibration_text(calibration, read_heldout(None), [])
@@ -362,6 +364,10 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
     preflight(recipe.model_copy(update={"vision": None, "slicing": None}), config, checkpoint.tied, checkpoint.files.config)  # the LLM
     setup = CheckSetup.build(checkpoint, tokenizer, recipe)
     vision, image_path, reference = setup.vision, setup.image_path, setup.reference
+    needed = min_max_seq_len(image_path.settings)
+    if context_asked and recipe.max_seq_len < needed:
+        raise InputError("--max-seq-len", f"{recipe.max_seq_len} is shorter than an image prompt of this "
+                                          f"checkpoint's slicing needs ({needed})")
     max_side = max_side or 2 * image_path.settings.scale_resolution
     step = vision.config.side_multiple(vision.mode)
     context = ExportContext(bos_id=tokenizer.bos_id, eos_ids=config.eos_token_ids)
@@ -413,7 +419,8 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
             "source": {"path": str(folder.resolve()), "sha256": checkpoint.sha256(), "family": config.family,
                        "dtypes_on_disk": checkpoint.dtypes_on_disk},
             "model": {"vocab_size": config.vocab_size, "max_seq_len": reference.max_seq_len,
-                      "num_layers": config.num_layers, "bos_id": tokenizer.bos_id, "eos_ids": list(config.eos_token_ids), "contract": MODEL_CONTRACT},
+                      "num_layers": config.num_layers, "bos_id": tokenizer.bos_id, "eos_ids": list(config.eos_token_ids),
+                      "contract": MODEL_CONTRACT, "state_bytes": state_bytes(config, reference.max_seq_len)},
             "tool": tool, "artifacts": artifacts, "tokenizer": tokenizer_files, "vision": contract.model_dump(),
         }
         write_json(staging / REPORT_FILE, Report.model_validate(report).dump())

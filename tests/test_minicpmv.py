@@ -496,6 +496,18 @@ def test_a_wrong_vision_code_fails_the_vision_gate(vl_int4_bundle, tmp_path):
     assert report["artifacts"]["executorch"]["passed"]  # the other format's grid is untouched
 
 
+def test_a_context_shorter_than_an_image_prompt_is_refused(varied_v, tmp_path):
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--model", str(varied_v[0]), "--max-seq-len", "512", "--out",
+                                      str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "--max-seq-len: 512 is shorter than an image prompt of this checkpoint's slicing needs (1152)" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_vision_recipe_is_refused_for_a_text_model(tmp_path):
     from typer.testing import CliRunner
 

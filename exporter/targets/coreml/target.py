@@ -53,6 +53,7 @@ class CoreMLTarget:
     """The spec's options: deployment_target ("iOS18", the only one with states)."""
 
     name = "coreml"
+    multimodal_quantised = False  # its multimodal packages are float so far
 
     def export(
         self, model: CausalLM, out_dir: Path, spec: CoreMLSpec | None = None,

@@ -38,6 +38,7 @@ METHOD = "forward"
 
 class ExecuTorchTarget:
     name = "executorch"
+    multimodal_quantised = True  # export_multimodal stores a recipe's LLM grid and vision grid
 
     def __init__(self) -> None:
         self._twins: dict[tuple[int, str], tuple[CausalLM, str]] = {}  # the quantised variant, made once per export

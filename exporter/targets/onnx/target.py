@@ -31,6 +31,7 @@ class OnnxTarget:
     true: MLA value heads zero-padded to the key width so onnxruntime-genai can run it)."""
 
     name = "onnx"
+    multimodal_quantised = True  # export_multimodal stores a recipe's LLM grid and vision grid
 
     def export(
         self, model: CausalLM, out_dir: Path, spec: OnnxSpec | None = None,
