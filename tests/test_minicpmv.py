@@ -508,6 +508,24 @@ def test_a_context_shorter_than_an_image_prompt_is_refused(varied_v, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_quantising_recipe_for_core_ml_is_refused_by_name(varied_v, tmp_path):
+    """Core ML's multimodal packages are float so far: a recipe that quantises for it is refused before work."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cpm_mobile.cli import app
+    from cpm_mobile.recipes import load_recipe
+
+    recipe = load_recipe("vlm-int4").model_dump(mode="json", exclude_unset=True)
+    recipe["targets"]["coreml"] = load_recipe("fp32").model_dump(mode="json", exclude_unset=True)["targets"]["coreml"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", "--model", str(varied_v[0]), "--recipe", str(tmp_path / "recipe.yaml"),
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "vision-language export does not quantise for coreml yet" in result.output and not out.exists()
+
+
 def test_a_vision_recipe_is_refused_for_a_text_model(tmp_path):
     from typer.testing import CliRunner
 
