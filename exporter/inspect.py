@@ -92,6 +92,7 @@ def summarize(path: str | Path) -> CheckpointSummary:
     config = checkpoint.config
     # Tied heads are one tensor in the checkpoint and one constant in each artifact.
     parameters = sum(t.numel() for t in checkpoint.state.values())
+    one, two = state_bytes(config, 1), state_bytes(config, 2)  # the state at 1 and 2 tokens: per token, and fixed
     sparse = (
         f"InfLLM v2 (dense below {config.sparse_attention.dense_len} tokens; exported dense, capped there)"
         if config.sparse_attention
@@ -120,8 +121,8 @@ def summarize(path: str | Path) -> CheckpointSummary:
         biases=", ".join(n for n, on in (("attention", config.attention_bias), ("mlp", config.mlp_bias)) if on) or "none",
         weight_grid=_weight_grid(config),
         vision=_vision(checkpoint),
-        state_bytes_per_token=state_bytes(config, 2) - state_bytes(config, 1),
-        state_bytes_fixed=2 * state_bytes(config, 1) - state_bytes(config, 2),
+        state_bytes_per_token=two - one,
+        state_bytes_fixed=2 * one - two,
     )
 
 

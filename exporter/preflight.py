@@ -12,12 +12,13 @@ from cpm_mobile.exporter.targets.registry import get_target
 from cpm_mobile.recipes.schema import Recipe
 
 
-def recipe_refusals(recipe: Recipe, config: ModelConfig, tied: bool) -> list[str]:
+def recipe_refusals(recipe: Recipe, config: ModelConfig, tied: bool, vision_language: bool = False) -> list[str]:
     """Every reason the recipe cannot be exported from a checkpoint of this config (and weight grid).
 
     The targets judge a model of the checkpoint's shapes on the meta device (no weights), with the
-    recipe's passes applied as the export would apply them."""
-    if recipe.vision_language:  # nothing else of the recipe applies to a text model
+    recipe's passes applied as the export would apply them. vision_language: `config` is the LLM of a
+    vision-language checkpoint (whose vision half takes the recipe's vision and slicing settings)."""
+    if recipe.vision_language and not vision_language:  # nothing else of the recipe applies to a text model
         return [f"recipe {recipe.name} is for vision-language checkpoints (it sets the vision encoder's grid or "
                 "the image slicing), and this checkpoint is a text model"]
     refusals = []
@@ -46,7 +47,8 @@ def recipe_refusals(recipe: Recipe, config: ModelConfig, tied: bool) -> list[str
     return refusals
 
 
-def preflight(recipe: Recipe, config: ModelConfig, tied: bool, source: str | Path) -> None:
-    refusals = recipe_refusals(recipe, config, tied)
+def preflight(recipe: Recipe, config: ModelConfig, tied: bool, source: str | Path,
+              vision_language: bool = False) -> None:
+    refusals = recipe_refusals(recipe, config, tied, vision_language)
     if refusals:
         raise Refused(source, refusals)

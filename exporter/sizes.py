@@ -44,9 +44,8 @@ def state_bytes(config: ModelConfig, max_seq_len: int) -> int:
     """Bytes of the decoding state at max_seq_len as the fp32 module holds it: every attention layer's KV cache
     (grows with max_seq_len) and every linear-attention layer's conv and recurrent state (does not). A format may
     hold it in another dtype (Core ML: fp16 states) or layout (the artifact's io.cache says which)."""
-    with torch.device("meta"):
-        model = CausalLM(config, max_seq_len=max_seq_len)
-    return sum(t.numel() * t.element_size() for t in model.kv_caches.buffers())
+    caches = shape_model(config, tied=False, max_seq_len=max_seq_len).kv_caches
+    return sum(t.numel() * t.element_size() for t in caches.buffers())
 
 
 def predict_bytes(model: CausalLM, spec: Any) -> int:

@@ -19,7 +19,7 @@ import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -68,7 +68,10 @@ CHECK_IMAGE_SIZES = ((448, 448), (600, 900), (896, 1344))
 CHECK_NEW_TOKENS = 16
 VISION_GRID_FILE = "vision_grid.safetensors"
 # The vision encoder against its twin in an fp32 format: fp32 summation order only. Measured 6.5e-7 .. 8.3e-7
-# max rel, 124-128 dB (tests/test_minicpmv.py, fp32 and vlm-int4); one flipped code of the 8-bit grid: 62 dB.
+# max rel, 124-128 dB on the 3-layer test tower (tests/test_minicpmv.py, fp32 and vlm-int4), 111 / 118 dB (.pte /
+# .onnx) on the 12 x 768 tower of bench.vlm's small preset (bench/reports/vlm-int4 "checks"): 20 dB of headroom
+# there. One flipped code of the 8-bit grid: 62 dB, rel 1.3e-3 on the test tower; a single code weighs less in a
+# 27 x 1152 tower, a wrong kernel (scale dtype, zero point, layout) touches every weight and stays far outside.
 FP32_VISION_BOUNDS = {"max_rel_logits": 2e-5, "min_sqnr_db": 90.0}
 
 
@@ -161,10 +164,8 @@ class ImageCheck:
         self.eager_prompts = ImagePrompts(eager, image_token_id, prompts)
         self.reference = greedy_runs(self.eager_prompts, self.plan)
 
-    def _on(self, session, shared_features: bool = False, features: dict | None = None) -> ImagePrompts:
-        """The prompts on `session`; shared_features: it runs the eager vision encoder, whose features are kept;
-        features: another ImagePrompts' features for the same encoder."""
-        features = self.eager_prompts.features if shared_features else features
+    def _on(self, session, features: dict | None = None) -> ImagePrompts:
+        """The prompts on `session`; features: another ImagePrompts' slice features from the same vision encoder."""
         return ImagePrompts(session, self.image_token_id, self.prompts, features)
 
     def entry(self, twin: tuple[nn.Module, str], artifact_session, spec, entry: str,
@@ -175,12 +176,12 @@ class ImageCheck:
         twin_vision = self.eager.vision if twin_vision is None else twin_vision
         exact_twin = twin_model is self.eager.model and twin_vision is self.eager.vision
         twin_session = self.eager if exact_twin else TorchMultimodalSession(twin_model, twin_vision)
-        same_tower = twin_vision is self.eager.vision
+        # one set of twin features for the gate and its spread (the eager ones where the twin's tower is fp32)
+        shared_twin = self._on(twin_session, self.eager_prompts.features if twin_vision is self.eager.vision else None)
 
-        def twin_prompts() -> ImagePrompts:
-            return self._on(twin_session, shared_features=same_tower)
+        def twin_prompts() -> ImagePrompts:  # what the spread runs (noise goes into the twin's decoder)
+            return self._on(twin_session, shared_twin.features)
 
-        shared_twin = twin_prompts()  # one set of twin features for the gate and its spread
         expected = (self.reference if exact_twin else teacher_forced_runs(shared_twin, self.plan, self.reference))
         artifact = self._on(artifact_session)
         observed = teacher_forced_runs(artifact, self.plan, self.reference)
@@ -195,11 +196,9 @@ class ImageCheck:
         # the LLM's bounds are: held to fp32 rounding, not to a quantised LLM's statistical bounds.
         exact_tower = FP32_VISION_BOUNDS if spec.precision == "fp32" else None
         faithfulness = self._gate(twin_description, expected, observed, spec.faithfulness,
-                                  against_twin.metrics(slices), twin_model, lambda: self._on(
-                                      twin_session, features=shared_twin.features), exact_tower)
+                                  against_twin.metrics(slices), twin_model, twin_prompts, exact_tower)
         fidelity = self._gate("fp32 reference", self.reference, observed, spec.fidelity,
-                              against_fp32.metrics(slices), twin_model,
-                              lambda: self._on(twin_session, features=shared_twin.features))
+                              against_fp32.metrics(slices), twin_model, twin_prompts)
         breaches = ([f"faithfulness: {b}" for b in faithfulness["breaches"]]
                     + [f"fidelity: {b}" for b in fidelity["breaches"]])
         return {
@@ -211,7 +210,7 @@ class ImageCheck:
         }
 
     def _gate(self, against: str, expected, observed, tolerances, vision: dict[str, float], twin_model: nn.Module,
-              twin_prompts, vision_bounds: dict[str, float] | None = None) -> dict[str, Any]:
+              twin_prompts: Callable[[], ImagePrompts], vision_bounds: dict[str, float] | None = None) -> dict[str, Any]:
         """A gate as the text check judges it (exporter/verify.py): the stated bounds, loosened to the twin's own
         spread where the recipe asks (Core ML's fp16 states round CPU-dependent last-bit differences), and the
         vision encoder's features held to the stated max_rel_logits / min_sqnr_db, or to `vision_bounds`."""
@@ -256,9 +255,15 @@ class CheckSetup:
     prompts: dict[tuple[int, ...], list[np.ndarray]]
 
     @classmethod
-    def build(cls, checkpoint, tokenizer: TextTokenizer, recipe: Recipe) -> "CheckSetup":
+    def build(cls, checkpoint, tokenizer: TextTokenizer, recipe: Recipe, context_asked: bool = False) -> "CheckSetup":
+        """context_asked: the recipe's max_seq_len is the user's (`--max-seq-len`), refused when shorter than an
+        image prompt needs; a recipe's own is raised to that instead."""
         folder = checkpoint.folder
         image_path = ImagePath.from_folder(folder, tokenizer).with_slicing(recipe.slicing)
+        needed = min_max_seq_len(image_path.settings)
+        if context_asked and recipe.max_seq_len < needed:
+            raise InputError("--max-seq-len", f"{recipe.max_seq_len} is shorter than an image prompt of this "
+                                              f"checkpoint's slicing needs ({needed})")
         template = tokenizer.chat_template()
         if not template:
             raise InputError(folder / "tokenizer_config.json", "has no chat template: an image prompt needs one")
@@ -268,7 +273,7 @@ class CheckSetup:
             raise InputError(folder / PROCESSOR_CONFIG, f"patch_size {image_path.settings.patch_size} and "
                              f"downsample_mode {image_path.settings.downsample_mode} do not match the vision "
                              f"tower's {step} px fold")
-        reference = build_model(checkpoint, max_seq_len=max(recipe.max_seq_len, min_max_seq_len(image_path.settings)))
+        reference = build_model(checkpoint, max_seq_len=max(recipe.max_seq_len, needed))
         specials = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
         render = ChatTemplate(template, specials).render
         prompts = {}
@@ -349,9 +354,8 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
                       max_side: int | None = None, calibration: Path | None = None,
                       context_asked: bool = False) -> ExportResult:
     """calibration: the text the recipe's GPTQ step calibrates the LLM on (default the embedded held-out text;
-    the vision-language check scores no held-out text, so none of it is reserved). context_asked: the recipe's
-    max_seq_len is the user's (`--max-seq-len`), refused when shorter than an image prompt needs; a recipe's
-    own is raised to that instead."""
+    the vision-language check scores no held-out text, so none of it is reserved). context_asked: see
+    CheckSetup.build."""
     _refusals(model_path, recipe)
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     calibration_input = (calibration_text(calibration, read_heldout(None), [])
@@ -361,13 +365,9 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
     config, folder = checkpoint.config, checkpoint.folder
     tokenizer = TextTokenizer.from_folder(folder)
     tokenizer.check_fits(config.vocab_size, checkpoint.files.config)
-    preflight(recipe.model_copy(update={"vision": None, "slicing": None}), config, checkpoint.tied, checkpoint.files.config)  # the LLM
-    setup = CheckSetup.build(checkpoint, tokenizer, recipe)
+    preflight(recipe, config, checkpoint.tied, checkpoint.files.config, vision_language=True)
+    setup = CheckSetup.build(checkpoint, tokenizer, recipe, context_asked)
     vision, image_path, reference = setup.vision, setup.image_path, setup.reference
-    needed = min_max_seq_len(image_path.settings)
-    if context_asked and recipe.max_seq_len < needed:
-        raise InputError("--max-seq-len", f"{recipe.max_seq_len} is shorter than an image prompt of this "
-                                          f"checkpoint's slicing needs ({needed})")
     max_side = max_side or 2 * image_path.settings.scale_resolution
     step = vision.config.side_multiple(vision.mode)
     context = ExportContext(bos_id=tokenizer.bos_id, eos_ids=config.eos_token_ids)

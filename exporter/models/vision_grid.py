@@ -24,18 +24,12 @@ GRID_SOURCE = "vision encoder: 8-bit round to nearest, fp16 block scales"
 
 
 def round_to_grid(weight: torch.Tensor, bits: int, group_size: int) -> LinearGrid:
-    """Symmetric codes with one scale per `group_size` input columns: scale = max |w| / (2**(bits-1) - 1),
-    rounded to fp16, codes round(w / scale) clipped (the fp16 scale may be a hair under the exact one)."""
-    out_features, in_features = weight.shape
-    top = (1 << (bits - 1)) - 1
-    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
-    scales = (groups.abs().amax(dim=-1) / top).to(SCALE_DTYPE).to(torch.float32)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(groups / safe[..., None]).clamp(-top - 1, top)
-    codes = torch.where(scales[..., None] > 0, codes, torch.zeros_like(codes))
-    zero = 1 << (bits - 1)
-    return LinearGrid((codes.reshape(out_features, in_features) + zero).to(torch.uint8), scales,
-                      torch.full_like(scales, zero, dtype=torch.uint8), bits, group_size, SCALE_DTYPE)
+    """Symmetric codes with one scale per `group_size` input columns, scale = max |w| / (2**(bits-1) - 1) in
+    fp16: the calibration's group rounding to nearest (exporter/calibration.py gptq_linear without a Hessian)."""
+    from cpm_mobile.exporter.calibration import GroupRounding, gptq_linear
+
+    top = float((1 << (bits - 1)) - 1)
+    return gptq_linear(weight, None, GroupRounding(bits, group_size, True, SCALE_DTYPE, divisors=(top,)))
 
 
 def vision_grid(vision: nn.Module, bits: int, group_size: int) -> tuple[WeightGrid, list[str]]:

@@ -73,9 +73,9 @@ def capture_text(model: CausalLM) -> tuple[ExportedProgram, ExportedProgram]:
 def weight_only_vision(vision: VisionEncoder, grid: WeightGrid) -> VisionEncoder:
     """The encoder with its gridded linears as our weight-only kernel's modules (linear_q8x4: the grid's int8
     codes and fp16 scales exactly, fp32 activations), so the program computes the grid's twin exactly."""
-    from cpm_mobile.exporter.targets.executorch.quant import _grid_intx, _weight_only
+    from cpm_mobile.exporter.targets.executorch.quant import grid_weight_only
 
-    return gridded(vision, grid, lambda linear, entry: _weight_only(linear, _grid_intx(entry)))
+    return gridded(vision, grid, grid_weight_only)
 
 
 def export_multimodal(model: CausalLM, vision: VisionEncoder, out_dir: Path, spec: ExecuTorchSpec,

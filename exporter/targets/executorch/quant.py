@@ -83,8 +83,10 @@ def _plan(model: CausalLM, scheme: Scheme) -> dict[str, "callable"]:
             if grid is not None:
                 entry = grid.linears[f"{name}.weight"]
                 # a mixed grid's 8-bit linear: our weight-only kernel (XNNPACK has no 8-bit blocks)
-                wrap = _weight_only if entry.bits == 8 else as_module
-                plan[name] = lambda m, e=entry, w=wrap: w(m, _grid_intx(e))
+                if entry.bits == 8:
+                    plan[name] = lambda m, e=entry: grid_weight_only(m, e)
+                else:
+                    plan[name] = lambda m, e=entry: as_module(m, _grid_intx(e))
             elif scheme.scheme == "ternary":
                 plan[name] = lambda m, g=scheme.group_size: _linear(m, _ternary(m.weight, g))
             else:
@@ -258,6 +260,12 @@ def _linear(source: nn.Linear, weight) -> nn.Linear:
     if source.bias is not None:
         linear.bias = nn.Parameter(source.bias.detach().clone(), requires_grad=False)
     return linear
+
+
+def grid_weight_only(source: nn.Linear, entry) -> nn.Module:
+    """A grid's 8-bit linear (a mixed grid's wide linear, a vision encoder's grid) as our weight-only kernel's
+    module: its int8 codes and fp16 scales exactly, fp32 activations."""
+    return _weight_only(source, _grid_intx(entry))
 
 
 def _weight_only(source: nn.Linear, weight) -> nn.Module:

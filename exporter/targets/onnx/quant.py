@@ -70,8 +70,7 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any, grid: Any = None) -> ir.Mod
 
     head = [linear for linear in linears if linear.param == LM_HEAD]
     body = [linear for linear in linears if linear.param != LM_HEAD]
-    if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _with_ms_domain(proto)
     if grid is not None:
         on_grid = [linear for linear in body if linear.param in grid.linears]
         _grid_linears(graph, initializers, on_grid, grid, scheme)
@@ -98,6 +97,12 @@ def quantize_onnx(onnx_model: ir.Model, scheme: Any, grid: Any = None) -> ir.Mod
     return ir.serde.deserialize_model(proto)
 
 
+def _with_ms_domain(proto: onnx.ModelProto) -> None:
+    """Import onnxruntime's contrib-op domain (MatMulNBits, GatherBlockQuantized) once."""
+    if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
 def quantize_embedding_onnx(onnx_model: ir.Model, scheme: Any) -> ir.Model:
     """A lone embedding graph (a vision-language model's embedding.onnx) with its Gather as GatherBlockQuantized
     at the scheme's embedding_bits, rounded as the text graph's own embedding is."""
@@ -106,8 +111,7 @@ def quantize_embedding_onnx(onnx_model: ir.Model, scheme: Any) -> ir.Model:
     gather = _embedding_gather(proto.graph, initializers)
     if gather is None:
         raise ValueError("the embedding graph has no embed_tokens Gather")
-    if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _with_ms_domain(proto)
     _quantize_embedding(proto.graph, gather, scheme)
     _drop_unused_initializers(proto.graph)
     return ir.serde.deserialize_model(proto)
@@ -132,17 +136,10 @@ def quantize_vision_onnx(onnx_model: ir.Model, grid: Any) -> ir.Model:
     missing = sorted(set(grid.linears) - {linear.param for linear in linears})
     if missing:
         raise ValueError(f"the vision graph has no MatMul for {', '.join(missing[:4])}")
-    if not any(opset.domain == MS_DOMAIN for opset in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _with_ms_domain(proto)
     _grid_linears(graph, initializers, linears, grid, _VisionScheme())
     _drop_unused_initializers(graph)
     return ir.serde.deserialize_model(proto)
-
-
-def stored_vision_weights(onnx_model: ir.Model) -> dict[str, torch.Tensor]:
-    """The dequantised weight of every MatMulNBits of a vision graph, by the linear it carries."""
-    return {node.metadata_props[WEIGHT_KEY]: torch.from_numpy(_dequantize_matmul(node))
-            for node in onnx_model.graph if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits"}
 
 
 def onnx_twin(model: CausalLM, quantized_onnx: ir.Model | list[ir.Model], scheme: Any,
