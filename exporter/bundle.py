@@ -223,16 +223,16 @@ def staging_folder(final: Path) -> Iterator[Path]:
 
 def publish(staging: Path, final: Path) -> Path:
     """Move a complete staging folder to `final`, replacing an older bundle there in one rename."""
-    with _signals_deferred():  # an interrupt between the two renames would leave no bundle at `final`
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.{RETIRED}-{os.getpid()}-", dir=final.parent))
-            os.replace(final, retired / final.name)
+    retired = None
+    try:
+        with _signals_deferred():  # an interrupt between the two renames would leave no bundle at `final`
+            if final.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.{RETIRED}-{os.getpid()}-", dir=final.parent))
+                os.replace(final, retired / final.name)
             os.replace(staging, final)
-        else:
-            retired = None
-            os.replace(staging, final)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    finally:  # a held interrupt is raised after the renames; the retired bundle still goes
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
     return final
 
 
@@ -254,15 +254,31 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block is done; they are delivered (and raise) right after it."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM until the block is done; the first one arrived is raised right after it.
+
+    Python-level handlers, not pthread_sigmask: a mask holds a signal only from the calling thread,
+    and onnxruntime's and torch's pool threads would still take it and trip the main thread's handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[int] = []
+
+    def _hold(signum, frame):
+        held.append(signum)
+
+    previous = {number: signal.signal(number, _hold) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if held:
+        handler = previous[held[0]]
+        if callable(handler):
+            handler(held[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(held[0])
 
 
 def _umask() -> int:

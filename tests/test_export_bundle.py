@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,18 +158,54 @@ def test_checkpoint_without_tokenizer_exits_2(tmp_path):
 
 def test_sigint_during_export_leaves_nothing_behind(checkpoint, heldout, tmp_path):
     out = tmp_path / "out"
+    # A longer check than the other tests' keeps the export busy for seconds after its artifact is written.
+    recipe = _fast_recipe(tmp_path, max_seq_len=256)
+    data = yaml.safe_load(recipe.read_text())
+    data["check"].update(max_new_tokens=96, heldout_windows=4, heldout_tokens=192)
+    recipe.write_text(yaml.safe_dump(data))
     command = [sys.executable, "-m", "cli", "export", "--model", str(checkpoint), "--target", "onnx",
-               "--recipe", str(_fast_recipe(tmp_path)), "--out", str(out), "--name", "b", "--heldout", str(heldout)]
+               "--recipe", str(recipe), "--out", str(out), "--name", "b", "--heldout", str(heldout)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
-        time.sleep(0.05)
-    assert out.exists() and any(p.name.startswith(".b.partial-") for p in out.iterdir()), "export never started"
-    time.sleep(1.0)  # inside the export proper
-    process.send_signal(signal.SIGINT)
+
+    def staged_files() -> list[Path]:
+        staging = [p for p in out.iterdir() if p.name.startswith(".b.partial-")] if out.exists() else []
+        return [f for folder in staging for f in folder.rglob("*") if f.is_file()]
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None and not staged_files():
+        time.sleep(0.02)
+    assert process.poll() is None and staged_files(), "the export never wrote into its staging folder"
+    process.send_signal(signal.SIGINT)  # mid-export: the artifact is being written or checked
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0
+    assert process.returncode != 0, stderr.decode()[-2000:]
     assert list(out.iterdir()) == [], (list(out.iterdir()), stderr.decode()[-2000:])
+
+
+def test_signals_during_publish_are_held_until_the_bundle_is_in_place(tmp_path):
+    from cpm_mobile.exporter.bundle import publish, staging_folder
+    final = tmp_path / "b"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    pool = threading.Thread(target=time.sleep, args=(1.0,))  # another thread, as onnxruntime's pools are
+    pool.start()
+    renames = []
+    real_replace = os.replace
+
+    def replace_then_interrupt(source, destination):
+        renames.append(Path(destination).name)
+        real_replace(source, destination)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # between the old bundle's retirement and the new one's rename
+
+    with pytest.raises(KeyboardInterrupt):
+        with staging_folder(final) as staging:
+            (staging / "new.txt").write_text("new")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(os, "replace", replace_then_interrupt)
+                publish(staging, final)
+    pool.join()
+    assert len(renames) == 2 and (final / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
 def test_all_targets_in_one_bundle_then_check_again(checkpoint, heldout, tmp_path):
