@@ -312,6 +312,11 @@ def export(
             result = export_bundle(model or DEFAULT_MODEL, selected, out, name=name, heldout=heldout,
                                    progress=progress, force=force, calibration=calibration, max_seq_len=max_seq_len)
     _print_report(result.report)
+    if verbose:  # where the time went (also in manifest.json: export_cost)
+        from cpm_mobile.exporter.export_cost import cost_lines
+
+        for line in cost_lines(result.manifest["export_cost"]):
+            errors.print(line, markup=False, highlight=False, style="dim", soft_wrap=True)
     if junit:
         from cpm_mobile.runtimes.junit import write_junit
 

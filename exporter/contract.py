@@ -228,6 +228,19 @@ class ModelInfo(_Strict):
     state_bytes: int | None = Field(None, ge=0)
 
 
+class ExportStage(_Strict):
+    stage: str
+    seconds: float = Field(ge=0)
+
+
+class ExportCost(_Strict):
+    """What the export took on the machine that ran it (exporter/export_cost.py): not part of the bundle's contract."""
+
+    seconds: float = Field(ge=0)
+    peak_rss_mib: float = Field(ge=0)
+    stages: list[ExportStage]
+
+
 class VisionContract(_Strict):
     """A vision-language bundle's image path, everything an app needs to feed its vision encoder and prompt.
 
@@ -268,6 +281,7 @@ class Manifest(_Strict):
     tokenizer: list[str] | dict[str, Any]  # format 1: the tokenizer file names written
     files: dict[str, str]  # relative path -> sha256, every file but manifest.json
     vision: VisionContract | None = None  # vision-language bundles: the image path's contract
+    export_cost: ExportCost | None = None  # bundles written before the field have none
 
     _upgraded_from: int | None = None
 
@@ -337,7 +351,7 @@ class Manifest(_Strict):
 
     def dump(self) -> dict[str, Any]:
         """The JSON-ready dict (what manifest.json holds); non-finite floats as "nan"/"inf"/"-inf"."""
-        absent: dict[str, Any] = {"vision": True} if self.vision is None else {}
+        absent: dict[str, Any] = {name: True for name in ("vision", "export_cost") if getattr(self, name) is None}
         if self.model.state_bytes is None:  # a bundle written before the field
             absent["model"] = {"state_bytes"}
         return json_safe(self.model_dump(mode="python", exclude=absent or None))

@@ -18,6 +18,7 @@ from cpm_mobile.exporter.contract import (
 )
 from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_heldout
 from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.export_cost import StageClock
 from cpm_mobile.exporter.models.loader import build_model, load_checkpoint
 from cpm_mobile.exporter.passes import apply_passes
 from cpm_mobile.exporter.preflight import preflight
@@ -66,6 +67,7 @@ def export_bundle(
     """
     from cpm_mobile.exporter.vlm_bundle import export_vlm_bundle, is_vision_language
 
+    progress = StageClock(progress)  # the manifest's export_cost: every stage below, timed
     if max_seq_len is not None:
         recipe = with_max_seq_len(recipe, max_seq_len)
     if is_vision_language(model_path):
@@ -156,6 +158,7 @@ def export_bundle(
             "tool": library_versions(),
             "artifacts": artifacts,
             "tokenizer": tokenizer_files,
+            "export_cost": progress.cost(),
         }
         write_json(staging / REPORT, Report.model_validate(result.report).dump())
         write_json(staging / MANIFEST_SCHEMA_FILE, manifest_json_schema())

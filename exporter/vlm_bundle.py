@@ -40,6 +40,7 @@ from cpm_mobile.exporter.calibration import (
 )
 from cpm_mobile.exporter.defaults import read_heldout
 from cpm_mobile.exporter.errors import InputError
+from cpm_mobile.exporter.export_cost import StageClock
 from cpm_mobile.exporter.models.vision_grid import gridded, vision_grid
 from cpm_mobile.exporter.preflight import preflight
 from cpm_mobile.exporter.sizes import state_bytes
@@ -357,6 +358,8 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
     the vision-language check scores no held-out text, so none of it is reserved). context_asked: see
     CheckSetup.build."""
     _refusals(model_path, recipe)
+    if not isinstance(progress, StageClock):
+        progress = StageClock(progress)
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     calibration_input = (calibration_text(calibration, read_heldout(None), [])
                          if recipe.calibration is not None else None)
@@ -422,6 +425,7 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
                       "num_layers": config.num_layers, "bos_id": tokenizer.bos_id, "eos_ids": list(config.eos_token_ids),
                       "contract": MODEL_CONTRACT, "state_bytes": state_bytes(config, reference.max_seq_len)},
             "tool": tool, "artifacts": artifacts, "tokenizer": tokenizer_files, "vision": contract.model_dump(),
+            "export_cost": progress.cost(),
         }
         write_json(staging / REPORT_FILE, Report.model_validate(report).dump())
         write_json(staging / MANIFEST_SCHEMA_FILE, manifest_json_schema())

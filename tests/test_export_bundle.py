@@ -56,8 +56,9 @@ def bundle(checkpoint, heldout, tmp_path_factory):
     work = tmp_path_factory.mktemp("export")
     result = runner.invoke(app, ["export", "--model", str(checkpoint), "--target", "onnx",
                                  "--recipe", str(_fast_recipe(work)), "--out", str(work / "out"), "--name", "b",
-                                 "--heldout", str(heldout)])
+                                 "--heldout", str(heldout), "--verbose"])
     assert result.exit_code == 0, result.output
+    (work / "export.log").write_text(result.output)  # for the --verbose test below
     return work / "out" / "b"
 
 
@@ -81,6 +82,38 @@ def test_bundle_holds_artifact_tokenizer_manifest_report(bundle):
         assert entry[gate]["passed"] and entry[gate]["metrics"]["max_abs_logits"] <= 1e-4
         assert entry[gate]["metrics"]["greedy"] == 1.0
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_manifest_and_verbose_state_where_the_export_time_went(bundle):
+    cost = json.loads((bundle / "manifest.json").read_text())["export_cost"]
+    stages = {entry["stage"]: entry["seconds"] for entry in cost["stages"]}
+    assert {"load checkpoint", "onnx: exporting graph (torch.export + dynamo)", "check: PyTorch reference",
+            "check: onnx", "check: the apps' tokenizers"} <= set(stages), list(stages)
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert 0.8 * cost["seconds"] <= sum(stages.values()) <= cost["seconds"]  # the stages cover the export
+    assert stages["onnx: exporting graph (torch.export + dynamo)"] > 0.1
+    assert 200 < cost["peak_rss_mib"] < 8000
+    log = (bundle.parents[1] / "export.log").read_text()
+    assert "% " in log and "check: onnx" in log and "peak resident memory" in log
+
+
+def test_stage_clock_sums_repeated_stages_and_forwards_progress(monkeypatch):
+    from cpm_mobile.exporter import export_cost
+
+    now = iter([0.0, 1.0, 3.0, 4.0, 10.5])
+    monkeypatch.setattr(export_cost.time, "perf_counter", lambda: next(now))
+    seen = []
+    clock = export_cost.StageClock(lambda description, fraction=None: seen.append(description))  # starts at 0
+    clock("calibrate: gptq layer 1/2", 0.0)  # 1.0
+    clock("calibrate: gptq layer 2/2", 0.5)  # same stage
+    clock("lower", None)  # 3.0: calibrate took 2
+    clock("lower", 0.5)
+    clock("done", 1.0)  # 4.0: lower took 1
+    cost = clock.cost()  # 10.5: the total
+    assert [e["stage"] for e in cost["stages"]] == ["calibrate: gptq layer", "lower"]
+    assert [e["seconds"] for e in cost["stages"]] == [2.0, 1.0]
+    assert cost["seconds"] == 10.5
+    assert seen == ["calibrate: gptq layer 1/2", "calibrate: gptq layer 2/2", "lower", "lower", "done"]
 
 
 def test_check_passes_again_and_writes_junit(bundle, heldout, tmp_path):

@@ -234,7 +234,7 @@ def save_onnx(onnx_model: ir.Model, folder: Path, external_data: bool, progress:
         def callback(tensor: ir.TensorProtocol, info: Any) -> None:
             nonlocal written  # callbacks may arrive out of index order: count them
             written += 1
-            progress(f"onnx: writing {DATA_FILE}", 0.6 + 0.35 * written / max(info.total, 1))
+            progress(f"writing {DATA_FILE}", 0.6 + 0.35 * written / max(info.total, 1))
 
     ir.save(onnx_model, path, external_data=DATA_FILE, callback=callback, alignment=1 << 16)
     return [MODEL_FILE, DATA_FILE]

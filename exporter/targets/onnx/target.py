@@ -44,7 +44,7 @@ class OnnxTarget:
         onnx_model, layout = self._graph(model, spec, progress)
         size = initializer_bytes(onnx_model)
         external = size > options.external_data_threshold_bytes
-        progress("onnx: saving", 0.6)
+        progress("saving", 0.6)
         out_dir.mkdir(parents=True, exist_ok=True)
         io = io_contract(layout, model.config.vocab_size, model.max_seq_len)
         genai, genai_note = _genai_config(model, context, io)
@@ -57,7 +57,7 @@ class OnnxTarget:
             _move_into(staging, out_dir, files, stale=[DATA_FILE, GENAI_CONFIG_FILE])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        progress("onnx: done", 1.0)
+        progress("done", 1.0)
         info = ArtifactInfo(
             target=self.name,
             files=files,
@@ -99,11 +99,11 @@ class OnnxTarget:
         layout = CacheLayout.of(converted, TORCH_DTYPES[spec.precision], pad_values=spec.options.pad_mla_values)
         if spec.quantization is not None:
             check_grid(model, spec.quantization, spec.precision)  # the checkpoint's grid, before any work
-        progress("onnx: exporting graph (torch.export + dynamo)", 0.0)
+        progress("exporting graph (torch.export + dynamo)", 0.0)
         onnx_model = build_onnx(converted, layout, spec.options.opset)
         if spec.quantization is None:
             return onnx_model, layout
-        progress(f"onnx: quantising ({spec.quantization.scheme})", 0.5)
+        progress(f"quantising ({spec.quantization.scheme})", 0.5)
         return quantize_onnx(onnx_model, spec.quantization, model.config.weight_grid), layout
 
     def twin(self, model: CausalLM, spec: OnnxSpec, bundle_dir: Path, artifact: dict[str, Any]) -> tuple[CausalLM, str]:
