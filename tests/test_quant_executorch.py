@@ -142,6 +142,23 @@ def test_variant_holds_quantised_weights_and_leaves_the_source_untouched(gqa_mod
     assert gqa_model.lm_head.weight is gqa_model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("embedding", ["int4", "int8"])
+def test_the_twins_embedding_dequantises_only_its_rows_to_the_same_floats(gqa_model, embedding):
+    variant = quantize_for_executorch(gqa_model, scheme(scheme="int4", embedding=embedding))
+    weight = variant.embed_tokens.weight
+    ids = torch.tensor([[5, 0, 5, gqa_model.config.vocab_size - 1, 17]])
+    expected = nn.functional.embedding(ids, weight.dequantize())  # torchao's: the whole table, then the rows
+    assert torch.equal(variant.embed_tokens(ids), expected)
+    calls = []
+    original = type(weight).dequantize
+    try:
+        type(weight).dequantize = lambda self: calls.append(1) or original(self)
+        variant.embed_tokens(ids)
+    finally:
+        type(weight).dequantize = original
+    assert not calls  # the table is never dequantised whole in eager runs
+
+
 def test_ternary_codes_are_minus_one_zero_one_times_the_group_absmean(mla_model):
     variant = quantize_for_executorch(mla_model, scheme(scheme="ternary"))
     source = mla_model.layers[0].mlp.up_proj.weight.detach()

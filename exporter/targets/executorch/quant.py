@@ -278,9 +278,31 @@ def _weight_only(source: nn.Linear, weight) -> nn.Module:
 
 
 def _embedding(source: nn.Embedding, weight) -> nn.Embedding:
-    embedding = nn.Embedding(source.num_embeddings, source.embedding_dim, device="meta")
+    embedding = _RowsFirstEmbedding(source.num_embeddings, source.embedding_dim, device="meta")
     embedding.weight = nn.Parameter(weight, requires_grad=False)
     return embedding
+
+
+class _RowsFirstEmbedding(nn.Embedding):
+    """A quantised embedding that, run eagerly, dequantises only the rows it gathers.
+
+    torchao's embedding dequantises the whole table on every call (73k x 1024 fp32 at MiniCPM4's size, for
+    one token in a decode step): most of a twin's decode time in the check. Dequantising is elementwise
+    per group, so the gathered rows are the same floats. Traced (torch.export), the forward is torchao's,
+    whose dequantize + embedding pattern ExecuTorch fuses into its embedding kernel."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if torch.compiler.is_compiling() or not hasattr(weight, "qdata"):
+            return super().forward(ids)
+        from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, dequantize_affine
+
+        rows = ids.reshape(-1)
+        qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[weight.target_dtype]
+        zero = weight.zero_point[rows] if weight.zero_point is not None else None
+        gathered = dequantize_affine(weight.qdata[rows], weight.block_size, weight.scale[rows], zero, torch.int8,
+                                     qmin, qmax, output_dtype=weight.dtype)
+        return gathered.reshape(*ids.shape, -1)
 
 
 # -- description -----------------------------------------------------------------------------------
