@@ -222,7 +222,11 @@ def staging_folder(final: Path) -> Iterator[Path]:
 
 
 def publish(staging: Path, final: Path) -> Path:
-    """Move a complete staging folder to `final`, replacing an older bundle there in one rename."""
+    """Move a complete staging folder to `final`, replacing an older bundle there in one rename.
+
+    Every file and folder gets the mode a new file gets under the user's umask: libraries that write through
+    temporary files (safetensors, mkstemp) leave 0600, and a bundle is read by the app's build and by others."""
+    _normal_modes(staging)
     retired = None
     try:
         with _signals_deferred():  # an interrupt between the two renames would leave no bundle at `final`
@@ -234,6 +238,13 @@ def publish(staging: Path, final: Path) -> Path:
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
     return final
+
+
+def _normal_modes(folder: Path) -> None:
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager

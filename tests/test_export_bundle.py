@@ -214,6 +214,23 @@ def test_sigint_during_export_leaves_nothing_behind(checkpoint, heldout, tmp_pat
     assert list(out.iterdir()) == [], (list(out.iterdir()), stderr.decode()[-2000:])
 
 
+def test_published_files_get_the_users_default_modes(tmp_path):
+    from cpm_mobile.exporter.bundle import publish, staging_folder
+    final = tmp_path / "b"
+    mask = os.umask(0o022)
+    try:
+        with staging_folder(final) as staging:
+            (staging / "pkg").mkdir(mode=0o700)
+            for name in ("grid.safetensors", "pkg/weights.bin"):  # as safetensors and mkstemp leave them
+                (staging / name).write_bytes(b"x")
+                os.chmod(staging / name, 0o600)
+            publish(staging, final)
+    finally:
+        os.umask(mask)
+    assert {p.relative_to(final).as_posix(): p.stat().st_mode & 0o777 for p in final.rglob("*")} == {
+        "pkg": 0o755, "grid.safetensors": 0o644, "pkg/weights.bin": 0o644}
+
+
 def test_signals_during_publish_are_held_until_the_bundle_is_in_place(tmp_path):
     from cpm_mobile.exporter.bundle import publish, staging_folder
     final = tmp_path / "b"
