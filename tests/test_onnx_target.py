@@ -298,7 +298,7 @@ def test_progress_runs_from_zero_to_one(gqa: Exported):
     fractions = [fraction for _, fraction in gqa.progress]
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
     assert fractions == sorted(fractions)
-    assert all(text.startswith("onnx") for text, _ in gqa.progress)
+    assert not any(text.startswith("onnx") for text, _ in gqa.progress)  # the pipeline prefixes the target's name
 
 
 def test_missing_or_invalid_model_is_an_input_error(gqa: Exported, tmp_path):
