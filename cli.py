@@ -332,7 +332,7 @@ def export(
 
 def _dry_run(model: Path, recipe: str, selected: str, heldout: Optional[Path], calibration: Optional[Path],
              verbose: bool) -> None:
-    from cpm_mobile.exporter.estimate import dry_run, ppl_delta_pct
+    from cpm_mobile.exporter.estimate import dry_run, ppl_delta_pct, vision_language_caption
     from cpm_mobile.exporter.inspect import human_size
     from cpm_mobile.recipes import recipe_names
 
@@ -350,6 +350,9 @@ def _dry_run(model: Path, recipe: str, selected: str, heldout: Optional[Path], c
                       f"{metrics['top1']:.3f}", "no bound stated" if not item.bounded else "pass" if item.passes
                       else f"fail: {item.breaches[0]}")
     _print_table(table, labels=("recipe",))
+    caption = vision_language_caption(model)
+    if caption:
+        console.print(caption, markup=False, highlight=False, soft_wrap=True)
     if verbose:
         for name, why in skipped.items():
             console.print(f"{name}: not estimated: {why}", markup=False)

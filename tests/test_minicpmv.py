@@ -353,6 +353,19 @@ def test_inspect_shows_the_vision_half(llama_v):
     assert ("vision", summary.vision) in summary.rows()
 
 
+def test_the_dry_run_says_its_rows_leave_out_the_vision_half(llama_v):
+    from cpm_mobile.exporter.defaults import DEFAULT_MODEL
+    from cpm_mobile.exporter.estimate import vision_language_caption
+    from cpm_mobile.exporter.models.vision import load_vision_encoder
+
+    folder, _, _ = llama_v
+    count = sum(p.numel() for p in load_vision_encoder(folder).parameters())
+    caption = vision_language_caption(folder)
+    assert caption.startswith("vision-language checkpoint: the rows are its LLM on text")
+    assert f"({count / 1e6:.1f} M parameters" in caption
+    assert vision_language_caption(DEFAULT_MODEL) is None
+
+
 @pytest.mark.slow
 def test_chat_about_an_image_answers_each_turn_as_transformers(varied_v, vl_bundle, tmp_path):
     """Two turns of `generate --chat --image`: the image goes with the first message, the second turn prefills only
