@@ -83,7 +83,10 @@ def run_cell(checkpoint: Path, recipe: str, target: str, work: Path) -> dict:
     shutil.rmtree(bundle)
     return {"recipe": recipe, "target": target, "exit_code": result.returncode, "passed": result.returncode == 0,
             "wall_s": round(wall, 1), "export_s": cost["seconds"], "peak_rss_mib": cost["peak_rss_mib"],
-            "bundle_bytes": size, "phases": phases, "stages": cost["stages"]}
+            "bundle_bytes": size, "phases": phases, "stages": cost["stages"],
+            # where the process's peak memory was reached (the first stage that ended at it)
+            "peak_stage": next((e["stage"] for e in cost["stages"] if e.get("peak_rss_mib", 0) >= cost["peak_rss_mib"]),
+                               "after the last stage")}
 
 
 def main() -> None:
@@ -119,7 +122,8 @@ def _line(row: dict) -> str:
         return f"{row['recipe']:>8} {row['target']:<10} exit {row['exit_code']}: {row['error'].strip().splitlines()[-1]}"
     phases = "  ".join(f"{name} {seconds:.0f}s" for name, seconds in row["phases"].items())
     return (f"{row['recipe']:>8} {row['target']:<10} {row['export_s']:7.1f} s  peak {row['peak_rss_mib']:7.0f} MiB "
-            f"({row['peak_rss_x_fp32_weights']:.2f}x fp32 weights)  {'pass' if row['passed'] else 'FAIL'}  {phases}")
+            f"({row['peak_rss_x_fp32_weights']:.2f}x fp32 weights, in {row['peak_stage']})  "
+            f"{'pass' if row['passed'] else 'FAIL'}  {phases}")
 
 
 def plot(rows: list[dict], path: Path, shape: str) -> None:

@@ -231,6 +231,7 @@ class ModelInfo(_Strict):
 class ExportStage(_Strict):
     stage: str
     seconds: float = Field(ge=0)
+    peak_rss_mib: float = Field(ge=0)  # the process's peak resident memory when the stage ended
 
 
 class ExportCost(_Strict):

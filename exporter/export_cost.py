@@ -25,6 +25,7 @@ class StageClock:
         self._started = time.perf_counter()
         self._current: tuple[str, float] | None = None
         self._seconds: dict[str, float] = {}
+        self._peak_after: dict[str, float] = {}  # the process's peak memory when the stage ended: where it rose
 
     def __call__(self, description: str, fraction: float | None = None) -> None:
         stage = _COUNTER.sub("", description)
@@ -39,25 +40,32 @@ class StageClock:
         if self._current is not None:
             stage, started = self._current
             self._seconds[stage] = self._seconds.get(stage, 0.0) + now - started
+            self._peak_after[stage] = _peak_mib()
             self._current = None
 
     def cost(self) -> dict[str, Any]:
         """The manifest's `export_cost`: total seconds, peak resident memory, and the stages in order."""
-        from cpm_mobile.exporter.generate import peak_memory_mib
-
         now = time.perf_counter()
         self._close(now)
         return {
             "seconds": round(now - self._started, 2),
-            "peak_rss_mib": round(peak_memory_mib(), 1),
-            "stages": [{"stage": stage, "seconds": round(seconds, 2)} for stage, seconds in self._seconds.items()],
+            "peak_rss_mib": round(_peak_mib(), 1),
+            "stages": [{"stage": stage, "seconds": round(seconds, 2), "peak_rss_mib": round(self._peak_after[stage], 1)}
+                       for stage, seconds in self._seconds.items()],
         }
 
 
+def _peak_mib() -> float:
+    from cpm_mobile.exporter.generate import peak_memory_mib
+
+    return peak_memory_mib()
+
+
 def cost_lines(cost: dict[str, Any]) -> list[str]:
-    """The stages as `--verbose` prints them: seconds, share of the total, name."""
+    """The stages as `--verbose` prints them: seconds, share of the total, the process's peak memory when the
+    stage ended (it rises in the stages that hold the most), name."""
     total = max(cost["seconds"], 1e-9)
-    lines = [f"{entry['seconds']:8.1f} s {100 * entry['seconds'] / total:5.1f} %  {entry['stage']}"
-             for entry in cost["stages"] if entry["seconds"] >= 0.05]
+    lines = [f"{entry['seconds']:8.1f} s {100 * entry['seconds'] / total:5.1f} %  peak {entry['peak_rss_mib']:6.0f} MiB  "
+             f"{entry['stage']}" for entry in cost["stages"] if entry["seconds"] >= 0.05]
     lines.append(f"{cost['seconds']:8.1f} s total, peak resident memory {cost['peak_rss_mib']:.0f} MiB")
     return lines

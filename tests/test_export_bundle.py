@@ -93,6 +93,8 @@ def test_manifest_and_verbose_state_where_the_export_time_went(bundle):
     assert 0.8 * cost["seconds"] <= sum(stages.values()) <= cost["seconds"]  # the stages cover the export
     assert stages["onnx: exporting graph (torch.export + dynamo)"] > 0.1
     assert 200 < cost["peak_rss_mib"] < 8000
+    assert [e["peak_rss_mib"] for e in cost["stages"]] == sorted(e["peak_rss_mib"] for e in cost["stages"])
+    assert cost["stages"][-1]["peak_rss_mib"] <= cost["peak_rss_mib"]
     log = (bundle.parents[1] / "export.log").read_text()
     assert "% " in log and "check: onnx" in log and "peak resident memory" in log
 
@@ -102,6 +104,8 @@ def test_stage_clock_sums_repeated_stages_and_forwards_progress(monkeypatch):
 
     now = iter([0.0, 1.0, 3.0, 4.0, 10.5])
     monkeypatch.setattr(export_cost.time, "perf_counter", lambda: next(now))
+    peaks = iter([100.0, 250.0, 250.0])
+    monkeypatch.setattr(export_cost, "_peak_mib", lambda: next(peaks))
     seen = []
     clock = export_cost.StageClock(lambda description, fraction=None: seen.append(description))  # starts at 0
     clock("calibrate: gptq layer 1/2", 0.0)  # 1.0
@@ -112,6 +116,7 @@ def test_stage_clock_sums_repeated_stages_and_forwards_progress(monkeypatch):
     cost = clock.cost()  # 10.5: the total
     assert [e["stage"] for e in cost["stages"]] == ["calibrate: gptq layer", "lower"]
     assert [e["seconds"] for e in cost["stages"]] == [2.0, 1.0]
+    assert [e["peak_rss_mib"] for e in cost["stages"]] == [100.0, 250.0] and cost["peak_rss_mib"] == 250.0
     assert cost["seconds"] == 10.5
     assert seen == ["calibrate: gptq layer 1/2", "calibrate: gptq layer 2/2", "lower", "lower", "done"]
 
