@@ -19,7 +19,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from cpm_mobile.exporter.contract import MANIFEST_FILE, REPORT_FILE, json_safe
 
@@ -208,17 +208,41 @@ def staging_folder(final: Path) -> Iterator[Path]:
     """A hidden folder beside `final`; the caller fills it and calls `publish`. Removed on any error.
 
     SIGTERM (what `timeout` and CI runners send) becomes SystemExit(143) while it exists, so the
-    cleanup below runs as it does for Ctrl-C instead of the process vanishing mid-write.
+    cleanup below runs as it does for Ctrl-C instead of the process vanishing mid-write; both are
+    remembered until `publish` (see _interrupts_kept).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.{STAGING}-{os.getpid()}-", dir=final.parent))
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; it becomes the bundle folder
     try:
-        with _sigterm_as_exit():
+        with _interrupts_kept():
             yield staging
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+_pending: list[int] = []  # signals received while a staging folder exists
+
+
+def raise_if_interrupted() -> None:
+    """Raise the exception of a signal received while a staging folder exists, if one was."""
+    if _pending:
+        _raise_for(_pending[0])
+
+
+def interruptible(progress: Callable[..., None]) -> Callable[..., None]:
+    """A progress callback that first raises a received interrupt: every stage boundary is a place to stop."""
+    def call(*args: Any, **kwargs: Any) -> None:
+        raise_if_interrupted()
+        progress(*args, **kwargs)
+    return call
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
 
 
 def publish(staging: Path, final: Path) -> Path:
@@ -226,6 +250,7 @@ def publish(staging: Path, final: Path) -> Path:
 
     Every file and folder gets the mode a new file gets under the user's umask: libraries that write through
     temporary files (safetensors, mkstemp) leave 0600, and a bundle is read by the app's build and by others."""
+    raise_if_interrupted()  # an interrupt a finaliser swallowed still stops the bundle from appearing
     _normal_modes(staging)
     retired = None
     try:
@@ -248,19 +273,31 @@ def _normal_modes(folder: Path) -> None:
 
 
 @contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
+def _interrupts_kept() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM SystemExit(128 + 15), and both are remembered.
+
+    Python raises a signal's exception at whatever bytecode runs next; inside a weakref callback or a
+    __del__ (torch.export's fake-tensor caches run many) the exception is printed and dropped, and the
+    export would run on and publish (seen: Ctrl-C during the ONNX export, exit 0). Remembered, the
+    interrupt is raised again at the next stage (`interruptible`) and before `publish`.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set handlers; its caller owns signal handling
         return
 
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
+    def _interrupt(signum, frame):
+        _pending.append(signum)
+        _raise_for(signum)
 
-    previous = signal.signal(signal.SIGTERM, _exit)
+    _pending.clear()
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(number) is not None}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _pending.clear()
 
 
 @contextmanager
@@ -278,7 +315,9 @@ def _signals_deferred() -> Iterator[None]:
     def _hold(signum, frame):
         held.append(signum)
 
-    previous = {number: signal.signal(number, _hold) for number in (signal.SIGINT, signal.SIGTERM)}
+    # A handler installed outside Python (getsignal None) cannot be put back: such a signal is left alone.
+    previous = {number: signal.signal(number, _hold) for number in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(number) is not None}
     try:
         yield
     finally:

@@ -11,7 +11,8 @@ from typing import Any
 from cpm_mobile.exporter import __version__
 from cpm_mobile.exporter.calibration import GRID_FILE, calibrate_for_recipe, calibrated_model, calibration_text, save_grid
 from cpm_mobile.exporter.bundle import (  # ExportResult: what export_bundle returns, re-exported here
-    MANIFEST, REPORT, ExportResult, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
+    MANIFEST, REPORT, ExportResult, default_bundle_name, file_hashes, interruptible, prepare_destination, publish,
+    staging_folder, write_json,
 )
 from cpm_mobile.exporter.contract import (
     BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_SCHEMA_FILE, Manifest, Report, manifest_json_schema,
@@ -67,7 +68,8 @@ def export_bundle(
     """
     from cpm_mobile.exporter.vlm_bundle import export_vlm_bundle, is_vision_language
 
-    progress = StageClock(progress)  # the manifest's export_cost: every stage below, timed
+    # The manifest's export_cost: every stage below, timed; each stage a place an interrupt stops the export.
+    progress = StageClock(interruptible(progress))
     if max_seq_len is not None:
         recipe = with_max_seq_len(recipe, max_seq_len)
     if is_vision_language(model_path):

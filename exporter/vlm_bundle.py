@@ -26,7 +26,8 @@ from PIL import Image
 from torch import nn
 
 from cpm_mobile.exporter.bundle import (
-    ExportResult, default_bundle_name, file_hashes, prepare_destination, publish, staging_folder, write_json,
+    ExportResult, default_bundle_name, file_hashes, interruptible, prepare_destination, publish, staging_folder,
+    write_json,
 )
 from cpm_mobile.exporter.contract import (
     BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA_FILE, REPORT_FILE, Manifest, Report, VisionContract,
@@ -359,7 +360,7 @@ def export_vlm_bundle(model_path: str | Path, recipe: Recipe, out_dir: str | Pat
     CheckSetup.build."""
     _refusals(model_path, recipe)
     if not isinstance(progress, StageClock):
-        progress = StageClock(progress)
+        progress = StageClock(interruptible(progress))
     final = prepare_destination(Path(out_dir) / (name or default_bundle_name(model_path, recipe.name)), force)
     calibration_input = (calibration_text(calibration, read_heldout(None), [])
                          if recipe.calibration is not None else None)

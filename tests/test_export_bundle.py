@@ -96,7 +96,8 @@ def test_manifest_and_verbose_state_where_the_export_time_went(bundle):
     assert [e["peak_rss_mib"] for e in cost["stages"]] == sorted(e["peak_rss_mib"] for e in cost["stages"])
     assert cost["stages"][-1]["peak_rss_mib"] <= cost["peak_rss_mib"]
     log = (bundle.parents[1] / "export.log").read_text()
-    assert "% " in log and "check: onnx" in log and "peak resident memory" in log
+    # Stages under 0.05 s are left out of the printout (check: onnx takes ~0.1 s on this tiny model).
+    assert "% " in log and "onnx: exporting graph" in log and "peak resident memory" in log
 
 
 def test_stage_clock_sums_repeated_stages_and_forwards_progress(monkeypatch):
@@ -206,8 +207,11 @@ def test_sigint_during_export_leaves_nothing_behind(checkpoint, heldout, tmp_pat
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
 
     def staged_files() -> list[Path]:
-        staging = [p for p in out.iterdir() if p.name.startswith(".b.partial-")] if out.exists() else []
-        return [f for folder in staging for f in folder.rglob("*") if f.is_file()]
+        try:  # the folder may be renamed or removed while it is listed
+            staging = [p for p in out.iterdir() if p.name.startswith(".b.partial-")] if out.exists() else []
+            return [f for folder in staging for f in folder.rglob("*") if f.is_file()]
+        except OSError:
+            return []
 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None and not staged_files():
@@ -234,6 +238,34 @@ def test_published_files_get_the_users_default_modes(tmp_path):
         os.umask(mask)
     assert {p.relative_to(final).as_posix(): p.stat().st_mode & 0o777 for p in final.rglob("*")} == {
         "pkg": 0o755, "grid.safetensors": 0o644, "pkg/weights.bin": 0o644}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt itself
+def test_an_interrupt_a_finaliser_swallowed_still_stops_the_bundle(tmp_path):
+    """Python raises a signal's exception in whatever runs next; in a weakref callback or __del__ it is printed
+    and dropped (torch.export runs many). The export must still stop, and publish nothing."""
+    import gc
+    import weakref
+
+    from cpm_mobile.exporter.bundle import interruptible, publish, staging_folder
+
+    class Cached:
+        pass
+
+    final = tmp_path / "b"
+    stages = []
+    progress = interruptible(lambda description, fraction=None: stages.append(description))
+    with pytest.raises(KeyboardInterrupt):
+        with staging_folder(final) as staging:
+            (staging / "model.onnx").write_bytes(b"x")
+            entry = Cached()
+            signalled = weakref.ref(entry, lambda _: os.kill(os.getpid(), signal.SIGINT))  # the interrupt lands in it
+            del entry
+            gc.collect()
+            assert signalled() is None
+            progress("next stage")
+            publish(staging, final)
+    assert stages == [] and list(tmp_path.iterdir()) == []
 
 
 def test_signals_during_publish_are_held_until_the_bundle_is_in_place(tmp_path):
