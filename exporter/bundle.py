@@ -290,13 +290,10 @@ def _interrupts_kept() -> Iterator[None]:
         _raise_for(signum)
 
     _pending.clear()
-    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(number) is not None}
     try:
-        yield
+        with _handling(_interrupt):
+            yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
         _pending.clear()
 
 
@@ -311,24 +308,27 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-
-    def _hold(signum, frame):
-        held.append(signum)
-
-    # A handler installed outside Python (getsignal None) cannot be put back: such a signal is left alone.
-    previous = {number: signal.signal(number, _hold) for number in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(number) is not None}
-    try:
+    with _handling(lambda signum, frame: held.append(signum)) as previous:
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     if held:
         handler = previous[held[0]]
         if callable(handler):
             handler(held[0], None)
         elif handler == signal.SIG_DFL:
             signal.raise_signal(held[0])
+
+
+@contextmanager
+def _handling(handler: Callable[[int, Any], None]) -> Iterator[dict[int, Any]]:
+    """`handler` for SIGINT and SIGTERM inside the block, the previous handlers (yielded) put back after it.
+    A handler installed outside Python (getsignal None) cannot be put back: such a signal is left alone."""
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(number) is not None}
+    try:
+        yield previous
+    finally:
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
 
 
 def _umask() -> int:

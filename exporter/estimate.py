@@ -219,15 +219,18 @@ def vision_language_caption(model_path: Any) -> str | None:
     """For a vision-language folder, what the dry run's rows leave out: they are its LLM on text; the vision
     encoder's size (fp32, and on vlm-int4's 8-bit grid: one code a weight, an fp16 scale per 32) comes on top
     of every .pte, and only the export's check measures its cost. None for a text checkpoint."""
-    from cpm_mobile.exporter.models.checkpoint import find_files, read_all_tensors
-    from cpm_mobile.exporter.models.vision import MERGER_PREFIX, TOWER_PREFIX
-    from cpm_mobile.exporter.vlm_bundle import is_vision_language
+    import torch
+
     from cpm_mobile.exporter.inspect import human_size
+    from cpm_mobile.exporter.models.checkpoint import find_files
+    from cpm_mobile.exporter.models.vision import VisionConfig, VisionEncoder
+    from cpm_mobile.exporter.vlm_bundle import is_vision_language
 
     if not is_vision_language(model_path):
         return None
-    tensors, _ = read_all_tensors(find_files(model_path), keep=lambda name: name.startswith((TOWER_PREFIX, MERGER_PREFIX)))
-    count = sum(t.numel() for t in tensors.values())
+    with torch.device("meta"):  # the shapes the loader holds the weights to; no weight is read
+        encoder = VisionEncoder(VisionConfig.from_file(find_files(model_path).config), None)
+    count = sum(p.numel() for p in encoder.parameters())
     return (f"vision-language checkpoint: the rows are its LLM on text; its vision encoder ({count / 1e6:.1f} M "
             f"parameters, {human_size(4 * count)} fp32, about {human_size(int(count * (1 + 2 / 32)))} on vlm-int4's "
             "8-bit grid) comes on top, and only the export's check measures its cost (vlm-int4's LLM is int4's)")
