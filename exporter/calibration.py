@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from cpm_mobile.exporter.activation_scaling import norm_gains, scale_layer
 from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_text
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.grid import LinearGrid, WeightGrid
@@ -186,6 +187,15 @@ def gptq_linear(weight: torch.Tensor, hessian: torch.Tensor | None, rounding: Gr
     return _grid(codes, scales, zeros, rounding)
 
 
+def round_to_nearest(weight: torch.Tensor, rounding: GroupRounding) -> torch.Tensor:
+    """`weight` [out, in] after `rounding` to nearest with its scale search, every group at once (no Hessian):
+    the activation-scaling search's measure, cheap enough to try every exponent on every linear."""
+    rows, columns = weight.shape
+    groups = weight.reshape(-1, rounding.group_size)
+    scale, zero = rounding.params(groups)
+    return rounding.dequantize(groups, scale, zero).reshape(rows, columns)
+
+
 def _grid(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, rounding: GroupRounding) -> LinearGrid:
     return LinearGrid(codes.to(torch.uint8), scales.to(torch.float32), zeros.to(torch.uint8), rounding.bits,
                       rounding.group_size, rounding.scale_dtype)
@@ -230,6 +240,8 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
     n_tokens = sum(len(w) for w in windows)
     config = model.config
     linears: dict[str, LinearGrid] = {}
+    floats: dict[str, torch.Tensor] = {}
+    nearest = roundings[spec.bits]
     with torch.no_grad():
         hidden = [model.embed_tokens(torch.tensor([w])) * config.scale_emb for w in windows]
         for index, source_layer in enumerate(model.layers):
@@ -237,6 +249,11 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
             layer = _working_copy(source_layer)
             cache = empty_like(model.kv_caches[index])
             run = lambda h: _run_layer(model, layer, cache, h)  # noqa: E731
+            if spec.awq:
+                progress(f"calibrate: activation scaling layer {index + 1}/{len(model.layers)}",
+                         index / len(model.layers))
+                scale_layer(layer, run, hidden, lambda w: round_to_nearest(w, nearest))
+                floats.update(norm_gains(layer, f"layers.{index}"))
             stages = _stages(layer, run, hidden[0])
             if not spec.sequential:  # every Hessian from the float layer, in the pass that gives the next input
                 hidden = _one_pass(stages, hidden, run, linears, index, roundings, bits, spec)
@@ -259,8 +276,8 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
                 _round_stage(stage, hessian, linears, index, roundings, bits, spec)
             hidden = [run(h) for h in hidden]
     progress("calibrate: done", 1.0)
-    how = "gptq" if spec.sequential else "gptq (float inputs, one pass)"
-    return WeightGrid(source or f"{how} calibrated on {n_tokens} tokens", linears)
+    how = ("awq + " if spec.awq else "") + ("gptq" if spec.sequential else "gptq (float inputs, one pass)")
+    return WeightGrid(source or f"{how} calibrated on {n_tokens} tokens", linears, floats=floats)
 
 
 def _round_stage(stage, hessian: _Hessian, linears, index, roundings, bits, spec) -> None:
@@ -352,7 +369,7 @@ def calibrated_model(reference: CausalLM, grid: WeightGrid) -> CausalLM:
     """A variant of `reference` whose linears hold the grid's dequantised weights and whose config carries the
     grid (every target's quantiser then exports its codes as they are); `reference` is not changed."""
     weights = {name: linear.dequantize() for name, linear in grid.linears.items()}
-    model = with_weights(reference, weights)
+    model = with_weights(reference, {**weights, **grid.floats})
     model.config = dataclasses.replace(reference.config, weight_grid=grid)
     return model
 
@@ -370,12 +387,15 @@ def save_grid(grid: WeightGrid, path: Path, metadata: Mapping[str, str] | None =
             else codes.contiguous()
         tensors[f"{name}.scales"] = linear.scales.contiguous()
         tensors[f"{name}.zeros"] = linear.zeros.contiguous()
+    for name, tensor in grid.floats.items():
+        tensors[f"{name}.float"] = tensor.detach().to(torch.float32).contiguous()
     first = grid.first()
     wide = {name: [linear.bits, _dtype_name(linear.scale_dtype)] for name, linear in grid.linears.items()
             if linear.bits != first.bits}
     header = {"format": GRID_FORMAT, "source": grid.source, "bits": str(first.bits),
               "group_size": str(first.group_size), "scale_dtype": _dtype_name(first.scale_dtype),
               "linears": json.dumps(list(grid.linears)), **({"wide": json.dumps(wide)} if wide else {}),
+              **({"floats": json.dumps(list(grid.floats))} if grid.floats else {}),
               **(metadata or {})}
     save_file(tensors, str(path), metadata=header)
 
@@ -406,9 +426,10 @@ def load_grid(path: Path) -> WeightGrid:
                 linears[name] = LinearGrid(codes, handle.get_tensor(f"{name}.scales"),
                                            handle.get_tensor(f"{name}.zeros"), int(bits), group,
                                            getattr(torch, scale_dtype))
+            floats = {name: handle.get_tensor(f"{name}.float") for name in json.loads(header.get("floats", "[]"))}
     except (OSError, KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as error:
         raise InputError(path, f"unreadable calibrated grid ({error})") from None
-    return WeightGrid(header["source"], linears)
+    return WeightGrid(header["source"], linears, floats=floats)
 
 
 # -- what the recipe asks, before any work -----------------------------------------------------------

@@ -75,6 +75,9 @@ class CalibrationSpec(Strict):
                                                "stage); false: every Hessian from the float model in one forward")
     damp: float = Field(0.01, gt=0, lt=1, description="dampening of the Hessian: this fraction of its mean diagonal")
     block_size: int = Field(128, ge=1, description="GPTQ's lazy-batch width (columns updated together)")
+    awq: bool = Field(False, description="activation-aware scaling (AWQ) searched per layer on the calibration "
+                                         "text and folded into the norms and producing linears before GPTQ "
+                                         "(exporter/activation_scaling.py); the float model is unchanged")
     mixed: MixedPrecisionSpec | None = Field(None, description="keep the most sensitive linears at 8 bits "
                                                                "(GPTQ at 8 bits for those) under a size budget")
 

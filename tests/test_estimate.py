@@ -71,9 +71,9 @@ def test_a_fidelity_failure_names_the_recipe_that_would_pass(tmp_path):
     whose eager twin passes its own bounds, and report.json says what was measured."""
     data = load_recipe("int4").model_dump(mode="json", exclude_unset=True)
     data["name"] = "int4-strict"
-    # between the two calibrations on this short plan (measured: int4 in one pass 4.06e-3, int4-gptq 3.28e-3), so the
+    # between the two calibrations on this short plan (measured: int4 in one pass 3.44e-3, int4-gptq 2.76e-3), so the
     # suggestion stops at the second recipe tried
-    data["targets"] = {"executorch": {**data["targets"]["executorch"], "fidelity": {"max_kl": 3.7e-3}}}
+    data["targets"] = {"executorch": {**data["targets"]["executorch"], "fidelity": {"max_kl": 3.1e-3}}}
     data["check"] = {**data["check"], "prompts": data["check"]["prompts"][:1], "max_new_tokens": 8,
                      "heldout_windows": 2, "heldout_tokens": 128}
     path = tmp_path / "int4-strict.yaml"
@@ -90,7 +90,7 @@ def test_a_fidelity_failure_names_the_recipe_that_would_pass(tmp_path):
     assert named != "int4" and suggestion["tried"][-1].startswith(f"{named}: KL ")
     assert suggestion["tried"][0].startswith("int4: KL ") and "(asked by int4-strict)" in suggestion["tried"][0]
     assert judge(suggestion["metrics"], suggestion["bounds"]) == [] and suggestion["bounds"]["max_kl"] is not None
-    assert named == "int4-gptq" and suggestion["metrics"]["kl"] <= 3.7e-3  # the bound asked for, met too
+    assert named == "int4-gptq" and suggestion["metrics"]["kl"] <= 3.1e-3  # the bound asked for, met too
     assert suggestion["metrics"]["kl"] < report["artifacts"]["executorch"]["fidelity"]["metrics"]["kl"]
 
 

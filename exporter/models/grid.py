@@ -60,6 +60,9 @@ class WeightGrid:
     source: str  # "gptq", "float weights on a grid", or "gptq calibrated on N tokens" (exporter/calibration.py)
     linears: Mapping[str, LinearGrid] = field(repr=False)
     max_rel_deviation: float = 0.0  # max |stored - grid| / |stored| of detected grids (storage rounding)
+    # Float tensors that replace the checkpoint's beside the grid: norm gains an activation scaling folded into
+    # (exporter/activation_scaling.py), by CausalLM parameter name.
+    floats: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def first(self) -> LinearGrid:
         return next(iter(self.linears.values()))
