@@ -3,7 +3,7 @@
 Inputs with large activations make their weight columns matter more. For a linear y = W x whose input x is a
 norm's output (or another linear's output), multiplying W's column i by s_i and the producer's channel i by
 1 / s_i computes the same function and lets the rounding spend its levels on the columns that count. AWQ's
-search: s = mean|x|^a, normalised to geometric mean 1, with the a in 0, 0.05 .. 1 whose rounded consumers
+search: s = mean|x|^a, normalised to geometric mean 1, with the a in 0, 0.1 .. 1 whose rounded consumers
 reproduce the float outputs best on calibration inputs (a = 0 is no scaling, so the search never does worse
 by its own measure). The grid's rounding (GPTQ) then runs on the scaled weights.
 
@@ -33,8 +33,11 @@ from cpm_mobile.exporter.models.ffn import BlockFFN, GatedMLP
 from cpm_mobile.exporter.models.linear_attention import GatedDeltaNet
 from cpm_mobile.exporter.models.norm import RMSNorm
 
-ALPHAS = tuple(i / 20 for i in range(21))
-SAMPLE_ROWS = 1024  # calibration tokens whose outputs the search compares (means are over all tokens)
+# AWQ's grid is 20 steps on 2048 tokens; 10 steps on 512 sampled tokens measured the same within the windows' spread
+# (minicpm-tiny with and without outliers) at a quarter of the cost: on the MiniCPM4-0.5B shape the one-pass
+# calibration takes 383 s with the search against 225 s without (519 s at 20 steps on 1024 tokens).
+ALPHAS = tuple(i / 10 for i in range(11))
+SAMPLE_ROWS = 512  # calibration tokens whose outputs the search compares (means are over all tokens)
 MIN_SCALE = 1e-4
 
 _NORM_FED = (GroupedQueryAttention, MultiHeadLatentAttention, GatedDeltaNet, GatedMLP, BlockFFN)
@@ -53,8 +56,8 @@ class Fold:
 def folds(layer: nn.Module) -> list[Fold]:
     """The scalings this decoder layer allows, in forward order."""
     out = []
-    for norm, block in ((layer.input_layernorm, getattr(layer, "self_attn", None) or getattr(layer, "linear_attn")),
-                        (layer.post_attention_layernorm, layer.mlp)):
+    attention = layer.linear_attn if layer.linear else layer.self_attn
+    for norm, block in ((layer.input_layernorm, attention), (layer.post_attention_layernorm, layer.mlp)):
         if isinstance(norm, RMSNorm) and isinstance(block, _NORM_FED):
             out.append(Fold(norm, _input_linears(block)))
         if isinstance(block, GroupedQueryAttention):

@@ -245,7 +245,6 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
     with torch.no_grad():
         hidden = [model.embed_tokens(torch.tensor([w])) * config.scale_emb for w in windows]
         for index, source_layer in enumerate(model.layers):
-            progress(f"calibrate: gptq layer {index + 1}/{len(model.layers)}", index / len(model.layers))
             layer = _working_copy(source_layer)
             cache = empty_like(model.kv_caches[index])
             run = lambda h: _run_layer(model, layer, cache, h)  # noqa: E731
@@ -254,6 +253,7 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
                          index / len(model.layers))
                 scale_layer(layer, run, hidden, lambda w: round_to_nearest(w, nearest))
                 floats.update(norm_gains(layer, f"layers.{index}"))
+            progress(f"calibrate: gptq layer {index + 1}/{len(model.layers)}", index / len(model.layers))
             stages = _stages(layer, run, hidden[0])
             if not spec.sequential:  # every Hessian from the float layer, in the pass that gives the next input
                 hidden = _one_pass(stages, hidden, run, linears, index, roundings, bits, spec)

@@ -71,8 +71,8 @@ def test_a_fidelity_failure_names_the_recipe_that_would_pass(tmp_path):
     whose eager twin passes its own bounds, and report.json says what was measured."""
     data = load_recipe("int4").model_dump(mode="json", exclude_unset=True)
     data["name"] = "int4-strict"
-    # between the two calibrations on this short plan (measured: int4 in one pass 3.44e-3, int4-gptq 2.76e-3), so the
-    # suggestion stops at the second recipe tried
+    # below the one-pass int4 on this short plan (254 tokens; measured: int4 3.32e-3, int4-gptq 4.06e-3, int4-mixed
+    # 1.80e-3: on so few tokens the two 4-bit calibrations are within their spread), so the suggestion goes on
     data["targets"] = {"executorch": {**data["targets"]["executorch"], "fidelity": {"max_kl": 3.1e-3}}}
     data["check"] = {**data["check"], "prompts": data["check"]["prompts"][:1], "max_new_tokens": 8,
                      "heldout_windows": 2, "heldout_tokens": 128}
@@ -90,7 +90,10 @@ def test_a_fidelity_failure_names_the_recipe_that_would_pass(tmp_path):
     assert named != "int4" and suggestion["tried"][-1].startswith(f"{named}: KL ")
     assert suggestion["tried"][0].startswith("int4: KL ") and "(asked by int4-strict)" in suggestion["tried"][0]
     assert judge(suggestion["metrics"], suggestion["bounds"]) == [] and suggestion["bounds"]["max_kl"] is not None
-    assert named == "int4-gptq" and suggestion["metrics"]["kl"] <= 3.1e-3  # the bound asked for, met too
+    # The bound asked for is met too, and every recipe tried before the named one (in size order) missed it.
+    assert named in ("int4-gptq", "int4-mixed") and suggestion["metrics"]["kl"] <= 3.1e-3
+    assert all("required <=" in tried for tried in suggestion["tried"][:-1]), suggestion["tried"]
+    assert "required" not in suggestion["tried"][-1]
     assert suggestion["metrics"]["kl"] < report["artifacts"]["executorch"]["fidelity"]["metrics"]["kl"]
 
 
