@@ -37,7 +37,7 @@ from cpm_mobile.exporter.models.norm import RMSNorm
 # (minicpm-tiny with and without outliers) at a quarter of the cost: on the MiniCPM4-0.5B shape the one-pass
 # calibration takes 383 s with the search against 225 s without (519 s at 20 steps on 1024 tokens).
 ALPHAS = tuple(i / 10 for i in range(11))
-SAMPLE_ROWS = 512  # calibration tokens whose outputs the search compares (means are over all tokens)
+SAMPLE_ROWS = 512  # calibration tokens whose outputs the search compares, spread over the windows (means: all)
 MIN_SCALE = 1e-4
 
 _NORM_FED = (GroupedQueryAttention, MultiHeadLatentAttention, GatedDeltaNet, GatedMLP, BlockFFN)
@@ -82,21 +82,22 @@ def _input_linears(block: nn.Module) -> list[nn.Linear]:
 
 
 class _Inputs:
-    """Mean |x| per input channel over every calibration token, and a sample of rows, of one linear's input."""
+    """Mean |x| per input channel over every calibration token, and a sample of rows, of one linear's input: the
+    same number of evenly spaced tokens from every window, so that the sample spans the calibration text."""
 
-    def __init__(self, width: int, rows: int):
+    def __init__(self, width: int, per_window: int):
         self.abs_sum = torch.zeros(width, dtype=torch.float64)
         self.count = 0
-        self.rows = rows
+        self.per_window = per_window
         self.sample: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.count += x.shape[0]
-        kept = sum(s.shape[0] for s in self.sample)
-        if kept < self.rows:
-            self.sample.append(x[: self.rows - kept].clone())
+        start = 1 if x.shape[0] > 1 else 0  # not the BOS position: an attention sink's outsized activations
+        picked = torch.linspace(start, x.shape[0] - 1, min(self.per_window, x.shape[0] - start)).round().long()
+        self.sample.append(x[picked].clone())
 
     def mean_abs(self) -> torch.Tensor:
         return (self.abs_sum / max(self.count, 1)).float()
@@ -113,7 +114,8 @@ def scale_layer(layer: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], h
     Returns the chosen exponent per fold, by the first consumer's name."""
     plan = folds(layer)
     names = {module: name for name, module in layer.named_modules()}
-    inputs = {id(f): _Inputs(f.consumers[0].in_features, SAMPLE_ROWS) for f in plan}
+    per_window = -(-SAMPLE_ROWS // max(len(hidden), 1))
+    inputs = {id(f): _Inputs(f.consumers[0].in_features, per_window) for f in plan}
     handles = [f.consumers[0].register_forward_hook(lambda m, args, out, i=inputs[id(f)]: i.add(args[0]))
                for f in plan]
     try:
