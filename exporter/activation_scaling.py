@@ -107,13 +107,13 @@ class _Inputs:
 
 
 def scale_layer(layer: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], hidden: list[torch.Tensor],
-                fake_quant: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+                fake_quant: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Search and fold every scaling of `layer` (changed in place) on the inputs `run` gives it over `hidden`.
 
     fake_quant: weight [out, in] -> the weight after the grid's rounding (the search's measure).
-    Returns the chosen exponent per fold, by the first consumer's name."""
+    Returns the norm gains it changed, by parameter name within the layer ("input_layernorm.weight"): the
+    linears' changes are in their weights, which the grid's codes hold."""
     plan = folds(layer)
-    names = {module: name for name, module in layer.named_modules()}
     per_window = -(-SAMPLE_ROWS // max(len(hidden), 1))
     inputs = {id(f): _Inputs(f.consumers[0].in_features, per_window) for f in plan}
     handles = [f.consumers[0].register_forward_hook(lambda m, args, out, i=inputs[id(f)]: i.add(args[0]))
@@ -125,14 +125,13 @@ def scale_layer(layer: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], h
     finally:
         for handle in handles:
             handle.remove()
-    chosen = {}
     with torch.no_grad():
         for fold in plan:
             seen = inputs[id(fold)]
-            alpha, scales = _search(fold, seen.mean_abs(), seen.rows_sample(), fake_quant)
-            _apply(fold, scales)
-            chosen[names[fold.consumers[0]]] = alpha
-    return chosen
+            _apply(fold, _search(fold, seen.mean_abs(), seen.rows_sample(), fake_quant))
+    norms = {fold.producer for fold in plan if isinstance(fold.producer, RMSNorm)}
+    return {f"{name}.weight": module.weight.detach().clone() for name, module in layer.named_modules()
+            if module in norms}
 
 
 def _per_producer(fold: Fold, per_input: torch.Tensor) -> torch.Tensor:
@@ -149,19 +148,20 @@ def _per_input(fold: Fold, per_producer: torch.Tensor) -> torch.Tensor:
 
 
 def _search(fold: Fold, mean_abs: torch.Tensor, x: torch.Tensor,
-            fake_quant: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, torch.Tensor]:
+            fake_quant: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The producer's scales whose exponent gives the least output error after rounding (ones at exponent 0)."""
     magnitude = _per_producer(fold, mean_abs).clamp(min=MIN_SCALE)
     weights = [c.weight.float() for c in fold.consumers]
     targets = [x @ w.T for w in weights]
-    best = (float("inf"), 0.0, torch.ones_like(magnitude))
+    best_error, best = float("inf"), torch.ones_like(magnitude)
     for alpha in ALPHAS:
         scales = magnitude.pow(alpha)
         scales = (scales / (scales.max() * scales.min()).sqrt()).clamp(min=MIN_SCALE)
         s = _per_input(fold, scales)
         error = sum(float(((x / s) @ fake_quant(w * s).T - y).pow(2).sum()) for w, y in zip(weights, targets))
-        if error < best[0]:
-            best = (error, alpha, scales)
-    return best[1], best[2]
+        if error < best_error:
+            best_error, best = error, scales
+    return best
 
 
 def _apply(fold: Fold, scales: torch.Tensor) -> None:
@@ -176,9 +176,3 @@ def _apply(fold: Fold, scales: torch.Tensor) -> None:
     for consumer in fold.consumers:
         consumer.weight.mul_(s.to(consumer.weight.dtype)[None, :])
 
-
-def norm_gains(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """The layer's norm gains a scaling changed, by CausalLM parameter name (stored with the grid)."""
-    return {f"{prefix}.{name}.weight": fold.producer.weight.detach().clone()
-            for fold in folds(layer) if isinstance(fold.producer, RMSNorm)
-            for name, module in layer.named_modules() if module is fold.producer}

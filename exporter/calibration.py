@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from cpm_mobile.exporter.activation_scaling import norm_gains, scale_layer
+from cpm_mobile.exporter.activation_scaling import scale_layer
 from cpm_mobile.exporter.defaults import HELDOUT_TEXT, read_text
 from cpm_mobile.exporter.errors import InputError
 from cpm_mobile.exporter.models.grid import LinearGrid, WeightGrid
@@ -149,15 +149,13 @@ def gptq_linear(weight: torch.Tensor, hessian: torch.Tensor | None, rounding: Gr
     if columns % g:
         raise InputError("calibration.group_size", f"{g} does not divide the input width {columns}")
     groups = columns // g
+    if hessian is None:
+        blocks, scale, zero = _group_params(W, rounding)
+        codes = rounding.codes(blocks, scale, zero).reshape(rows, columns)
+        return _grid(codes, scale.reshape(rows, groups), zero.reshape(rows, groups), rounding)
     codes = torch.zeros(rows, columns, dtype=torch.float64)
     scales = torch.zeros(rows, groups, dtype=torch.float64)
     zeros = torch.zeros(rows, groups, dtype=torch.float64)
-    if hessian is None:
-        for j in range(groups):
-            block = W[:, j * g:(j + 1) * g]
-            scales[:, j], zeros[:, j] = rounding.params(block)
-            codes[:, j * g:(j + 1) * g] = rounding.codes(block, scales[:, j], zeros[:, j])
-        return _grid(codes, scales, zeros, rounding)
     H = hessian.to(torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -188,12 +186,17 @@ def gptq_linear(weight: torch.Tensor, hessian: torch.Tensor | None, rounding: Gr
 
 
 def round_to_nearest(weight: torch.Tensor, rounding: GroupRounding) -> torch.Tensor:
-    """`weight` [out, in] after `rounding` to nearest with its scale search, every group at once (no Hessian):
-    the activation-scaling search's measure, cheap enough to try every exponent on every linear."""
-    rows, columns = weight.shape
-    groups = weight.reshape(-1, rounding.group_size)
-    scale, zero = rounding.params(groups)
-    return rounding.dequantize(groups, scale, zero).reshape(rows, columns)
+    """`weight` [out, in] after `rounding` to nearest with its scale search, in its own dtype (no Hessian, no
+    grid): the activation-scaling search's measure, cheap enough to try every exponent on every linear."""
+    blocks, scale, zero = _group_params(weight, rounding)
+    return rounding.dequantize(blocks, scale, zero).reshape(weight.shape)
+
+
+def _group_params(weight: torch.Tensor, rounding: GroupRounding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every group of `weight` [out, in] as one row [out * in / g, g], with its (scale, zero): row-wise, so the
+    same numbers as group by group, at once."""
+    blocks = weight.reshape(-1, rounding.group_size)
+    return (blocks, *rounding.params(blocks))
 
 
 def _grid(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, rounding: GroupRounding) -> LinearGrid:
@@ -251,8 +254,8 @@ def calibrate(model: CausalLM, windows: list[list[int]], spec: Any, progress: Pr
             if spec.awq:
                 progress(f"calibrate: activation scaling layer {index + 1}/{len(model.layers)}",
                          index / len(model.layers))
-                scale_layer(layer, run, hidden, lambda w: round_to_nearest(w, nearest))
-                floats.update(norm_gains(layer, f"layers.{index}"))
+                gains = scale_layer(layer, run, hidden, lambda w: round_to_nearest(w, nearest))
+                floats.update({f"layers.{index}.{name}": gain for name, gain in gains.items()})
             progress(f"calibrate: gptq layer {index + 1}/{len(model.layers)}", index / len(model.layers))
             stages = _stages(layer, run, hidden[0])
             if not spec.sequential:  # every Hessian from the float layer, in the pass that gives the next input
